@@ -1,0 +1,42 @@
+"""The 8-bit KV formats the kernels store, and what each needs to know about them."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+
+class KVQuantDType(str, Enum):
+    """Storage format of the quantized cache; the values match the sidecar's ``kv_dtype``."""
+
+    FP8_E4M3 = "fp8_e4m3"
+    INT8 = "int8"
+
+
+_QMAX = {KVQuantDType.FP8_E4M3: 448.0, KVQuantDType.INT8: 127.0}
+_TORCH = {KVQuantDType.FP8_E4M3: torch.float8_e4m3fn, KVQuantDType.INT8: torch.int8}
+
+#: Head sizes the kernels are built and tested for (non-powers of two are masked).
+SUPPORTED_HEAD_SIZES: tuple[int, ...] = (32, 64, 80, 96, 112, 128, 160, 192, 256)
+#: Query/KV element types the kernels accept.
+SUPPORTED_ACT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+#: Paged-cache block sizes the kernels are built and tested for.
+SUPPORTED_BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128)
+
+
+def qmax_of(kv_dtype: KVQuantDType | str) -> float:
+    """Largest magnitude the format stores (saturation bound)."""
+    return _QMAX[KVQuantDType(kv_dtype)]
+
+
+def torch_dtype_of(kv_dtype: KVQuantDType | str) -> torch.dtype:
+    return _TORCH[KVQuantDType(kv_dtype)]
+
+
+def as_storage(cache: torch.Tensor, kv_dtype: KVQuantDType | str) -> torch.Tensor:
+    """View a one-byte cache tensor (uint8, int8 or fp8) as the format's torch dtype."""
+    if cache.element_size() != 1:
+        raise ValueError(f"a quantized KV cache needs 1 byte per element, got {cache.dtype}")
+    target = torch_dtype_of(kv_dtype)
+    return cache if cache.dtype == target else cache.view(target)

@@ -1,0 +1,321 @@
+"""Quantize-on-write: store the step's K/V into the 8-bit paged cache (Triton).
+
+Semantics are exactly :func:`.reference.quantize_to_cache_ref`:
+``q = saturate(x / scale)``; FP8 e4m3 rounds to nearest-even (hardware cast), INT8 rounds
+half-to-even like ``torch.round``. Finite or infinite inputs saturate to +-448 (fp8) /
++-127 (int8); NaN inputs give an unspecified code (NaN or a saturated value for fp8, any
+value for int8), as the reference does not define them either.
+
+Design (memory-bound, ~3 bytes moved per element):
+- one program handles ``BLOCK_T`` tokens x ``BLOCK_H`` heads x the whole (padded) head, both K
+  and V, so each thread issues several independent 16-byte loads;
+- every stride is a kernel argument, so one kernel serves views of a fused qkv tensor and
+  any cache layout (``kv[0]``/``kv[1]``, ``kv[:, 0]``, HND, K|V packed in the last dim);
+- no host sync, no allocation that depends on data: safe inside CUDA graphs.
+
+On CPU tensors the wrapper uses the PyTorch reference unless ``TRITON_INTERPRET=1``, in
+which case the Triton kernel runs in Triton's interpreter (how CI tests it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .dtypes import KVQuantDType, as_storage, qmax_of
+from .reference import quantize_to_cache_ref
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds fp32 |y| < 2**22 half-to-even
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    """Launch shape of the write kernel; :func:`pick_config` is the default heuristic."""
+
+    block_t: int  # tokens per program (power of two)
+    block_h: int  # KV heads per program (power of two)
+    num_warps: int
+    reciprocal: bool = False  # multiply by 1/scale instead of an IEEE divide (may differ by 1 unit)
+
+
+#: Heuristic knobs, module-level so a benchmark can tweak them without editing code.
+TILE_ELEMS_MAX = 4096  # elements of one head-block tile (block_h * padded head size)
+PROGRAM_ELEMS = 4096  # target elements per program per tensor (K or V)
+MIN_PROGRAMS = 1024  # keep at least this many programs before packing tokens together
+ELEMS_PER_THREAD = 16  # per tensor: two 16-byte vectors of fp16/bf16
+MAX_WARPS = 8
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def pick_config(num_tokens: int, num_kv_heads: int, head_size: int) -> WriteConfig:
+    """Autotune-free launch shape: big enough programs for H100 bandwidth, enough of them.
+
+    Depends only on shapes, so the (few) compiled variants are stable across steps.
+    """
+    block_d = triton.next_power_of_2(head_size)
+    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, TILE_ELEMS_MAX // block_d))
+    tile = block_h * block_d
+    block_t = min(_pow2_floor(PROGRAM_ELEMS // tile), _pow2_floor(num_tokens // MIN_PROGRAMS))
+    block_t = max(1, block_t)
+    elems = block_t * tile
+    num_warps = max(1, min(MAX_WARPS, _pow2_floor(elems // (32 * ELEMS_PER_THREAD))))
+    return WriteConfig(block_t=block_t, block_h=block_h, num_warps=num_warps)
+
+
+def _quantize_to_cache_kernel(
+    key_ptr,
+    value_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    ks_ptr,
+    vs_ptr,
+    num_slots,
+    block_size,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_kcd,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    stride_vcd,
+    ks_stride,
+    vs_stride,
+    NUM_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    QMAX: tl.constexpr,
+    IS_INT8: tl.constexpr,
+    CONTIG_D: tl.constexpr,
+    RECIPROCAL: tl.constexpr,
+    USE_RINT: tl.constexpr,
+    SOFT_FP8: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    slot = tl.load(slot_ptr + offs_t, mask=offs_t < num_slots, other=-1).to(tl.int64)
+    valid = slot >= 0
+    slot = tl.where(valid, slot, 0)
+    blk = slot // block_size
+    off = slot % block_size
+    tok = offs_t.to(tl.int64)
+
+    h_mask = offs_h < NUM_HEADS
+    mask = valid[:, None, None] & h_mask[None, :, None] & (offs_d < HEAD_SIZE)[None, None, :]
+    t3 = tok[:, None, None]
+    h3 = offs_h[None, :, None]
+    d3 = offs_d[None, None, :]
+    b3 = blk[:, None, None]
+    o3 = off[:, None, None]
+    if CONTIG_D:
+        k_src = key_ptr + t3 * stride_kt + h3 * stride_kh + d3
+        v_src = value_ptr + t3 * stride_vt + h3 * stride_vh + d3
+        k_dst = kc_ptr + b3 * stride_kcb + o3 * stride_kcs + h3 * stride_kch + d3
+        v_dst = vc_ptr + b3 * stride_vcb + o3 * stride_vcs + h3 * stride_vch + d3
+    else:
+        k_src = key_ptr + t3 * stride_kt + h3 * stride_kh + d3 * stride_kd
+        v_src = value_ptr + t3 * stride_vt + h3 * stride_vh + d3 * stride_vd
+        k_dst = kc_ptr + b3 * stride_kcb + o3 * stride_kcs + h3 * stride_kch + d3 * stride_kcd
+        v_dst = vc_ptr + b3 * stride_vcb + o3 * stride_vcs + h3 * stride_vch + d3 * stride_vcd
+
+    ks = tl.load(ks_ptr + offs_h * ks_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
+    vs = tl.load(vs_ptr + offs_h * vs_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
+
+    k = tl.load(k_src, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_src, mask=mask, other=0.0).to(tl.float32)
+    if RECIPROCAL:
+        k = k * tl.math.div_rn(tl.full(ks.shape, 1.0, tl.float32), ks)  # once per head
+        v = v * tl.math.div_rn(tl.full(vs.shape, 1.0, tl.float32), vs)
+    else:
+        k = tl.math.div_rn(k, ks)
+        v = tl.math.div_rn(v, vs)
+    k = tl.minimum(tl.maximum(k, -QMAX), QMAX)
+    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    if IS_INT8:
+        if USE_RINT:  # cvt.rni: half-to-even, exactly torch.round
+            k = libdevice.rint(k)
+            v = libdevice.rint(v)
+        else:  # interpreter has no libdevice; same result for |y| <= 127
+            k = (k + _RINT_MAGIC) - _RINT_MAGIC
+            v = (v + _RINT_MAGIC) - _RINT_MAGIC
+        tl.store(k_dst, k.to(tl.int8), mask=mask)
+        tl.store(v_dst, v.to(tl.int8), mask=mask)
+    elif SOFT_FP8:
+        # Software e4m3fn encoding (caches passed as uint8), used where the hardware cast is
+        # missing (before sm89) or wrong (the interpreter drops the carry when rounding up
+        # to a power of two). Written out for K and V: no nested @jit helper, so the kernel
+        # can be jitted lazily in either mode. Normal results keep 3 of fp32's 23 mantissa
+        # bits (round-to-nearest-even on the bit pattern) and rebias the exponent 127 -> 7;
+        # subnormals (|y| < 2**-6) are multiples of 2**-9: code = rint(|y| * 512) in 0..8;
+        # the sign bit is copied (so -0.0 -> 0x80 like torch) and NaN -> 0x7F.
+        ka = tl.abs(k)
+        kb = ka.to(tl.int32, bitcast=True)
+        k_norm = ((kb + 0x7FFFF + ((kb >> 20) & 1)) >> 20) - (120 << 3)
+        k_sub = (((ka * 512.0) + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int32)
+        k_code = tl.where(ka < 0.015625, k_sub, k_norm)
+        k_code = tl.where(ka != ka, 0x7F, k_code) | (k.to(tl.int32, bitcast=True) >> 24) & 0x80
+        va = tl.abs(v)
+        vb = va.to(tl.int32, bitcast=True)
+        v_norm = ((vb + 0x7FFFF + ((vb >> 20) & 1)) >> 20) - (120 << 3)
+        v_sub = (((va * 512.0) + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int32)
+        v_code = tl.where(va < 0.015625, v_sub, v_norm)
+        v_code = tl.where(va != va, 0x7F, v_code) | (v.to(tl.int32, bitcast=True) >> 24) & 0x80
+        tl.store(k_dst, k_code.to(tl.uint8), mask=mask)
+        tl.store(v_dst, v_code.to(tl.uint8), mask=mask)
+    else:  # hardware cvt.rn.satfinite (sm89+)
+        tl.store(k_dst, k.to(tl.float8e4nv), mask=mask)
+        tl.store(v_dst, v.to(tl.float8e4nv), mask=mask)
+
+
+_KERNELS: dict[bool, object] = {}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel():
+    """JIT the kernel on first use, so ``TRITON_INTERPRET`` set after import still counts."""
+    mode = _interpret()
+    k = _KERNELS.get(mode)
+    if k is None:
+        k = _KERNELS[mode] = triton.jit(_quantize_to_cache_kernel)
+    return k
+
+
+def _needs_soft_fp8(device: torch.device) -> bool:
+    """Software fp8 rounding under the interpreter and before sm89 (no e4m3 cvt instruction)."""
+    if _interpret() or device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def _as_3d(x: torch.Tensor, name: str, num_heads: int, head_size: int) -> torch.Tensor:
+    if x.dim() == 2 and x.shape[1] == num_heads * head_size and x.stride(1) == 1:
+        x = x.view(x.shape[0], num_heads, head_size)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [num_tokens, num_kv_heads, head_size], got shape {tuple(x.shape)}")
+    if x.dtype not in _ACT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if tuple(x.shape[1:]) != (num_heads, head_size):
+        raise ValueError(
+            f"{name} has {x.shape[1]} heads of size {x.shape[2]} but the cache holds "
+            f"{num_heads} heads of size {head_size}"
+        )
+    return x
+
+
+def _flat_scale(s: torch.Tensor, name: str, num_heads: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    if not s.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor, got {s.dtype}")
+    if s.numel() not in (1, num_heads):
+        raise ValueError(f"{name} has {s.numel()} values; expected 1 (per tensor) or {num_heads} (per head)")
+    if s.device != device:
+        raise ValueError(f"{name} is on {s.device} but the cache is on {device}")
+    s = s.reshape(-1)
+    if s.dtype != torch.float32:
+        s = s.float()
+    return s, (0 if s.numel() == 1 else s.stride(0))
+
+
+def quantize_to_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    kv_dtype: KVQuantDType | str,
+    *,
+    config: WriteConfig | None = None,
+) -> None:
+    """Quantize ``key``/``value`` ``[num_tokens, num_kv_heads, head_size]`` into the caches.
+
+    Token ``t < len(slot_mapping)`` goes to ``slot_mapping[t]`` (negative: skipped); later
+    tokens are ignored. Caches are ``[num_blocks, block_size, num_kv_heads, head_size]`` of
+    any one-byte dtype and any strides. ``config`` overrides the launch heuristic (tuning).
+    """
+    try:
+        kv_dtype = KVQuantDType(kv_dtype)
+    except ValueError:
+        raise ValueError(f"kv_dtype must be one of {[d.value for d in KVQuantDType]}, got {kv_dtype!r}") from None
+    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if c.dim() != 4:
+            raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(c.shape)}")
+        if c.element_size() != 1:
+            raise ValueError(f"{name} must have a one-byte dtype (uint8, int8 or fp8), got {c.dtype}")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
+    _, block_size, num_heads, head_size = key_cache.shape
+    key = _as_3d(key, "key", num_heads, head_size)
+    value = _as_3d(value, "value", num_heads, head_size)
+    if key.shape[0] != value.shape[0]:
+        raise ValueError(f"key has {key.shape[0]} tokens but value has {value.shape[0]}")
+    if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping must be 1-D int32/int64, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    num_slots = slot_mapping.shape[0]
+    if num_slots > key.shape[0]:
+        raise ValueError(f"slot_mapping has {num_slots} entries for {key.shape[0]} tokens")
+    device = key_cache.device
+    for name, t in (("key", key), ("value", value), ("value_cache", value_cache), ("slot_mapping", slot_mapping)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but key_cache is on {device}")
+    ks, ks_stride = _flat_scale(k_scale, "k_scale", num_heads, device)
+    vs, vs_stride = _flat_scale(v_scale, "v_scale", num_heads, device)
+    kc = as_storage(key_cache, kv_dtype)
+    vc = as_storage(value_cache, kv_dtype)
+    if num_slots == 0:
+        return
+    if device.type == "cpu" and not _interpret():
+        quantize_to_cache_ref(key, value, kc, vc, slot_mapping, ks, vs, kv_dtype)
+        return
+    if slot_mapping.stride(0) != 1:
+        slot_mapping = slot_mapping.contiguous()
+
+    soft_fp8 = kv_dtype is KVQuantDType.FP8_E4M3 and _needs_soft_fp8(device)
+    if soft_fp8:
+        kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)
+    cfg = config or pick_config(num_slots, num_heads, head_size)
+    contig_d = key.stride(2) == 1 and value.stride(2) == 1 and kc.stride(3) == 1 and vc.stride(3) == 1
+    grid = (triton.cdiv(num_slots, cfg.block_t), triton.cdiv(num_heads, cfg.block_h))
+    _kernel()[grid](
+        key, value, kc, vc, slot_mapping, ks, vs,
+        num_slots, block_size,
+        *key.stride(), *value.stride(), *kc.stride(), *vc.stride(),
+        ks_stride, vs_stride,
+        NUM_HEADS=num_heads,
+        HEAD_SIZE=head_size,
+        BLOCK_T=cfg.block_t,
+        BLOCK_H=cfg.block_h,
+        BLOCK_D=triton.next_power_of_2(head_size),
+        QMAX=qmax_of(kv_dtype),
+        IS_INT8=kv_dtype is KVQuantDType.INT8,
+        CONTIG_D=contig_d,
+        RECIPROCAL=cfg.reciprocal,
+        USE_RINT=device.type == "cuda" and not _interpret(),
+        SOFT_FP8=soft_fp8,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip

@@ -1,0 +1,218 @@
+"""In-memory form of the ``kvquant_scales.json`` sidecar (format v1) and its JSON mapping.
+
+A scale means ``real_value ~= quantized_value * scale``, i.e. ``scale = amax / qmax``.
+Per-tensor layers hold 1-tuples; per-head layers hold one value per KV head of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .sharding import ShardedScales
+
+FORMAT_NAME = "vllm-kvquant-scales"
+FORMAT_VERSION = 1
+DEFAULT_LAYER_TEMPLATE = "model.layers.{i}.self_attn.attn"
+
+
+class KVCacheDType(str, Enum):
+    """8-bit storage format the scales were made for."""
+
+    FP8_E4M3 = "fp8_e4m3"
+    INT8 = "int8"
+
+    @property
+    def qmax(self) -> float:
+        """Largest stored magnitude: 448 for fp8 e4m3, 127 for symmetric int8."""
+        return 448.0 if self is KVCacheDType.FP8_E4M3 else 127.0
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Granularity(str, Enum):
+    """One scale per layer (per_tensor) or one per KV head (per_head)."""
+
+    PER_TENSOR = "per_tensor"
+    PER_HEAD = "per_head"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The model the scales were made for; checked against the running model at load."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    layer_names: tuple[str, ...]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_size": self.head_size,
+            "layer_names": list(self.layer_names),
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "ModelFacts":
+        return cls(
+            int(data["num_layers"]),
+            int(data["num_kv_heads"]),
+            int(data["head_size"]),
+            tuple(data["layer_names"]),
+        )
+
+
+_CALIBRATION_KEYS = ("tool", "tool_version", "data", "num_tokens", "method", "margin", "percentile", "created")
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    """Provenance: how the scales were made. Only ``method`` is required (converted files)."""
+
+    method: str
+    tool: str | None = None
+    tool_version: str | None = None
+    data: str | None = None
+    num_tokens: int | None = None
+    margin: float | None = None
+    percentile: float | None = None
+    created: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in _CALIBRATION_KEYS}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "CalibrationInfo":
+        known = {k: data.get(k) for k in _CALIBRATION_KEYS}
+        extra = {k: v for k, v in data.items() if k not in _CALIBRATION_KEYS}
+        return cls(**known, extra=extra)
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """K and V scales of one attention layer (1-tuple when per-tensor)."""
+
+    name: str
+    k_scale: tuple[float, ...]
+    v_scale: tuple[float, ...]
+
+    @property
+    def is_per_tensor(self) -> bool:
+        return len(self.k_scale) == 1
+
+    def for_rank(self, tp_size: int, rank: int, total_num_kv_heads: int, *, file: str | None = None) -> "LayerScales":
+        """The scales of the KV heads this tensor-parallel rank holds (per-tensor: unchanged)."""
+        from .sharding import kv_heads_for_rank
+
+        heads = kv_heads_for_rank(total_num_kv_heads, tp_size, rank, file=file)
+        if self.is_per_tensor:
+            return self
+        if len(self.k_scale) != total_num_kv_heads or len(self.v_scale) != total_num_kv_heads:
+            from .errors import ScalesValidationError
+
+            raise ScalesValidationError(
+                file, self.name, "k_scale", list(self.k_scale),
+                f"has {len(self.k_scale)} values but the model has {total_num_kv_heads} KV heads",
+            )
+        return LayerScales(self.name, tuple(self.k_scale[h] for h in heads), tuple(self.v_scale[h] for h in heads))
+
+    def scaled(self, factor: float) -> "LayerScales":
+        return LayerScales(self.name, tuple(s * factor for s in self.k_scale), tuple(s * factor for s in self.v_scale))
+
+
+@dataclass(frozen=True)
+class ScalesFile:
+    """A whole sidecar. Build with :meth:`from_json_dict` or the calibration/convert helpers."""
+
+    kv_dtype: KVCacheDType
+    granularity: Granularity
+    model: ModelFacts
+    calibration: CalibrationInfo
+    layers: dict[str, LayerScales]
+    source_path: str | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """JSON form: per-tensor scales are written as plain numbers, per-head as lists."""
+
+        def dump(values: tuple[float, ...]) -> float | list[float]:
+            if self.granularity is Granularity.PER_TENSOR and len(values) == 1:
+                return float(values[0])
+            return [float(v) for v in values]
+
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kv_dtype": self.kv_dtype.value,
+            "granularity": self.granularity.value,
+            "model": self.model.to_json_dict(),
+            "calibration": self.calibration.to_json_dict(),
+            "layers": {
+                name: {"k_scale": dump(ls.k_scale), "v_scale": dump(ls.v_scale)}
+                for name, ls in self.layers.items()
+            },
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: Any, source_path: str | None = None) -> "ScalesFile":
+        """Validate ``data`` (a parsed sidecar) and build the dataclass; errors name ``source_path``."""
+        from .validate import validate_json_dict
+
+        validate_json_dict(data, source_path)
+
+        def tup(value: float | list[float]) -> tuple[float, ...]:
+            return tuple(float(v) for v in value) if isinstance(value, list) else (float(value),)
+
+        model = ModelFacts.from_json_dict(data["model"])
+        layers = {
+            name: LayerScales(name, tup(data["layers"][name]["k_scale"]), tup(data["layers"][name]["v_scale"]))
+            for name in model.layer_names
+        }
+        return cls(
+            KVCacheDType(data["kv_dtype"]),
+            Granularity(data["granularity"]),
+            model,
+            CalibrationInfo.from_json_dict(data["calibration"]),
+            layers,
+            source_path,
+        )
+
+    def validate(self) -> None:
+        """Run the same checks as loading (used before saving)."""
+        from .validate import validate_json_dict
+
+        validate_json_dict(self.to_json_dict(), self.source_path)
+
+    def retarget(self, kv_dtype: KVCacheDType | str) -> "ScalesFile":
+        """Same amax, other storage format: ``scale * qmax_old / qmax_new`` (fp8 -> int8: x 448/127)."""
+        target = KVCacheDType(kv_dtype)
+        if target is self.kv_dtype:
+            return self
+        factor = self.kv_dtype.qmax / target.qmax
+        layers = {n: ls.scaled(factor) for n, ls in self.layers.items()}
+        return replace(self, kv_dtype=target, layers=layers)
+
+    def shard(self, tp_size: int, rank: int) -> "ShardedScales":
+        from .sharding import shard_scales
+
+        return shard_scales(self, tp_size, rank)
+
+
+def tool_version() -> str:
+    """Version of the installed vllm-kvquant distribution (``unknown`` when run from a tree)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("vllm-kvquant")
+    except PackageNotFoundError:  # pragma: no cover
+        return "unknown"

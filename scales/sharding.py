@@ -1,0 +1,78 @@
+"""Which KV heads (and so which per-head scales) each tensor-parallel rank holds.
+
+Mirrors vLLM's ``QKVParallelLinear``: with fewer KV heads than ranks, heads are replicated
+(rank r holds head ``r * heads // tp``); otherwise each rank holds ``heads / tp`` consecutive heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import ShardingError
+from .format import Granularity, KVCacheDType, LayerScales, ModelFacts
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .format import ScalesFile
+
+
+def kv_heads_for_rank(total_num_kv_heads: int, tp_size: int, rank: int, *, file: str | None = None) -> list[int]:
+    """Global indices of the KV heads that tensor-parallel ``rank`` of ``tp_size`` holds."""
+    where = f"{file}: " if file else ""
+    if total_num_kv_heads < 1 or tp_size < 1:
+        raise ShardingError(
+            f"{where}num_kv_heads = {total_num_kv_heads} and tp_size = {tp_size} must both be positive"
+        )
+    if not 0 <= rank < tp_size:
+        raise ShardingError(f"{where}rank = {rank} is outside tensor-parallel size {tp_size} (0..{tp_size - 1})")
+    if tp_size >= total_num_kv_heads:
+        if tp_size % total_num_kv_heads != 0:
+            raise ShardingError(
+                f"{where}cannot split {total_num_kv_heads} KV heads over tensor-parallel size {tp_size}: "
+                f"with more ranks than KV heads, tp_size must be a multiple of the KV head count"
+            )
+        return [rank * total_num_kv_heads // tp_size]
+    if total_num_kv_heads % tp_size != 0:
+        raise ShardingError(
+            f"{where}cannot split {total_num_kv_heads} KV heads over tensor-parallel size {tp_size}: "
+            f"the KV head count must be divisible by tp_size"
+        )
+    per_rank = total_num_kv_heads // tp_size
+    return list(range(rank * per_rank, (rank + 1) * per_rank))
+
+
+@dataclass(frozen=True)
+class ShardedScales:
+    """The part of a sidecar one rank uses: per-head lists cut down to the rank's KV heads."""
+
+    kv_dtype: KVCacheDType
+    granularity: Granularity
+    model: ModelFacts  # facts of the whole model (all heads)
+    tp_size: int
+    rank: int
+    kv_heads: tuple[int, ...]
+    layers: dict[str, LayerScales]
+    source_path: str | None = None
+
+
+def shard_scales(scales: "ScalesFile", tp_size: int, rank: int) -> ShardedScales:
+    """Cut every layer's scales down to ``rank``'s KV heads (per-tensor layers are shared as is)."""
+    total = scales.model.num_kv_heads
+    heads = kv_heads_for_rank(total, tp_size, rank, file=scales.source_path)
+    layers = {
+        name: ls.for_rank(tp_size, rank, total, file=scales.source_path) for name, ls in scales.layers.items()
+    }
+    return ShardedScales(
+        scales.kv_dtype, scales.granularity, scales.model, tp_size, rank, tuple(heads), layers, scales.source_path
+    )
+
+
+def scales_as_tensors(layer_scales: LayerScales, device: "torch.device | str" = "cpu") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """fp32 tensors ``(k, v)`` of shape [1] (per-tensor) or [KV heads on this rank]."""
+    import torch
+
+    k = torch.tensor(layer_scales.k_scale, dtype=torch.float32, device=device)
+    v = torch.tensor(layer_scales.v_scale, dtype=torch.float32, device=device)
+    return k, v

@@ -1,0 +1,129 @@
+"""Calibration math: amax recording, TP combination, scale formula, file building."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_kvquant.scales import (
+    DEFAULT_FLOOR,
+    AmaxRecorder,
+    CalibrationInfo,
+    Granularity,
+    KVCacheDType,
+    ModelFacts,
+    ScalesError,
+    build_scales_file,
+    combine_rank_stats,
+    kv_heads_for_rank,
+    load_scales,
+    save_scales,
+    scales_from_amax,
+)
+
+NAMES = tuple(f"model.layers.{i}.self_attn.attn" for i in range(2))
+
+
+def _batches(heads: int, seed: int = 0) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {n: (torch.randn(t, heads, 16, generator=g) * (h + 1), torch.randn(t, heads, 16, generator=g)) for h, n in enumerate(NAMES)}
+        for t in (5, 9, 3)
+    ]
+
+
+def _record(batches, heads_slice=slice(None), **kwargs) -> AmaxRecorder:
+    rec = AmaxRecorder(**kwargs)
+    for batch in batches:
+        for name, (k, v) in batch.items():
+            rec.update(name, k[:, heads_slice], v[:, heads_slice])
+    return rec
+
+
+def test_recorder_matches_torch_amax() -> None:
+    batches = _batches(4)
+    stats = _record(batches).stats()
+    for name in NAMES:
+        k_all = torch.cat([b[name][0] for b in batches])
+        v_all = torch.cat([b[name][1] for b in batches])
+        assert torch.equal(stats[name][0], k_all.abs().amax(dim=(0, 2)))
+        assert torch.equal(stats[name][1], v_all.abs().amax(dim=(0, 2)))
+
+
+def test_recorder_details() -> None:
+    rec = AmaxRecorder()
+    k = torch.zeros(2, 2, 4, dtype=torch.float16)
+    k[0, 1, 0] = float("nan")
+    k[1, 0, 2] = -3.0
+    rec.record("a", k, torch.ones(2, 2, 4, dtype=torch.bfloat16))  # KVRecorder protocol name
+    assert rec.stats()["a"][0].tolist() == [3.0, 0.0]
+    assert rec.nonfinite == {"a": 1} and rec.num_tokens == {"a": 2} and rec.layer_names == ["a"]
+    with pytest.raises(ScalesError, match=r"layer 'a': key has shape \(2, 8\)"):
+        rec.update("a", torch.zeros(2, 8), torch.zeros(2, 8))
+    with pytest.raises(ScalesError, match=r"layer 'a': got 3 KV heads, earlier batches had 2"):
+        rec.update("a", torch.zeros(1, 3, 4), torch.zeros(1, 3, 4))
+
+
+def test_percentile_mode() -> None:
+    batches = _batches(2)
+    rec = _record(batches, method="percentile", percentile=99.0)
+    stats = rec.stats()
+    k_all = torch.cat([b[NAMES[0]][0] for b in batches]).abs()
+    expected = torch.quantile(k_all.transpose(0, 1).reshape(2, -1), 0.99, dim=1)
+    assert torch.allclose(stats[NAMES[0]][0], expected)  # everything fits in the reservoir: exact
+    small = _record(batches, method="percentile", percentile=99.0, max_samples=64)
+    assert small._samples[NAMES[0]][0].samples.shape == (2, 64)
+    assert (small.stats()[NAMES[0]][0] <= _record(batches).stats()[NAMES[0]][0]).all()
+    with pytest.raises(ScalesError, match="percentile = 0"):
+        AmaxRecorder(method="percentile", percentile=0)
+
+
+@pytest.mark.parametrize("heads,tp", [(4, 2), (4, 4), (2, 4), (2, 8), (1, 2)])
+def test_combine_tp_equals_tp1(heads: int, tp: int) -> None:
+    batches = _batches(heads)
+    full = _record(batches).stats()
+    per_rank = [_record(batches, heads_slice=kv_heads_for_rank(heads, tp, r)).stats() for r in range(tp)]
+    combined = combine_rank_stats(per_rank, heads, tp)
+    single = combine_rank_stats([full], heads, 1)
+    for name in NAMES:
+        assert torch.equal(combined[name][0], full[name][0]) and torch.equal(combined[name][1], full[name][1])
+        assert torch.equal(single[name][0], full[name][0])
+    facts = ModelFacts(2, heads, 16, NAMES)
+    a = build_scales_file(combined, "fp8_e4m3", "per_head", facts, CalibrationInfo("absmax"))
+    b = build_scales_file(full, "fp8_e4m3", "per_head", facts, CalibrationInfo("absmax"))
+    assert a == b
+
+
+def test_combine_replicated_takes_max() -> None:
+    per_rank = [{"x": (torch.tensor([1.0]), torch.tensor([5.0]))}, {"x": (torch.tensor([2.0]), torch.tensor([4.0]))}]
+    assert [t.tolist() for t in combine_rank_stats(per_rank, 1, 2)["x"]] == [[2.0], [5.0]]
+    with pytest.raises(ScalesError, match=r"layer 'x': rank 0 has 1 K / 1 V head statistics, expected 2"):
+        combine_rank_stats(per_rank[:1], 2, 1)
+    with pytest.raises(ScalesError, match="got statistics from 1 ranks, expected tp_size = 2"):
+        combine_rank_stats(per_rank[:1], 2, 2)
+
+
+def test_scale_formula_and_floor() -> None:
+    amax = torch.tensor([448.0, 0.0, 44.8])
+    assert scales_from_amax(amax, "fp8_e4m3").tolist() == pytest.approx([1.0, DEFAULT_FLOOR, 0.1])
+    assert scales_from_amax(amax, KVCacheDType.INT8, margin=2.0).tolist() == pytest.approx([896 / 127, DEFAULT_FLOOR, 89.6 / 127])
+    assert scales_from_amax(amax, "int8", granularity="per_tensor").tolist() == pytest.approx([448 / 127])
+    assert scales_from_amax(torch.zeros(2), "int8", floor=1e-3).tolist() == pytest.approx([1e-3, 1e-3])
+    with pytest.raises(ScalesError, match="margin"):
+        scales_from_amax(amax, "int8", margin=0)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_head"])
+def test_build_file_validates_and_round_trips(tmp_path, granularity: str) -> None:
+    stats = {NAMES[0]: (torch.tensor([127.0, 0.0]), torch.tensor([12.7, 1.27])), NAMES[1]: (torch.ones(2), torch.ones(2))}
+    calib = CalibrationInfo("absmax", tool="vllm-kvquant", num_tokens=17, margin=1.0)
+    scales = build_scales_file(stats, "int8", granularity, ModelFacts(2, 2, 16, NAMES), calib)
+    assert scales.granularity is Granularity(granularity)
+    expected_k = (1.0,) if granularity == "per_tensor" else (1.0, DEFAULT_FLOOR)
+    assert scales.layers[NAMES[0]].k_scale == pytest.approx(expected_k)
+    assert load_scales(save_scales(scales, tmp_path / "s.json")).layers == scales.layers
+
+
+def test_build_file_missing_layer() -> None:
+    with pytest.raises(ScalesError, match=r"layer 'model.layers.1.self_attn.attn' was never seen during calibration"):
+        build_scales_file({NAMES[0]: (torch.ones(2), torch.ones(2))}, "int8", "per_head", ModelFacts(2, 2, 16, NAMES), CalibrationInfo("absmax"))

@@ -1,0 +1,157 @@
+"""The ``vllm-kvquant`` console script.
+
+Subcommands: ``calibrate`` (measure scales, write the sidecar), ``convert`` (sidecar from
+another format), ``validate`` (check a sidecar, optionally against a model), ``make-tiny-model``
+(a small random Llama for offline trials) and ``demo`` (the CPU quick start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure per-layer K/V scales on text and write the sidecar")
+    p.add_argument("model", help="model directory (the sidecar is written next to its config.json)")
+    p.add_argument("--data", required=True, help="plain text file, JSONL with a 'text' field, or a directory of .txt files")
+    p.add_argument("--num-samples", type=int, default=128, help="number of text samples (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+    p.add_argument("--granularity", choices=["per_head", "per_tensor"], default="per_head")
+    p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default="fp8_e4m3", help="KV storage format")
+    p.add_argument("--method", choices=["absmax", "percentile"], default="absmax")
+    p.add_argument("--percentile", type=float, default=99.99, help="with --method percentile")
+    p.add_argument("--margin", type=float, default=1.0, help="multiply amax by this before dividing by qmax")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="sample selection seed")
+    p.add_argument("--out", help="output path (default: MODEL/kvquant_scales.json)")
+    p.add_argument("--model-dtype", default="auto", help="dtype to run the model in (auto, bfloat16, float16)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="make a sidecar from compressed-tensors, vLLM kv_cache_scales.json or LightLLM files")
+    p.add_argument("source", help="checkpoint directory or scales file to convert")
+    p.add_argument("--format", dest="source_format", default=None, help="source format (default: detect)")
+    p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default=None, help="target KV storage format")
+    p.add_argument("--model-dir", default=None, help="model directory whose config.json describes the layers")
+    p.add_argument("--out", default=None, help="output path (default: <model-dir or source dir>/kvquant_scales.json)")
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a sidecar, optionally against a model's config.json")
+    p.add_argument("path", help="sidecar file or model directory")
+    p.add_argument("--model-dir", default=None, help="model directory to check layer names, KV heads and head size against")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="check that per-head scales split over this many ranks")
+
+
+def _add_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny-model", help="write a small random Llama with a locally trained tokenizer")
+    p.add_argument("path")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="CPU quick start: tiny model, calibration, generation with kvquant vs bf16")
+    p.add_argument("--workdir", default="kvquant-demo", help="where the tiny model is written")
+    p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default="int8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-kvquant", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_calibrate, _add_convert, _add_validate, _add_tiny, _add_demo):
+        add(sub)
+    return parser
+
+
+def _model_facts(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.get("text_config", config)
+    heads = text["num_attention_heads"]
+    num_layers = text["num_hidden_layers"]
+    return {
+        "num_layers": num_layers,
+        "num_kv_heads": text.get("num_key_value_heads") or heads,
+        "head_size": text.get("head_dim") or text["hidden_size"] // heads,
+        "layer_names": [f"model.layers.{i}.self_attn.attn" for i in range(num_layers)],
+    }
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .scales import load_scales, shard_scales, validate_for_model
+
+    scales = load_scales(args.path)
+    if args.model_dir:
+        validate_for_model(scales, **_model_facts(Path(args.model_dir)))
+    for rank in range(args.tensor_parallel_size):
+        shard_scales(scales, args.tensor_parallel_size, rank)
+    print(
+        f"{scales.source_path}: OK ({len(scales.layers)} layers, {getattr(scales.kv_dtype, 'value', scales.kv_dtype)}, "
+        f"{getattr(scales.granularity, 'value', scales.granularity)})"
+    )
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .scales import SIDECAR_FILENAME, convert_to_sidecar
+
+    source = Path(args.source)
+    base = Path(args.model_dir) if args.model_dir else (source if source.is_dir() else source.parent)
+    out = Path(args.out) if args.out else base / SIDECAR_FILENAME
+    scales = convert_to_sidecar(
+        source,
+        out,
+        source_format=args.source_format,
+        kv_dtype=args.dtype,
+        model_dir=Path(args.model_dir) if args.model_dir else None,
+    )
+    print(f"wrote {out} ({len(scales.layers)} layers)")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny_model import TinyLlamaSpec, make_tiny_llama
+
+    path = make_tiny_llama(args.path, TinyLlamaSpec(seed=args.seed))
+    print(f"wrote a tiny Llama to {path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import run_calibration
+
+    run_calibration(args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.workdir), args.dtype)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import KVQuantConfigError
+
+    args = build_parser().parse_args(argv)
+    handler = {
+        "calibrate": cmd_calibrate,
+        "convert": cmd_convert,
+        "validate": cmd_validate,
+        "make-tiny-model": cmd_make_tiny_model,
+        "demo": cmd_demo,
+    }[args.command]
+    try:
+        return handler(args)
+    except (KVQuantConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"vllm-kvquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Every difference between the supported vLLM releases (0.26.0 - 0.33.x) lives here.
+
+The rest of the package calls these helpers and never branches on the vLLM version itself.
+vLLM is imported lazily so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("vllm_kvquant")
+
+BACKEND_NAME = "KVQUANT"
+BACKEND_CLASS_PATH = "vllm_kvquant.backend.KVQuantAttentionBackend"
+MIN_VLLM = (0, 26, 0)
+MAX_VLLM_EXCLUSIVE = (0, 34, 0)
+
+
+def vllm_version() -> tuple[int, int, int]:
+    import vllm
+
+    parts = []
+    for piece in vllm.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def check_vllm_version() -> None:
+    """Warn (not fail) outside the tested range: an unknown release may still work."""
+    version = vllm_version()
+    if not (MIN_VLLM <= version < MAX_VLLM_EXCLUSIVE):
+        logger.warning(
+            "vllm-kvquant is tested with vLLM 0.26.0 to 0.33.x; found %s. The kvquant "
+            "backend may not work with this release.",
+            ".".join(map(str, version)),
+        )
+
+
+def register_attention_backend(name: str = BACKEND_NAME, class_path: str = BACKEND_CLASS_PATH) -> Any:
+    """Make ``--attention-backend <name>`` resolve to ``class_path``; safe to call twice.
+
+    vLLM >= 0.33 takes a string in ``register_backend``; 0.28 - 0.32 have
+    ``AttentionBackendEnum.register``; 0.26 has neither, so the member is added to the enum
+    the same way the later releases do it.
+    """
+    from vllm.v1.attention.backends import registry
+
+    enum = registry.AttentionBackendEnum
+    member = enum.__members__.get(name)
+    if member is None:
+        if hasattr(enum, "register"):
+            member = enum.register(name, class_path)
+        else:
+            member = object.__new__(enum)
+            member._name_ = name
+            member._value_ = class_path
+            setattr(enum, name, member)
+            enum._member_map_[name] = member
+            enum._value2member_map_[class_path] = member
+            enum._member_names_.append(name)
+    # Record the class path as an override too, so get_path() answers it in every release.
+    registry.register_backend(member, class_path)
+    # vLLM pickles its config (holding this member) into processes it spawns, which unpickle
+    # it before loading plugins: make the member re-register itself on unpickling.
+    member.__reduce_ex__ = lambda protocol: (restore_backend_member, (name, class_path))
+    return member
+
+
+def restore_backend_member(name: str, class_path: str) -> Any:
+    """Unpickling hook of the registered enum member (see :func:`register_attention_backend`)."""
+    return register_attention_backend(name, class_path)
+
+
+def is_kvquant_backend(selected_backend: Any) -> bool:
+    return getattr(selected_backend, "name", None) == BACKEND_NAME
+
+
+def install_platform_hooks() -> None:
+    """Patch the current platform class so that selecting kvquant works everywhere.
+
+    - ``check_and_update_config``: when kvquant is selected and ``kv_cache_dtype`` is
+      ``auto``, allocate the cache at one byte per element (``fp8``); the kvquant backend
+      stores fp8 or int8 bytes in it as the scales sidecar says.
+    - CPU only: vLLM's CPU platform ignores ``--attention-backend`` and always answers its
+      own CPU_ATTN; answer kvquant's class when kvquant was selected.
+
+    Patching is done once per process and is a no-op for any other backend.
+    """
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if getattr(platform_cls, "_kvquant_hooked", False):
+        return
+
+    original_check = platform_cls.check_and_update_config.__func__
+
+    @functools.wraps(original_check)
+    def check_and_update_config(cls, vllm_config):  # type: ignore[no-untyped-def]
+        _default_kv_cache_dtype(vllm_config)
+        return original_check(cls, vllm_config)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+    if current_platform.is_cpu():
+        original_select = platform_cls.get_attn_backend_cls.__func__
+
+        @functools.wraps(original_select)
+        def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if is_kvquant_backend(selected_backend):
+                return selected_backend.get_path()
+            return original_select(cls, selected_backend, *args, **kwargs)
+
+        platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls._kvquant_hooked = True
+
+
+def _default_kv_cache_dtype(vllm_config: Any) -> None:
+    attention_config = getattr(vllm_config, "attention_config", None)
+    cache_config = getattr(vllm_config, "cache_config", None)
+    if attention_config is None or cache_config is None:
+        return
+    if not is_kvquant_backend(attention_config.backend):
+        return
+    if cache_config.cache_dtype == "auto":
+        logger.info("kvquant: allocating the KV cache at one byte per element (kv_cache_dtype=fp8).")
+        cache_config.cache_dtype = "fp8"
+
+
+#: One-byte ``kv_cache_dtype`` strings that kvquant accepts as storage.
+ONE_BYTE_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V views ``[num_blocks, block_size, num_kv_heads, head_size]`` of a layer's cache.
+
+    All supported releases hand a layer its cache in the logical order
+    ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` (K then V in the last dim);
+    the physical order may differ, which the kernels absorb through strides.
+    """
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+        raise ValueError(
+            f"kvquant: unexpected KV cache shape {tuple(kv_cache.shape)}; expected "
+            f"[num_blocks, num_kv_heads, block_size, {2 * head_size}]"
+        )
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache
+
+
+def attention_layers(vllm_config: Any, layer_names: list[str]) -> dict[str, torch.nn.Module]:
+    """The attention modules of ``layer_names`` (vLLM's static forward context)."""
+    context = vllm_config.compilation_config.static_forward_context
+    return {name: context[name] for name in layer_names if name in context}
+
+
+def split_decodes_and_prefills(common_attn_metadata: Any) -> tuple[int, int, int, int]:
+    from vllm.v1.attention.backends.utils import split_decodes_and_prefills as split
+
+    return split(common_attn_metadata, decode_threshold=1)
+
+
+def additional_config(vllm_config: Any) -> dict:
+    extra = getattr(vllm_config, "additional_config", None)
+    return dict(extra or {})

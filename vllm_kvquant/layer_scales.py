@@ -1,0 +1,148 @@
+"""Give every kvquant attention layer its K/V scales and storage format.
+
+Run once per kv-cache group when vLLM builds the metadata builders, i.e. after the model is
+loaded and before any CUDA graph is captured. The sidecar is read and validated once per
+process; each layer receives fp32 device tensors for its tensor-parallel shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import compat
+from .config import KVQuantConfig
+from .errors import KVQuantConfigError
+from .kernels.dtypes import KVQuantDType
+
+logger = logging.getLogger("vllm_kvquant")
+
+#: Attribute under which a vLLM attention layer carries its :class:`LayerQuantState`.
+LAYER_ATTR = "_kvquant_state"
+
+
+@dataclass
+class LayerQuantState:
+    kv_dtype: KVQuantDType
+    k_scale: torch.Tensor  # fp32, [1] or [num_kv_heads on this rank]
+    v_scale: torch.Tensor
+    source: str
+
+
+_cache: dict[tuple, Any] = {}
+
+
+def _tp_rank_and_size() -> tuple[int, int]:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (AssertionError, ImportError, RuntimeError):
+        return 0, 1
+
+
+def load_model_scales(vllm_config: Any, all_layer_names: list[str]):
+    """Resolve, validate and (if asked) convert the sidecar for this model; cached per process."""
+    from .scales import resolve_scales, unit_scales, validate_for_model
+
+    options = KVQuantConfig.from_additional_config(compat.additional_config(vllm_config))
+    model_config = vllm_config.model_config
+    model_dir = model_config.model
+    key = (model_dir, options, tuple(all_layer_names))
+    if key in _cache:
+        return _cache[key]
+    num_kv_heads = model_config.get_total_num_kv_heads()
+    head_size = model_config.get_head_size()
+    kv_dtype = options.dtype or KVQuantDType.FP8_E4M3.value
+    if options.calibration:
+        _refuse_cuda_graphs(vllm_config)
+        scales = unit_scales(
+            kv_dtype=kv_dtype, num_layers=len(all_layer_names), num_kv_heads=num_kv_heads,
+            head_size=head_size, layer_names=list(all_layer_names),
+        )
+        _cache[key] = (scales, options)
+        return scales, options
+    scales = resolve_scales(
+        model_dir if os.path.isdir(str(model_dir)) else None,
+        explicit_path=options.scales,
+        kv_dtype=kv_dtype,
+        num_layers=len(all_layer_names),
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        layer_names=list(all_layer_names),
+        fallback=options.fallback,
+    )
+    validate_for_model(
+        scales,
+        num_layers=len(all_layer_names),
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        layer_names=list(all_layer_names),
+    )
+    _cache[key] = (scales, options)
+    return scales, options
+
+
+def _refuse_cuda_graphs(vllm_config: Any) -> None:
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if mode is not None and getattr(mode, "name", str(mode)) != "NONE":
+        raise KVQuantConfigError(
+            f"kvquant calibration records K/V in eager mode only, but CUDA graphs are on "
+            f"(cudagraph_mode={getattr(mode, 'name', mode)}); run with enforce_eager=True / --enforce-eager"
+        )
+
+
+def _kvquant_layer_names(vllm_config: Any) -> list[str]:
+    """Names of every attention layer of the model that runs on kvquant, in model order."""
+    from .backend import KVQuantAttentionBackend
+
+    names = []
+    for name, layer in vllm_config.compilation_config.static_forward_context.items():
+        get_backend = getattr(layer, "get_attn_backend", None)
+        if get_backend is None:
+            continue
+        backend = get_backend()
+        if isinstance(backend, type) and issubclass(backend, KVQuantAttentionBackend):
+            names.append(name)
+    return names
+
+
+def attach_layer_scales(vllm_config: Any, layer_names: list[str], device: torch.device) -> None:
+    """Set :data:`LAYER_ATTR` on each of ``layer_names`` (idempotent)."""
+    from .scales import scales_as_tensors, shard_scales
+
+    layers = compat.attention_layers(vllm_config, layer_names)
+    todo = {n: m for n, m in layers.items() if getattr(m, LAYER_ATTR, None) is None}
+    if not todo:
+        return
+    scales, options = load_model_scales(vllm_config, _kvquant_layer_names(vllm_config))
+    if options.dtype and options.dtype != scales.kv_dtype.value:
+        logger.warning(
+            "kvquant: the scales in %s were made for %s; converting them for %s storage.",
+            scales.source_path, scales.kv_dtype.value, options.dtype,
+        )
+        scales = scales.retarget(options.dtype)
+    target = KVQuantDType(scales.kv_dtype.value)
+    rank, tp_size = _tp_rank_and_size()
+    shard = shard_scales(scales, tp_size, rank)
+    for name, layer in todo.items():
+        if name not in shard.layers:
+            raise KVQuantConfigError(
+                f"{scales.source_path or 'kvquant scales'}: layer '{name}' of the model has no scales"
+            )
+        k, v = scales_as_tensors(shard.layers[name], device)
+        setattr(layer, LAYER_ATTR, LayerQuantState(target, k, v, str(scales.source_path)))
+
+
+def layer_state(layer: Any) -> LayerQuantState:
+    state = getattr(layer, LAYER_ATTR, None)
+    if state is None:
+        raise KVQuantConfigError(
+            f"kvquant: attention layer '{getattr(layer, 'layer_name', '?')}' has no scales attached; "
+            "the kvquant metadata builder was not initialised for it"
+        )
+    return state

@@ -1,0 +1,91 @@
+"""Make a tiny random Llama checkpoint with a locally trained tokenizer.
+
+Nothing can be downloaded in CI or on an offline machine, yet the examples, tests and the
+README's first command need a real model directory that vLLM loads like any other.
+``vllm-kvquant make-tiny-model DIR`` writes one in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TinyLlamaSpec:
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    max_position_embeddings: int = 1024
+    # Larger than Llama's 0.02 so that the random model's next-token distribution is peaked
+    # and greedy decoding is meaningful to compare between KV-cache formats.
+    initializer_range: float = 0.2
+    seed: int = 0
+    dtype: str = "bfloat16"
+
+
+def corpus_text() -> str:
+    """The small English text shipped with the package (tokenizer training, calibration)."""
+    return resources.files("vllm_kvquant").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
+    return tokenizer
+
+
+def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Path:
+    """Write config, random weights (seeded) and a tokenizer to ``path``; returns the path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(spec.vocab_size),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        torch_dtype=spec.dtype,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
+    model.save_pretrained(path, safe_serialization=True)
+    (path / "tiny_model_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    return path
