@@ -71,31 +71,64 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class DecodeKernelConfig:
-    """Launch/tuning parameters (defaults chosen for H100 at Llama-3-8B decode shapes)."""
+    """Launch/tuning parameters.  Defaults reasoned for H100 (not yet measured), Llama-3-8B shapes.
 
-    #: Tokens per loop iteration for padded head size <= 128 (64 = 4 pages of 16).
-    block_n: int = 64
-    #: Tokens per iteration for padded head size 256 (keeps K/V tiles in registers).
-    block_n_large_head: int = 32
+    Compiled for sm_90 (Triton 3.6, head 128, fp8, bf16): a 128-token tile with
+    ``num_stages=5`` double-buffers K/V (2 x 32 KB in flight per program, ~75 KB shared
+    memory, 168 registers -> 3 programs per SM); ``num_stages`` 3-4 single-buffers them
+    (the block-table load takes a pipeline stage).
+    """
+
+    #: Bytes of one K tile per loop iteration: tokens per tile = tile_bytes // padded head size
+    #: (clamped to [16, 256]); 16 KB -> 128 tokens (8 pages of 16) at head size 128.
+    tile_bytes: int = 16384
+    #: Explicit tokens per tile (power of two >= 16); overrides ``tile_bytes``.
+    block_n: int | None = None
     num_warps: int = 4
-    #: Software-pipelining depth of the K/V loads (cp.async stages on Hopper).
-    num_stages: int = 3
-    #: Each active split covers at least this many tiles (bounds workspace traffic).
-    min_tiles_per_split: int = 4
+    #: Warps for padded head size 256 (4 warps reach the 255-register cap there).
+    num_warps_large_head: int = 8
+    #: Software-pipelining depth of the loop (cp.async stages on Hopper); see class doc.
+    num_stages: int = 5
+    #: Each active split covers at least this many tokens (bounds workspace traffic).
+    min_tokens_per_split: int = 256
     #: Split heuristic: aim for a grid of about this many programs per SM.
     target_ctas_per_sm: int = 4
     reduce_num_warps: int = 4
-    #: Run the dots in fp16 even for bf16 queries (fp8 -> fp16 is one instruction; the query
-    #: must then fit fp16's range).  Off: dots run in the query dtype.
+    #: Run the dots in fp16 even for bf16 queries (the query must then fit fp16's range).
+    #: Off: dots run in the query dtype.
     dot_in_fp16: bool = False
     #: SM count assumed where no CUDA device is queried (Triton interpreter on CPU).
     cpu_num_sms: int = 8
 
     def tile_tokens(self, head_size: int) -> int:
-        return self.block_n if _next_pow2(head_size) <= 128 else self.block_n_large_head
+        if self.block_n is not None:
+            return int(self.block_n)
+        return max(16, min(256, self.tile_bytes // max(16, _next_pow2(head_size))))
+
+    def warps(self, head_size: int) -> int:
+        return self.num_warps if _next_pow2(head_size) <= 128 else self.num_warps_large_head
+
+    def min_tiles_per_split(self, head_size: int) -> int:
+        return max(1, self.min_tokens_per_split // self.tile_tokens(head_size))
 
 
-DEFAULT_CONFIG = DecodeKernelConfig()
+def _config_from_env() -> DecodeKernelConfig:
+    """``KVQUANT_DECODE_CONFIG="num_stages=3,block_n=64"`` overrides defaults (for tuning runs)."""
+    spec = os.environ.get("KVQUANT_DECODE_CONFIG", "").strip()
+    if not spec:
+        return DecodeKernelConfig()
+    kw = {}
+    for item in spec.split(","):
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key not in DecodeKernelConfig.__dataclass_fields__:
+            raise ValueError(f"KVQUANT_DECODE_CONFIG: unknown field {key!r}")
+        val = val.strip()
+        kw[key] = (val.lower() in ("1", "true", "yes")) if key == "dot_in_fp16" else (None if val == "None" else int(val))
+    return DecodeKernelConfig(**kw)
+
+
+DEFAULT_CONFIG = _config_from_env()
 
 
 def _next_pow2(x: int) -> int:
@@ -525,6 +558,7 @@ def paged_decode_attention(
     block_n = cfg.tile_tokens(head_size)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"config tile of {block_n} tokens: need a power of two >= 16")
+    min_tiles = cfg.min_tiles_per_split(head_size)
     if k_scale.dtype != torch.float32:
         k_scale = k_scale.float()
     if v_scale.dtype != torch.float32:
@@ -573,17 +607,17 @@ def paged_decode_attention(
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         *out.stride(), *po_strides, *pl_strides,
         HEAD_SIZE=head_size, HEAD_PAD=head_pad, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_TILES=cfg.min_tiles_per_split,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_TILES=min_tiles,
         PER_HEAD_SCALE=per_head, USE_WINDOW=window > 0, USE_SOFTCAP=cap > 0.0, SPLIT=split,
         DOT_DTYPE=dot_dtype,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.warps(head_size), num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
             part_o, part_lse, seq_lens, out, window, num_splits,
             *po_strides, *pl_strides, *out.stride(),
             HEAD_SIZE=head_size, HEAD_PAD=head_pad, SPLITS_PAD=max(2, _next_pow2(num_splits)),
-            BLOCK_N=block_n, MIN_TILES=cfg.min_tiles_per_split, USE_WINDOW=window > 0,
+            BLOCK_N=block_n, MIN_TILES=min_tiles, USE_WINDOW=window > 0,
             num_warps=cfg.reduce_num_warps,
         )  # fmt: skip
     return out

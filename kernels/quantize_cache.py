@@ -1,10 +1,12 @@
 """Quantize-on-write: store the step's K/V into the 8-bit paged cache (Triton).
 
-Semantics are exactly :func:`.reference.quantize_to_cache_ref`:
-``q = saturate(x / scale)``; FP8 e4m3 rounds to nearest-even (hardware cast), INT8 rounds
-half-to-even like ``torch.round``. Finite or infinite inputs saturate to +-448 (fp8) /
-+-127 (int8); NaN inputs give an unspecified code (NaN or a saturated value for fp8, any
-value for int8), as the reference does not define them either.
+Semantics are exactly :func:`.reference.quantize_to_cache_ref`, bit for bit:
+``q = saturate(x / scale)`` with an IEEE divide (``div_rn``; Triton's ``/`` is the approximate
+``div.full.f32``); FP8 e4m3 rounds to nearest-even (hardware ``cvt.rn.satfinite`` on sm89+,
+an exact software encoder elsewhere), INT8 rounds half-to-even like ``torch.round`` (``rint``).
+Finite or infinite inputs saturate to +-448 (fp8) / +-127 (int8); NaN inputs give an
+unspecified code (NaN or a saturated value for fp8, any value for int8), as the reference
+does not define them either.
 
 Design (memory-bound, ~3 bytes moved per element):
 - one program handles ``BLOCK_T`` tokens x ``BLOCK_H`` heads x the whole (padded) head, both K
@@ -175,13 +177,13 @@ def _quantize_to_cache_kernel(
         k_norm = ((kb + 0x7FFFF + ((kb >> 20) & 1)) >> 20) - (120 << 3)
         k_sub = (((ka * 512.0) + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int32)
         k_code = tl.where(ka < 0.015625, k_sub, k_norm)
-        k_code = tl.where(ka != ka, 0x7F, k_code) | (k.to(tl.int32, bitcast=True) >> 24) & 0x80
+        k_code = tl.where(ka != ka, 0x7F, k_code) | ((k.to(tl.int32, bitcast=True) >> 24) & 0x80)
         va = tl.abs(v)
         vb = va.to(tl.int32, bitcast=True)
         v_norm = ((vb + 0x7FFFF + ((vb >> 20) & 1)) >> 20) - (120 << 3)
         v_sub = (((va * 512.0) + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int32)
         v_code = tl.where(va < 0.015625, v_sub, v_norm)
-        v_code = tl.where(va != va, 0x7F, v_code) | (v.to(tl.int32, bitcast=True) >> 24) & 0x80
+        v_code = tl.where(va != va, 0x7F, v_code) | ((v.to(tl.int32, bitcast=True) >> 24) & 0x80)
         tl.store(k_dst, k_code.to(tl.uint8), mask=mask)
         tl.store(v_dst, v_code.to(tl.uint8), mask=mask)
     else:  # hardware cvt.rn.satfinite (sm89+)
@@ -201,13 +203,14 @@ def _kernel():
     mode = _interpret()
     k = _KERNELS.get(mode)
     if k is None:
-        k = _KERNELS[mode] = triton.jit(_quantize_to_cache_kernel)
+        # num_slots changes every step; its divisibility buys nothing, so don't recompile on it
+        k = _KERNELS[mode] = triton.jit(_quantize_to_cache_kernel, do_not_specialize=["num_slots"])
     return k
 
 
 def _needs_soft_fp8(device: torch.device) -> bool:
-    """Software fp8 rounding under the interpreter and before sm89 (no e4m3 cvt instruction)."""
-    if _interpret() or device.type != "cuda":
+    """Software fp8 rounding under the interpreter, before sm89 (no e4m3 cvt) and on ROCm (fnuz)."""
+    if _interpret() or device.type != "cuda" or torch.version.hip:
         return True
     return torch.cuda.get_device_capability(device) < (8, 9)
 

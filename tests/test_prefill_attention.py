@@ -102,10 +102,10 @@ def reference(case, **kw):
     return paged_prefill_attention_ref(**c, **kw)
 
 
-def run_and_check(case, poison=True, **kw):
+def run_and_check(case, poison=True, max_query_len=None, **kw):
     q = case["query"]
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device) if poison else None
-    got = paged_prefill_attention(**case, out=out, **kw)
+    got = paged_prefill_attention(**case, out=out, max_query_len=max_query_len, **kw)
     if poison:
         assert got is out
     n = int(case["query_start_loc"][-1])

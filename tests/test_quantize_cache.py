@@ -111,7 +111,7 @@ def check_against_ref(key, value, kc, vc, slots, ks, vs, kv_dtype, config=None, 
 
 # ---------------------------------------------------------------- CPU grid (interpreter)
 
-GRID_CFG = WriteConfig(block_t=8, block_h=4, num_warps=4)  # few programs: fast interpreter runs
+GRID_CFG = WriteConfig(block_t=16, block_h=4, num_warps=4)  # one program per case: fast interpreter runs
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -122,7 +122,7 @@ GRID_CFG = WriteConfig(block_t=8, block_h=4, num_warps=4)  # few programs: fast 
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_matches_reference(act, kv_dtype, per_head, head_size, block_size, layout):
     torch.manual_seed(hash((str(act), kv_dtype.value, per_head, head_size, block_size, layout)) % 2**31)
-    t, h, nb = 24, 4, 3
+    t, h, nb = 16, 4, 3
     key, value = make_kv(t, h, head_size, act)
     ks, vs = make_scales(key, value, kv_dtype, per_head)
     storage = torch_dtype_of(kv_dtype) if layout == "split" else torch.uint8
@@ -177,6 +177,17 @@ def test_strided_head_dim_and_fp32_input(kv_dtype):
     ks, vs = make_scales(key, value, kv_dtype, False)
     kc, vc = make_caches("split", nb, bs, h, d, torch.uint8)
     check_against_ref(key, value, kc, vc, make_slots(t, t, nb, bs), ks, vs, kv_dtype, config=WriteConfig(16, 4, 4))
+
+
+@pytest.mark.parametrize("kv_dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_reciprocal_variant_within_one_unit(kv_dtype):
+    torch.manual_seed(6)
+    t, h, d, nb, bs = 16, 4, 64, 2, 16
+    key, value = make_kv(t, h, d, torch.bfloat16)
+    ks, vs = make_scales(key, value, kv_dtype, True)
+    kc, vc = make_caches("split", nb, bs, h, d, torch.uint8)
+    cfg = WriteConfig(16, 4, 4, reciprocal=True)
+    check_against_ref(key, value, kc, vc, make_slots(t, t, nb, bs), ks, vs, kv_dtype, config=cfg)
 
 
 def test_two_dim_key_value_accepted():
