@@ -28,6 +28,7 @@ rounding), likewise for the Triton fp8 path.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import traceback
@@ -35,6 +36,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import time_rotating  # noqa: E402
 
 try:
     from vllm_kvquant.kernels.decode_attention import alloc_decode_workspace, choose_num_splits, paged_decode_attention
@@ -68,6 +72,7 @@ def _fill_random_(cache: torch.Tensor, kind: str, scale: float, chunk_blocks: in
             part.copy_(torch.round(x / scale).clamp(-127, 127).to(torch.int8))
 
 
+@functools.lru_cache(maxsize=None)
 def _copy_bandwidth_gbps() -> float:
     import triton.testing
 
@@ -78,41 +83,6 @@ def _copy_bandwidth_gbps() -> float:
     ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
     del a, b
     return 2 * n / (ms * 1e-3) / 1e9
-
-
-def _time_rotating(fn: Callable[[int], Any], n_copies: int, use_graph: bool, warmup: int, rep: int) -> float:
-    """Median microseconds per call of ``fn(copy)``, cycling copies inside one CUDA graph."""
-    import triton.testing
-
-    fn(0)
-    torch.cuda.synchronize()
-    calls = max(n_copies, 1)
-    if use_graph:
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for c in range(min(calls, 2)):
-                    fn(c)
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for c in range(calls):
-                    fn(c)
-            graph.replay()
-            torch.cuda.synchronize()
-            ms = triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
-            return ms * 1e3 / calls
-        except Exception:  # some path cannot be captured: time eagerly instead
-            torch.cuda.synchronize()
-    state = {"i": 0}
-
-    def step():
-        fn(state["i"] % calls)
-        state["i"] += 1
-
-    ms = triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
-    return ms * 1e3
 
 
 def _import_vllm():
@@ -195,7 +165,8 @@ def bench_decode(
                     n_copies=n_copies, copy_gbps=copy_gbps,
                 )  # fmt: skip
 
-            def finish(row: dict, us: float) -> dict:
+            def finish(row: dict, timed: tuple[float, str]) -> dict:
+                us, row["timing"] = timed
                 row["us"] = us
                 row["gbps"] = row["bytes"] / (us * 1e-6) / 1e9
                 row["pct_of_copy"] = 100.0 * row["gbps"] / copy_gbps
@@ -218,7 +189,7 @@ def bench_decode(
                         paged_decode_attention(queries[c], kc, vc, perm[c], seq_lens, ks, vs, kvd, sm_scale,
                                                out=out, workspace=ws)  # fmt: skip
 
-                    finish(row, _time_rotating(fn, n_copies, use_cuda_graph, warmup, rep))
+                    finish(row, time_rotating(fn, n_copies, use_cuda_graph, warmup, rep))
                     fn(0)
                     results[kind] = out.clone()
                     if check:
@@ -271,9 +242,9 @@ def bench_decode(
                                 q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, num_splits=splits,
                             )  # fmt: skip
 
-                        us = _time_rotating(fn, n_copies, use_cuda_graph, warmup, rep)
-                        if best is None or us < best[0]:
-                            best = (us, splits, sched is not None, fn)
+                        timed = time_rotating(fn, n_copies, use_cuda_graph, warmup, rep)
+                        if best is None or timed[0] < best[0][0]:
+                            best = (timed, splits, sched is not None, fn)
                     finish(row, best[0])
                     row["fa3_num_splits"] = best[1]
                     row["fa3_scheduler_metadata"] = best[2]
@@ -319,7 +290,7 @@ def bench_decode(
                                 kv_quant_mode=KVQuantMode.FP8_PER_TENSOR,
                             )  # fmt: skip
 
-                        finish(row, _time_rotating(fn, n_copies, use_cuda_graph, warmup, rep))
+                        finish(row, time_rotating(fn, n_copies, use_cuda_graph, warmup, rep))
                         fn(0)
                         if "fp8" in results:
                             row["max_abs_diff_vs_kvquant_fp8"] = (out.float() - results["fp8"].float()).abs().max().item()
@@ -331,6 +302,47 @@ def bench_decode(
 
             del caches, queries, perm
             torch.cuda.empty_cache()
+    return rows
+
+
+def tune_decode(
+    configs=None,
+    shapes=((1, 1024), (1, 32768), (8, 4096), (8, 32768), (64, 1024), (64, 4096), (64, 16384)),
+    num_q_heads=32,
+    num_kv_heads=8,
+    head_size=128,
+    block_size=16,
+    dtype=torch.bfloat16,
+    kv_dtypes=("fp8", "int8"),
+    verbose=True,
+    **kw: Any,
+) -> list[dict]:
+    """Time only our kernel for each :class:`DecodeKernelConfig` in ``configs`` (dicts of fields)."""
+    try:
+        from vllm_kvquant.kernels import decode_attention as da
+    except ImportError:
+        from kernels import decode_attention as da
+    if configs is None:
+        configs = [
+            dict(num_stages=s, tile_bytes=t, num_warps=w)
+            for t in (8192, 16384) for s in (3, 4, 5) for w in (4, 8)
+        ]  # fmt: skip
+    saved = da.DEFAULT_CONFIG
+    rows = []
+    try:
+        for c in configs:
+            da.DEFAULT_CONFIG = da.DecodeKernelConfig(**c)
+            for b, ctx in shapes:
+                for r in bench_decode(
+                    batches=(b,), contexts=(ctx,), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                    head_size=head_size, block_size=block_size, dtype=dtype,
+                    paths=tuple(f"kvquant-{k}" for k in kv_dtypes), check=False, verbose=False, **kw,
+                ):  # fmt: skip
+                    r["config"] = dict(c)
+                    rows.append(r)
+                    _log(verbose, f"{c} {_fmt(r)}")
+    finally:
+        da.DEFAULT_CONFIG = saved
     return rows
 
 

@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 
 try:
-    from .common import bench_us, buffer_sets, device_info, measure_copy_gbps, rotating, versions
+    from .common import buffer_sets, device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions
 except ImportError:  # run as a script, or imported with benchmarks/ on sys.path
-    from common import bench_us, buffer_sets, device_info, measure_copy_gbps, rotating, versions
+    from common import buffer_sets, device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions
 
 try:
     from vllm_kvquant.kernels.quantize_cache import WriteConfig, pick_config, quantize_to_cache
@@ -47,15 +47,16 @@ def _make_set(n: int, h: int, d: int, bs: int, dtype: torch.dtype, cache_dtype: 
     }
 
 
-def _time(n: int, h: int, d: int, bs: int, dtype: torch.dtype, cache_dtype: torch.dtype, call: Callable[[dict], None]) -> float:
+def _time(n: int, h: int, d: int, bs: int, dtype: torch.dtype, cache_dtype: torch.dtype, call: Callable[[dict], None]) -> tuple[float, float]:
+    """(GPU us per call, replayed from a CUDA graph over rotating input sets; host us per eager call)."""
     out_elem = torch.empty(0, dtype=cache_dtype).element_size()
     per_set = n * h * d * (6 * dtype.itemsize + 2 * out_elem)  # the whole qkv (4 + 1 + 1 heads) + caches
     sets = [_make_set(n, h, d, bs, dtype, cache_dtype) for _ in range(buffer_sets(per_set))]
-    us = bench_us(rotating([lambda s=s: call(s) for s in sets]))
+    us, _mode = time_rotating(lambda i: call(sets[i]), len(sets), True, 25, 100)
+    host = host_us_per_call(lambda: call(sets[0]))
     del sets
     torch.cuda.empty_cache()
-    return us
-
+    return us, host
 
 def _row(name: str, kv_dtype: str, n: int, h: int, d: int, bs: int, dtype: torch.dtype, out_elem: int, us: float) -> dict:
     nbytes = 2 * n * h * d * (dtype.itemsize + out_elem) + 8 * n
@@ -104,8 +105,8 @@ def bench_quantize_write(
             def ours(s: dict, kvq: str = kvq, cfg: WriteConfig | None = cfg) -> None:
                 quantize_to_cache(s["key"], s["value"], s["key_cache"], s["value_cache"], s["slots"], k_scale, v_scale, kvq, config=cfg)
 
-            us = _time(n, h, d, bs, dtype, torch.uint8, ours)
-            rows.append(_row(name, short, n, h, d, bs, dtype, 1, us))
+            us, host = _time(n, h, d, bs, dtype, torch.uint8, ours)
+            rows.append(_row(name, short, n, h, d, bs, dtype, 1, us) | {"host_us": round(host, 1)})
         if ops is None:
             continue
         for kv_cache_dtype, cache_dtype, short in (("auto", dtype, _DTYPE_NAME.get(dtype, "bf16")), ("fp8", torch.uint8, "fp8")):
@@ -114,11 +115,11 @@ def bench_quantize_write(
                 ops.reshape_and_cache_flash(s["key"], s["value"], s["key_cache"], s["value_cache"], s["slots"], kcd, k_scale, v_scale)
 
             try:
-                us = _time(n, h, d, bs, dtype, cache_dtype, theirs)
+                us, host = _time(n, h, d, bs, dtype, cache_dtype, theirs)
             except (AttributeError, RuntimeError) as e:  # op missing from this vLLM build
                 warnings.warn(f"reshape_and_cache_flash({kv_cache_dtype}) failed, row skipped: {e}")
                 continue
-            rows.append(_row(f"vllm-reshape_and_cache_flash-{short}", short, n, h, d, bs, dtype, cache_dtype.itemsize, us))
+            rows.append(_row(f"vllm-reshape_and_cache_flash-{short}", short, n, h, d, bs, dtype, cache_dtype.itemsize, us) | {"host_us": round(host, 1)})
     return rows
 
 

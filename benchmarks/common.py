@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -80,3 +80,54 @@ def measure_copy_gbps(nbytes: int = 2**30, device: str = "cuda") -> float:
     dst = torch.empty_like(src)
     us = bench_us(lambda: dst.copy_(src))
     return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def time_rotating(
+    fn: Callable[[int], Any], n_copies: int, use_graph: bool, warmup: int, rep: int
+) -> tuple[float, str]:
+    """(median microseconds per call of ``fn(copy)``, "graph" | "eager"), cycling the copies."""
+    import triton.testing
+
+    fn(0)
+    torch.cuda.synchronize()
+    calls = max(n_copies, 1)
+    if use_graph:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for c in range(min(calls, 2)):
+                    fn(c)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for c in range(calls):
+                    fn(c)
+            graph.replay()
+            torch.cuda.synchronize()
+            ms = triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+            return ms * 1e3 / calls, "graph"
+        except Exception:  # some path cannot be captured: time eagerly instead
+            torch.cuda.synchronize()
+    state = {"i": 0}
+
+    def step():
+        fn(state["i"] % calls)
+        state["i"] += 1
+
+    ms = triton.testing.do_bench(step, warmup=warmup, rep=rep, return_mode="median")
+    return ms * 1e3, "eager"
+
+
+def host_us_per_call(fn: Callable[[], object], calls: int = 200) -> float:
+    """CPU time to issue one call (no sync inside the loop): the launch overhead an eager step pays."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6

@@ -7,16 +7,18 @@ tokens; :func:`paged_decode_attention` has exactly the semantics of
 Design (memory bound: the point of an 8-bit cache is half the bytes per decode step)
 - One program = (sequence, KV head, split).  It holds *all* query heads of its KV head
   (``GROUP = Hq / Hkv`` rows, padded to >= 16 for ``tl.dot``), so every K/V byte is read once.
-- Each loop iteration gathers a tile of ``block_n`` tokens (several pages: block 16 and tile 64
-  = 4 pages) through the block table, loads the 1-byte K and V tiles, converts them to the
+- Each loop iteration gathers a tile of ``block_n`` tokens (several pages: head 128 -> 128
+  tokens = 8 pages of 16) through the block table, loads the 1-byte K and V tiles (cp.async,
+  double-buffered at the default ``num_stages``), converts them to the
   dot dtype (fp8 -> fp16/bf16 exact; int8 -> fp16/bf16 exact for |x| <= 127), and runs an
   online softmax in fp32 with ``exp2``.  ``softmax_scale * k_scale * log2(e)`` multiplies the
-  fp32 score tile (one scalar per program: per-head scales are per KV head); ``v_scale``
-  multiplies the output once at the end.
+  fp32 score tile (one scalar per program: per-head scales are per KV head; scaling the
+  [group x tile] scores instead of pre-scaling Q costs nothing and avoids rounding Q twice);
+  ``v_scale`` multiplies the output once at the end.
 - Split-KV (flash-decoding): grid ``(num_seqs, num_kv_heads, num_splits)``.  ``num_splits``
   depends only on (num_seqs, num_kv_heads, head_size, SM count, max_num_splits), never on the
   values of ``seq_lens``, so the launch is CUDA-graph safe; each split derives its tile range
-  from ``seq_len`` in-kernel (>= ``min_tiles_per_split`` tiles each, so short sequences use
+  from ``seq_len`` in-kernel (>= ``min_tokens_per_split`` tokens each, so short sequences use
   few splits).  Splits write a normalised partial output and its log2-sum-exp to an fp32
   workspace (``-inf`` for empty splits); a small second kernel merges the active splits.
   With ``num_splits == 1`` the first kernel writes the output directly and no reduce runs.
@@ -25,8 +27,9 @@ Design (memory bound: the point of an 8-bit cache is half the bytes per decode s
 - ``seq_len == 0`` rows (CUDA-graph padding) read nothing and produce zeros.
 - On CPU without ``TRITON_INTERPRET=1`` it falls back to the PyTorch reference.
 
-Tuning knobs: :class:`DecodeKernelConfig` (tile tokens, warps, pipeline stages, split
-heuristic, dot dtype); pass ``config=`` or replace :data:`DEFAULT_CONFIG`.
+Tuning knobs: :class:`DecodeKernelConfig` (tile bytes/tokens, warps, pipeline stages, split
+heuristic, dot dtype); pass ``config=``, replace :data:`DEFAULT_CONFIG`, or set
+``KVQUANT_DECODE_CONFIG="num_stages=3,block_n=64"`` before import.
 """
 
 from __future__ import annotations
@@ -564,7 +567,7 @@ def paged_decode_attention(
     if v_scale.dtype != torch.float32:
         v_scale = v_scale.float()
     per_head = k_scale.numel() > 1 or v_scale.numel() > 1
-    if per_head:  # one pointer layout for both: expand the per-tensor one (a view, no copy)
+    if per_head:  # one pointer layout for both: broadcast a per-tensor scale (tiny copy)
         k_scale = k_scale.reshape(-1).expand(num_kv_heads).contiguous() if k_scale.numel() == 1 else k_scale.reshape(-1)
         v_scale = v_scale.reshape(-1).expand(num_kv_heads).contiguous() if v_scale.numel() == 1 else v_scale.reshape(-1)
 

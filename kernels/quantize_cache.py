@@ -21,6 +21,7 @@ which case the Triton kernel runs in Triton's interpreter (how CI tests it).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -212,7 +213,12 @@ def _needs_soft_fp8(device: torch.device) -> bool:
     """Software fp8 rounding under the interpreter, before sm89 (no e4m3 cvt) and on ROCm (fnuz)."""
     if _interpret() or device.type != "cuda" or torch.version.hip:
         return True
-    return torch.cuda.get_device_capability(device) < (8, 9)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) < (8, 9)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _as_3d(x: torch.Tensor, name: str, num_heads: int, head_size: int) -> torch.Tensor:

@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh
 export TRITON_INTERPRET=1
-exec "${KVQUANT_VENV:-.venv}/bin/python" -m pytest "$@"
+# -P: never import the source tree (kernels/ and scales/ live there outside vllm_kvquant/)
+exec "${KVQUANT_VENV:-.venv}/bin/python" -P -m pytest "$@"

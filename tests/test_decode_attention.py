@@ -31,7 +31,7 @@ REL_L2 = 1e-2
 KV_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 QMAX = {"fp8_e4m3": 448.0, "int8": 127.0}
 # Small tiles so short interpreter-sized sequences still cross several tiles and splits.
-SMALL = DecodeKernelConfig(block_n=16, block_n_large_head=16, min_tiles_per_split=1)
+SMALL = DecodeKernelConfig(block_n=32, min_tokens_per_split=32)  # tile < page for bs 64/128, > page for bs 16
 
 
 def _device() -> str:
@@ -166,7 +166,7 @@ def _grid_id(p):
 
 @pytest.mark.parametrize("act,kvd,per_head,hs,hkv,grp,bs,splits", _GRID, ids=[_grid_id(p) for p in _GRID])
 def test_decode_grid(act, kvd, per_head, hs, hkv, grp, bs, splits):
-    lens = (1, bs, bs + 1, 3 * bs + 70)
+    lens = (1, bs, bs + 1, 2 * bs + 60)  # the long one spans 3+ tiles, so 3 splits are all used
     case = make_case(
         act_dtype=act, kv_dtype=kvd, per_head=per_head, head_size=hs, num_kv_heads=hkv, group=grp,
         block_size=bs, seq_lens=lens, seed=hs + bs,
@@ -176,7 +176,7 @@ def test_decode_grid(act, kvd, per_head, hs, hkv, grp, bs, splits):
 
 @pytest.mark.parametrize("kvd", ["fp8_e4m3", "int8"])
 def test_default_config_long_sequence_many_splits(kvd):
-    # Default tiles (64 tokens, >= 4 tiles per split): 1100 tokens -> 5 active splits of 4.
+    # Default tiles (128 tokens at head 128, >= 256 tokens per split): 1100 tokens -> 5 active splits.
     case = make_case(kv_dtype=kvd, act_dtype=torch.bfloat16, head_size=128, num_kv_heads=1, group=4,
                      seq_lens=(1100, 64, 0, 257))  # fmt: skip
     run_and_check(case, max_num_splits=8)
@@ -265,6 +265,24 @@ def test_num_splits_is_shape_only():
     tight = decode_workspace_shape(256, 32, 128, num_kv_heads=8, device="cpu")[0]
     loose = decode_workspace_shape(256, 32, 128)[0]
     assert tight < loose
+
+
+def test_config_knobs(monkeypatch):
+    from vllm_kvquant.kernels import decode_attention as da
+
+    monkeypatch.setenv("KVQUANT_DECODE_CONFIG", "num_stages=3, block_n=64,dot_in_fp16=1")
+    cfg = da._config_from_env()
+    assert (cfg.num_stages, cfg.tile_tokens(128), cfg.dot_in_fp16) == (3, 64, True)
+    monkeypatch.setenv("KVQUANT_DECODE_CONFIG", "bogus=1")
+    with pytest.raises(ValueError, match="bogus"):
+        da._config_from_env()
+    assert DecodeKernelConfig().tile_tokens(128) == 128 and DecodeKernelConfig().tile_tokens(256) == 64
+    case = make_case(head_size=64, seq_lens=(20,), seed=13)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention(**case, config=DecodeKernelConfig(block_n=24))
+    # fp16 dots for a bf16 query give the same answer within tolerance
+    case = make_case(head_size=64, seq_lens=(20, 70), act_dtype=torch.bfloat16, seed=14)
+    run_and_check(case, max_num_splits=2, config=DecodeKernelConfig(block_n=16, min_tokens_per_split=16, dot_in_fp16=True))
 
 
 def test_cpu_reference_fallback(monkeypatch):

@@ -6,7 +6,12 @@ ones the cache write quantizes (same attention layer names, same RoPE/K-norm cod
 tensor-parallel head split), so the scales cannot drift from what is served. Each worker
 gets a recorder through vLLM's ``worker_extension_cls``; the driver collects per-rank
 statistics with ``collective_rpc`` and combines them, so the file does not depend on tp.
-Calibration runs eagerly (no CUDA graphs) with prefix caching off, so every token is written.
+Calibration runs eagerly (no CUDA graphs) with prefix caching off, so every token is written,
+and with chunked prefill off, so every sample is prefilled in one step from unquantized K/V.
+
+Pipeline: :func:`load_calibration_data` (texts -> token windows) -> :func:`record_statistics`
+(engine, per-rank stats) -> :func:`scales_from_rank_stats` (stats -> :class:`ScalesFile`, no
+engine needed) -> ``save_scales``.
 """
 
 from __future__ import annotations
@@ -16,33 +21,90 @@ import json
 import logging
 import random
 from argparse import Namespace
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .worker_extension import KVQuantWorkerExtension
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .scales import CalibrationInfo, ScalesFile
 
 logger = logging.getLogger("vllm_kvquant")
+
+METHODS = ("absmax", "percentile")
+EXTENSION_PATH = f"{__name__}.CalibrationWorkerExtension"
+
+RankStats = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
 class CalibrationData:
-    samples: list[list[int]]
-    num_tokens: int
-    description: str
+    samples: list[list[int]]  # token ids fed to the model, one prompt per sample
+    num_tokens: int  # sum of the sample lengths: every one of them is written to the cache
+    description: str  # the --data argument, for provenance
+    num_windows: int = 0  # windows the data offered before selection
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def check_args(args: Namespace) -> None:
+    """Reject bad options before anything is loaded (``ValueError`` -> exit code 2 in the CLI)."""
+    if not args.margin > 0:  # also catches NaN
+        raise ValueError(f"--margin must be > 0, got {args.margin}")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.method not in METHODS:
+        raise ValueError(f"--method {args.method!r} is not supported; use one of {list(METHODS)}")
+    if args.method == "percentile" and not 0 < args.percentile <= 100:
+        raise ValueError(f"--percentile must be in (0, 100], got {args.percentile}")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    gmu = getattr(args, "gpu_memory_utilization", None)
+    if gmu is not None and not 0 < gmu <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gmu}")
+    max_len = getattr(args, "max_model_len", None)
+    if max_len is not None and max_len <= args.seq_len:
+        raise ValueError(
+            f"--max-model-len ({max_len}) must exceed --seq-len ({args.seq_len}): each sample is a prompt "
+            "of up to --seq-len tokens followed by one generated token"
+        )
+    if not getattr(args, "out", None) and not Path(args.model).is_dir():
+        raise ValueError(f"model {args.model!r} is not a local directory: pass --out to say where the sidecar goes")
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Documents from a plain text file, a JSONL file with a ``text`` field, or a directory of .txt files."""
+    """Documents from a plain text file, a JSONL file with a ``text`` field, or a directory of .txt files.
+
+    A directory is read recursively, files in sorted path order; ``.jsonl``/``.json`` files
+    are JSON Lines (one object with a string ``text`` per line, blank lines skipped); any
+    other file is one document. Raises ``FileNotFoundError`` / ``ValueError`` naming the file
+    (and line) at fault.
+    """
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise FileNotFoundError(f"calibration data directory {path} has no .txt files")
-        return [p.read_text(encoding="utf-8", errors="replace") for p in files]
-    if not path.is_file():
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    elif not path.exists():
         raise FileNotFoundError(f"calibration data {path} does not exist")
-    if path.suffix in (".jsonl", ".json"):
+    elif not path.is_file():
+        raise ValueError(f"calibration data {path} is neither a file nor a directory")
+    elif path.suffix.lower() in (".jsonl", ".json"):
         texts = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -52,37 +114,88 @@ def read_texts(path: str | Path) -> list[str]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{path}:{lineno}: a JSONL record needs a string 'text' field")
             texts.append(record["text"])
-        return texts
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    else:
+        texts = [path.read_text(encoding="utf-8", errors="replace")]
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"calibration data {path} contains no text")
+    return texts
 
 
-def select_samples(token_ids: list[int], num_samples: int, seq_len: int, seed: int) -> list[list[int]]:
-    """Deterministic windows of ``seq_len`` tokens (all of them if there are fewer than asked)."""
+def select_samples(token_ids: Sequence[int], num_samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """Deterministic, non-overlapping windows of ``seq_len`` tokens, in stream order.
+
+    The stream is cut into consecutive windows (a trailing partial window is dropped unless
+    the stream is shorter than ``seq_len``, which then gives one short window); ``seed``
+    shuffles their indices and the first ``num_samples`` are kept, so for the same data and
+    seed a larger ``num_samples`` only adds windows. All windows when there are fewer.
+    """
     if seq_len < 1 or num_samples < 1:
         raise ValueError("--seq-len and --num-samples must be positive")
+    token_ids = list(token_ids)
     windows = [token_ids[i : i + seq_len] for i in range(0, max(len(token_ids) - seq_len, 0) + 1, seq_len)]
     windows = [w for w in windows if w]
     if not windows:
         raise ValueError("the calibration data produced no tokens")
     if len(windows) > num_samples:
-        picked = sorted(random.Random(seed).sample(range(len(windows)), num_samples))
-        windows = [windows[i] for i in picked]
+        order = list(range(len(windows)))
+        random.Random(seed).shuffle(order)
+        windows = [windows[i] for i in sorted(order[:num_samples])]
     return windows
 
 
-def load_calibration_data(model: str, data: str, num_samples: int, seq_len: int, seed: int) -> CalibrationData:
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Tokens the tokenizer puts before every prompt (e.g. Llama's BOS), as served prompts have them."""
+    probe = "calibration text"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if plain and full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load the tokenizer of {model}: {exc}") from None
+
+
+def load_calibration_data(model: str, data: str, num_samples: int, seq_len: int, seed: int) -> CalibrationData:
+    """Tokenize the data (documents joined by EOS) and pick the sample windows.
+
+    Each sample starts with the tokenizer's special prefix (BOS for Llama-style tokenizers), so
+    position 0 holds what it holds when serving; windows are ``seq_len`` tokens long in all.
+    """
+    from tqdm.auto import tqdm
+
+    texts = read_texts(data)
+    tokenizer = load_tokenizer(model)
+    prefix = special_prefix(tokenizer)
+    body_len = seq_len - len(prefix)
+    if body_len < 1:
+        raise ValueError(f"--seq-len {seq_len} leaves no room for text after the {len(prefix)} special token(s)")
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    for text in read_texts(data):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
-    samples = select_samples(ids, num_samples, seq_len, seed)
-    return CalibrationData(samples, sum(len(s) for s in samples), str(data))
+    for text in tqdm(texts, desc="Tokenizing calibration data", unit="doc", disable=len(texts) < 16):
+        ids.extend(list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + separator)
+    windows = select_samples(ids, num_samples, body_len, seed)
+    num_windows = max(len(ids) // body_len, 1)
+    if len(windows) < num_samples:
+        logger.warning(
+            "kvquant calibrate: %s has %d tokens, enough for %d sample(s) of %d tokens, not %d; using all of it",
+            data, len(ids), len(windows), seq_len, num_samples,
+        )
+    samples = [prefix + w for w in windows]
+    return CalibrationData(samples, sum(len(s) for s in samples), str(data), num_windows)
 
 
-class CalibrationWorkerExtension:
+# ----------------------------------------------------------------------------- recording
+
+
+class CalibrationWorkerExtension(KVQuantWorkerExtension):
     """Mixed into vLLM's worker class (``worker_extension_cls``); methods run on every rank."""
 
     def kvquant_start_recording(self, method: str, percentile: float, seed: int) -> int:
@@ -92,75 +205,118 @@ class CalibrationWorkerExtension:
         calibration_hooks.set_recorder(AmaxRecorder(method=method, percentile=percentile, seed=seed))
         return 0
 
-    def kvquant_collect(self) -> dict[str, tuple[list[float], list[float]]]:
+    def kvquant_collect(self) -> dict[str, dict]:
+        """This rank's statistics (plain lists, cheap to send) and token counts; stops recording."""
         from . import calibration_hooks
 
         recorder = calibration_hooks.active_recorder()
         calibration_hooks.set_recorder(None)
         if recorder is None:
-            return {}
-        return {name: (k.tolist(), v.tolist()) for name, (k, v) in recorder.stats().items()}
+            return {"stats": {}, "num_tokens": {}, "nonfinite": {}}
+        return {
+            "stats": {name: (k.tolist(), v.tolist()) for name, (k, v) in recorder.stats().items()},
+            "num_tokens": dict(recorder.num_tokens),
+            "nonfinite": dict(recorder.nonfinite),
+        }
 
 
-def record_statistics(args: Namespace, data: CalibrationData) -> tuple[dict, dict]:
-    """Run the model over the samples; returns (whole-model stats, engine facts)."""
-    import torch
-    from vllm import LLM, SamplingParams
-
-    from .scales import combine_rank_stats
-
-    engine_args = dict(
+def calibration_engine_args(args: Namespace, max_model_len: int) -> dict[str, Any]:
+    engine_args: dict[str, Any] = dict(
         model=args.model,
         attention_backend="kvquant",
         tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=True,  # calibration never runs under CUDA graphs
+        enforce_eager=True,  # calibration never runs under CUDA graphs (the backend refuses them too)
         enable_prefix_caching=False,  # every token's K/V must be written (and seen)
-        worker_extension_cls=f"{__name__}.CalibrationWorkerExtension",
+        # Each sample is prefilled in one step and attends only to its own unquantized K/V.
+        # With chunked prefill a split sample's later chunk would read its context back from the
+        # cache, quantized with the placeholder unit scales, and skew the deeper layers' K/V.
+        enable_chunked_prefill=False,
+        worker_extension_cls=EXTENSION_PATH,
         additional_config={"kvquant": {"calibration": True}},
         dtype=args.model_dtype,
         seed=args.seed,
+        max_model_len=getattr(args, "max_model_len", None) or max_model_len,
     )
-    if args.gpu_memory_utilization is not None:
+    if getattr(args, "gpu_memory_utilization", None) is not None:
         engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
-    max_len = max(len(s) for s in data.samples) + 1
-    engine_args["max_model_len"] = args.max_model_len or max_len
-    llm = LLM(**engine_args)
+    return engine_args
+
+
+def record_with_engine(
+    llm: Any, samples: Sequence[Sequence[int]], method: str = "absmax", percentile: float = 99.99, seed: int = 0
+) -> list[RankStats]:
+    """Feed ``samples`` (one prefill each) to a calibration-mode engine; per-rank stats in rank order.
+
+    Checks that every layer of every rank saw every token once; several calls on one engine
+    are independent recordings.
+    """
+    import torch
+    from vllm import SamplingParams
+
+    if method == "percentile" and percentile >= 100:
+        # The 100th percentile is the absolute max; the percentile reservoir only holds a
+        # bounded sample of |x| and would miss the max once it overflows.
+        method = "absmax"
+    llm.collective_rpc("kvquant_start_recording", args=(method, percentile, seed))
     try:
-        llm.collective_rpc("kvquant_start_recording", args=(args.method, args.percentile, args.seed))
-        prompts = [{"prompt_token_ids": s} for s in data.samples]
+        prompts = [{"prompt_token_ids": list(s)} for s in samples]
         llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=True)
+    finally:
         per_rank_raw = llm.collective_rpc("kvquant_collect")
-        model_config = llm.llm_engine.vllm_config.model_config
-        total_kv_heads = model_config.get_total_num_kv_heads()
-        facts = {"num_kv_heads": total_kv_heads, "head_size": model_config.get_head_size()}
+    expected = sum(len(s) for s in samples)
+    per_rank: list[RankStats] = []
+    for rank, raw in enumerate(per_rank_raw):
+        if not raw["stats"]:
+            raise RuntimeError(
+                f"calibration recorded no K/V on rank {rank}: was the kvquant backend selected for the model's layers?"
+            )
+        for name, seen in raw["num_tokens"].items():
+            if seen < expected:
+                raise RuntimeError(
+                    f"calibration: layer '{name}' on rank {rank} recorded {seen} tokens, but {expected} were fed; "
+                    "some K/V were not written through the kvquant backend (prefix caching or KV sharing?)"
+                )
+            if seen > expected:
+                logger.warning("kvquant calibrate: layer '%s' recorded %d tokens for %d fed", name, seen, expected)
+        for name, count in raw["nonfinite"].items():
+            logger.warning("kvquant calibrate: layer '%s' on rank %d produced %d NaN/Inf K/V values (ignored)", name, rank, count)
+        per_rank.append({n: (torch.tensor(k), torch.tensor(v)) for n, (k, v) in raw["stats"].items()})
+    return per_rank
+
+
+def model_facts_of(llm: Any) -> dict[str, int]:
+    model_config = llm.llm_engine.vllm_config.model_config
+    return {"num_kv_heads": model_config.get_total_num_kv_heads(), "head_size": model_config.get_head_size()}
+
+
+def record_statistics(args: Namespace, data: CalibrationData) -> tuple[list[RankStats], dict[str, int]]:
+    """Run the model over the samples; returns (per-rank stats in rank order, model facts)."""
+    from vllm import LLM
+
+    llm = LLM(**calibration_engine_args(args, max(len(s) for s in data.samples) + 1))
+    try:
+        per_rank = record_with_engine(llm, data.samples, args.method, args.percentile, args.seed)
+        facts = model_facts_of(llm)
     finally:
         del llm
         gc.collect()
-    per_rank = [{n: (torch.tensor(k), torch.tensor(v)) for n, (k, v) in raw.items()} for raw in per_rank_raw]
-    if not per_rank or not per_rank[0]:
-        raise RuntimeError("calibration recorded no K/V: was the kvquant backend selected for the model's layers?")
-    return combine_rank_stats(per_rank, total_kv_heads, args.tensor_parallel_size), facts
+    return per_rank, facts
+
+
+# ----------------------------------------------------------------------------- stats -> file
 
 
 def layer_order(name: str) -> tuple:
     """Sort 'model.layers.10.self_attn.attn' after 'model.layers.9...'."""
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-def run_calibration(args: Namespace):
-    """Calibrate and write the sidecar; returns the written :class:`ScalesFile`."""
+def calibration_info(args: Namespace, data: CalibrationData, created: str | None = None) -> "CalibrationInfo":
+    """Provenance written into the sidecar's ``calibration`` object."""
     from . import __version__
-    from .scales import SIDECAR_FILENAME, CalibrationInfo, ModelFacts, build_scales_file, save_scales
+    from .scales import CalibrationInfo
 
-    if args.margin <= 0:
-        raise ValueError(f"--margin must be > 0, got {args.margin}")
-    data = load_calibration_data(args.model, args.data, args.num_samples, args.seq_len, args.seed)
-    stats, facts = record_statistics(args, data)
-    names = sorted(stats, key=layer_order)
-    model = ModelFacts(
-        num_layers=len(names), num_kv_heads=facts["num_kv_heads"], head_size=facts["head_size"], layer_names=names
-    )
-    info = CalibrationInfo(
+    return CalibrationInfo(
         method=args.method,
         tool="vllm-kvquant",
         tool_version=__version__,
@@ -168,10 +324,59 @@ def run_calibration(args: Namespace):
         num_tokens=data.num_tokens,
         margin=args.margin,
         percentile=args.percentile if args.method == "percentile" else None,
-        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created=created or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        extra={
+            "num_samples": len(data.samples),
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+            "model_dtype": args.model_dtype,
+        },
     )
-    scales = build_scales_file(stats, args.dtype, args.granularity, model, info)
+
+
+def scales_from_rank_stats(
+    per_rank: Sequence[Mapping[str, tuple["torch.Tensor", "torch.Tensor"]]],
+    *,
+    num_kv_heads: int,
+    head_size: int,
+    tp_size: int,
+    kv_dtype: str,
+    granularity: str,
+    info: "CalibrationInfo",
+) -> "ScalesFile":
+    """Per-rank statistics (rank order) -> validated sidecar; independent of the tp it was recorded with.
+
+    Ranks hold the KV heads :func:`kv_heads_for_rank` gives them (replicated heads are maxed),
+    then ``scale = max(stat * margin / qmax, 1e-8)`` per head (per_tensor: max over heads first).
+    """
+    from .scales import ModelFacts, build_scales_file, combine_rank_stats
+
+    stats = combine_rank_stats(per_rank, num_kv_heads, tp_size)
+    names = sorted(stats, key=layer_order)
+    model = ModelFacts(num_layers=len(names), num_kv_heads=num_kv_heads, head_size=head_size, layer_names=names)
+    return build_scales_file(stats, kv_dtype, granularity, model, info)
+
+
+def run_calibration(args: Namespace) -> "ScalesFile":
+    """Calibrate and write the sidecar; returns the written :class:`ScalesFile`."""
+    from .scales import SIDECAR_FILENAME, save_scales
+
+    check_args(args)
+    data = load_calibration_data(args.model, args.data, args.num_samples, args.seq_len, args.seed)
+    per_rank, facts = record_statistics(args, data)
+    scales = scales_from_rank_stats(
+        per_rank,
+        num_kv_heads=facts["num_kv_heads"],
+        head_size=facts["head_size"],
+        tp_size=args.tensor_parallel_size,
+        kv_dtype=args.dtype,
+        granularity=args.granularity,
+        info=calibration_info(args, data),
+    )
     out = Path(args.out) if args.out else Path(args.model) / SIDECAR_FILENAME
-    save_scales(scales, out)
-    print(f"wrote {out}: {len(names)} layers, {args.dtype}, {args.granularity}, {data.num_tokens} tokens")
+    out = save_scales(scales, out)
+    print(
+        f"wrote {out}: {len(scales.layers)} layers, {args.dtype}, {args.granularity}, "
+        f"{len(data.samples)} samples, {data.num_tokens} tokens"
+    )
     return scales

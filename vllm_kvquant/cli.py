@@ -14,22 +14,28 @@ from pathlib import Path
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="measure per-layer K/V scales on text and write the sidecar")
+    p = sub.add_parser(
+        "calibrate",
+        help="measure per-layer K/V scales on text and write the sidecar",
+        description="Run MODEL through vLLM (eager, kvquant backend in calibration mode) over sample windows "
+        "of --data, record |K| and |V| per layer and KV head exactly as the backend writes them, and write "
+        "scale = max(amax * margin / qmax, 1e-8) to the sidecar.",
+    )
     p.add_argument("model", help="model directory (the sidecar is written next to its config.json)")
     p.add_argument("--data", required=True, help="plain text file, JSONL with a 'text' field, or a directory of .txt files")
-    p.add_argument("--num-samples", type=int, default=128, help="number of text samples (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+    p.add_argument("--num-samples", type=int, default=128, help="number of token windows to run (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window, BOS included (default 512)")
     p.add_argument("--granularity", choices=["per_head", "per_tensor"], default="per_head")
     p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default="fp8_e4m3", help="KV storage format")
-    p.add_argument("--method", choices=["absmax", "percentile"], default="absmax")
-    p.add_argument("--percentile", type=float, default=99.99, help="with --method percentile")
-    p.add_argument("--margin", type=float, default=1.0, help="multiply amax by this before dividing by qmax")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="sample selection seed")
+    p.add_argument("--method", choices=["absmax", "percentile"], default="absmax", help="statistic per KV head (default absmax)")
+    p.add_argument("--percentile", type=float, default=99.99, help="with --method percentile: percentile of |x|, in (0, 100]")
+    p.add_argument("--margin", type=float, default=1.0, help="multiply amax by this (> 0) before dividing by qmax")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks to calibrate on; the file does not depend on it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window selection (and the engine)")
     p.add_argument("--out", help="output path (default: MODEL/kvquant_scales.json)")
     p.add_argument("--model-dtype", default="auto", help="dtype to run the model in (auto, bfloat16, float16)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="passed to vLLM (on CPU it sizes CPU memory)")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: --seq-len + 1")
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

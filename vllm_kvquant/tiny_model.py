@@ -26,6 +26,10 @@ class TinyLlamaSpec:
     # Larger than Llama's 0.02 so that the random model's next-token distribution is peaked
     # and greedy decoding is meaningful to compare between KV-cache formats.
     initializer_range: float = 0.2
+    # q/k projections are shrunk after init so attention logits have a std of ~2.5, like a
+    # trained model; at the full init their std is ~10, a near one-hot softmax that turns
+    # any rounding (bf16 included) into a different token.
+    qk_weight_scale: float = 0.5
     seed: int = 0
     dtype: str = "bfloat16"
 
@@ -85,7 +89,12 @@ def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> 
         torch_dtype=spec.dtype,
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, spec.dtype))
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(spec.qk_weight_scale)
+            layer.self_attn.k_proj.weight.mul_(spec.qk_weight_scale)
+    model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(path, safe_serialization=True)
     (path / "tiny_model_spec.json").write_text(json.dumps(asdict(spec), indent=2))
     return path

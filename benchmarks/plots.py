@@ -1,0 +1,210 @@
+"""PNG charts from the benchmark result JSONs in ``benchmarks/results/``.
+
+- ``throughput-<dev>.json`` -> ``throughput-<dev>.png``: output tokens/s and KV capacity
+  (tokens, with peak running requests) per config.
+- ``accuracy-<dev>.json`` -> ``accuracy-<dev>.png``: perplexity change vs bf16 and greedy
+  agreement per config; ``accuracy-synthetic-<dev>.png``: attention-output error per scheme
+  and scenario (log scale).
+- ``decode-<dev>.json`` (rows with name, kv_dtype, batch, context, us, gbps, pct_copy_bw or
+  pct_of_copy) -> ``decode-<dev>.png``: decode kernel microseconds vs context, one panel per batch.
+
+    python benchmarks/plots.py [--results benchmarks/results] [--include-smoke]
+
+Needs matplotlib (not a dependency of the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    if isinstance(data, list):  # bare list of rows
+        data = {"rows": data}
+    return data
+
+
+def _title(data: dict, what: str, path: Path) -> str:
+    dev = data.get("device", {})
+    name = dev.get("name") if isinstance(dev, dict) else dev
+    vllm = (data.get("versions") or {}).get("vllm")
+    return f"{what} - {name or path.stem}" + (f" (vLLM {vllm})" if vllm else "")
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if not r.get("error")]
+
+
+def _bar_labels(ax, bars, fmt: str) -> None:
+    for b in bars:
+        h = b.get_height()
+        ax.annotate(format(h, fmt), (b.get_x() + b.get_width() / 2, h), ha="center", va="bottom", fontsize=7)
+
+
+def _color(name: str) -> str:
+    if name.startswith("kvquant"):
+        return "tab:green" if "fp8" in name else "tab:olive"
+    if "bf16" in name:
+        return "tab:gray"
+    return "tab:blue" if "fp8" in name else "tab:purple"
+
+
+def plot_throughput(path: Path, out: Path, plt) -> Path | None:
+    data = _load(path)
+    rows = _ok(data.get("rows", []))
+    if not rows:
+        return None
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    bars = axes[0].bar(names, [r["output_tokens_per_s"] for r in rows], color=[_color(n) for n in names])
+    _bar_labels(axes[0], bars, ".0f")
+    axes[0].set_ylabel("output tokens/s (wall)")
+    w = data.get("workload", {})
+    axes[0].set_title(f"{w.get('num_requests')} req x {w.get('input_len')} in / {w.get('output_len')} out", fontsize=9)
+    bars = axes[1].bar(names, [r["kv_capacity_tokens"] for r in rows], color=[_color(n) for n in names])
+    for b, r in zip(bars, rows):
+        axes[1].annotate(
+            f"{r['kv_capacity_tokens']}\npeak run {r.get('peak_running_requests', '-')}",
+            (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7,
+        )  # fmt: skip
+    axes[1].set_ylabel("KV cache capacity (tokens)")
+    axes[1].set_title(f"gpu_memory_utilization {w.get('gpu_memory_utilization')}", fontsize=9)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.margins(y=0.15)
+    fig.suptitle(_title(data, "Throughput, Llama-3-8B shapes (dummy weights)", path), fontsize=10)
+    fig.tight_layout()
+    dest = out / f"{path.stem}.png"
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return dest
+
+
+def plot_accuracy(path: Path, out: Path, plt) -> list[Path]:
+    data = _load(path)
+    written = []
+    rows = _ok(data.get("rows", []))
+    quant = [r for r in rows if r["name"] != "bf16"]
+    if quant:
+        names = [r["name"] for r in quant]
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+        bars = axes[0].bar(names, [r.get("ppl_delta_pct") or 0.0 for r in quant], color=[_color(n) for n in names])
+        _bar_labels(axes[0], bars, "+.2f")
+        axes[0].axhline(0, color="black", lw=0.6)
+        ref = next((r for r in rows if r["name"] == "bf16"), None)
+        axes[0].set_ylabel("perplexity change vs bf16 KV (%)")
+        if ref:
+            axes[0].set_title(f"held-out perplexity, bf16 KV = {ref['perplexity']:.3f}", fontsize=9)
+        x = range(len(quant))
+        width = 0.4
+        b1 = axes[1].bar([i - width / 2 for i in x], [r.get("token_match_rate", 0) for r in quant], width, label="token match rate")
+        b2 = axes[1].bar([i + width / 2 for i in x], [r.get("seq_exact_match", 0) for r in quant], width, label="sequence exact match")
+        _bar_labels(axes[1], b1, ".2f")
+        _bar_labels(axes[1], b2, ".2f")
+        axes[1].set_xticks(list(x), names)
+        axes[1].set_ylim(0, 1.12)
+        axes[1].set_ylabel("agreement with bf16 KV (greedy)")
+        axes[1].legend(fontsize=8, loc="lower right")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
+        fig.suptitle(_title(data, "KV-cache accuracy, small Llama trained on Shakespeare + Austen", path), fontsize=10)
+        fig.tight_layout()
+        dest = out / f"{path.stem}.png"
+        fig.savefig(dest, dpi=120)
+        plt.close(fig)
+        written.append(dest)
+    syn = data.get("synthetic") or []
+    if syn:
+        scenarios = list(dict.fromkeys(r["scenario"] for r in syn))
+        schemes = list(dict.fromkeys(r["scheme"] for r in syn))
+        fig, ax = plt.subplots(figsize=(13, 5))
+        width = 0.8 / len(schemes)
+        for j, scheme in enumerate(schemes):
+            vals = {r["scenario"]: r["attn_out_rel_l2"] for r in syn if r["scheme"] == scheme}
+            ax.bar([i + (j - len(schemes) / 2 + 0.5) * width for i in range(len(scenarios))],
+                   [max(vals.get(s, 0.0), 1e-9) for s in scenarios], width, label=scheme, color=plt.cm.tab10(j % 10))  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(scenarios)), scenarios, fontsize=8)
+        ax.set_ylabel("attention output relative L2 error vs fp32")
+        ax.legend(fontsize=7, ncol=3)
+        ax.set_title(_title(data, "Synthetic K/V: attention error per KV storage scheme", path), fontsize=10)
+        fig.tight_layout()
+        dest = out / f"{path.stem.replace('accuracy', 'accuracy-synthetic', 1)}.png"
+        fig.savefig(dest, dpi=120)
+        plt.close(fig)
+        written.append(dest)
+    return written
+
+
+def plot_decode(path: Path, out: Path, plt) -> Path | None:
+    data = _load(path)
+    rows = [r for r in _ok(data.get("rows", [])) if r.get("us") and "config" not in r]
+    if not rows:
+        return None
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        others = iter(["tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray", "tab:pink", "tab:cyan"])
+        ours = iter(["tab:green", "tab:olive", "darkgreen", "yellowgreen"])
+        for name in dict.fromkeys(r["name"] for r in rows):
+            pts = sorted((r["context"], r["us"]) for r in rows if r["name"] == name and r["batch"] == b)
+            if pts:
+                mine = name.startswith("kvquant")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name,
+                        color=next(ours if mine else others), ls="-" if mine else "--")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode attention (us)")
+        ax.set_title(f"batch {b}", fontsize=9)
+        ax.grid(True, which="both", lw=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(_title(data, "Paged decode attention", path), fontsize=10)
+    fig.tight_layout()
+    dest = out / f"{path.stem}.png"
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out-dir", type=Path, default=None, help="default: --results")
+    ap.add_argument("--include-smoke", action="store_true", help="also plot *-smoke.json")
+    args = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = args.out_dir or args.results
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path in sorted(args.results.glob("*.json")):
+        if "-smoke" in path.stem and not args.include_smoke:
+            continue
+        try:
+            if path.stem.startswith("throughput"):
+                written += [p for p in [plot_throughput(path, out, plt)] if p]
+            elif path.stem.startswith("accuracy"):
+                written += plot_accuracy(path, out, plt)
+            elif path.stem.startswith("decode"):
+                written += [p for p in [plot_decode(path, out, plt)] if p]
+        except Exception as e:  # noqa: BLE001
+            print(f"{path}: could not plot ({type(e).__name__}: {e})", file=sys.stderr)
+    for p in written:
+        print(f"wrote {p}")
+    if not written:
+        print(f"nothing to plot in {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

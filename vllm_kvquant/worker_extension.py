@@ -1,0 +1,35 @@
+"""Methods vLLM mixes into its workers when ``worker_extension_cls`` names this class.
+
+``LLM(..., worker_extension_cls="vllm_kvquant.worker_extension.KVQuantWorkerExtension")`` then
+``llm.collective_rpc("kvquant_backend_report")`` shows, per rank, which attention backend each
+layer runs and the scales it holds: how tests (and users) prove kvquant is really in use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXTENSION_PATH = f"{__name__}.KVQuantWorkerExtension"
+
+
+class KVQuantWorkerExtension:
+    vllm_config: Any  # provided by the vLLM worker this class is mixed into
+
+    def kvquant_backend_report(self) -> dict[str, dict]:
+        from .layer_scales import LAYER_ATTR
+
+        report = {}
+        for name, layer in self.vllm_config.compilation_config.static_forward_context.items():
+            get_backend = getattr(layer, "get_attn_backend", None)
+            if get_backend is None:
+                continue
+            state = getattr(layer, LAYER_ATTR, None)
+            report[name] = {
+                "backend": get_backend().get_name(),
+                "kv_cache_dtype": getattr(layer, "kv_cache_dtype", None),
+                "kv_dtype": state.kv_dtype.value if state else None,
+                "k_scale": state.k_scale.tolist() if state else None,
+                "v_scale": state.v_scale.tolist() if state else None,
+                "scales_source": state.source if state else None,
+            }
+        return report
