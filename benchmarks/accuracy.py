@@ -248,7 +248,7 @@ def train_model(args, tokenizer, train_ids: list[int], eval_windows: list[list[i
         "history": history,
         "seed": args.seed,
     }  # fmt: skip
-    del model, opt, data
+    model = opt = data = None  # free GPU memory before vLLM starts
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()

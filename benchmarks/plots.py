@@ -6,7 +6,8 @@
   agreement per config; ``accuracy-synthetic-<dev>.png``: attention-output error per scheme
   and scenario (log scale).
 - ``decode-<dev>.json`` (rows with name, kv_dtype, batch, context, us, gbps, pct_copy_bw or
-  pct_of_copy) -> ``decode-<dev>.png``: decode kernel microseconds vs context, one panel per batch.
+  pct_of_copy; ``kind`` "decode" or "write") -> ``decode-<dev>.png``: decode kernel
+  microseconds vs context, one panel per batch, plus cache-write microseconds vs tokens.
 
     python benchmarks/plots.py [--results benchmarks/results] [--include-smoke]
 
@@ -144,11 +145,30 @@ def plot_accuracy(path: Path, out: Path, plt) -> list[Path]:
 
 def plot_decode(path: Path, out: Path, plt) -> Path | None:
     data = _load(path)
-    rows = [r for r in _ok(data.get("rows", [])) if r.get("us") and "config" not in r]
-    if not rows:
+    ok = [r for r in _ok(data.get("rows", [])) if r.get("us") and "config" not in r]
+    rows = [r for r in ok if r.get("kind", "decode") == "decode"]
+    writes = [r for r in ok if r.get("kind") == "write"]
+    if not rows and not writes:
         return None
     batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+    n = len(batches) + (1 if writes else 0)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)
+    if writes:
+        ax = axes[0][-1]
+        others = iter(["tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray"])
+        ours = iter(["tab:green", "tab:olive", "darkgreen", "yellowgreen"])
+        for name in dict.fromkeys(r["name"] for r in writes):
+            pts = sorted((r.get("num_tokens", r["batch"]), r["us"]) for r in writes if r["name"] == name)
+            mine = name.startswith("kvquant")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name,
+                    color=next(ours if mine else others), ls="-" if mine else "--")  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens written")
+        ax.set_ylabel("KV cache write (us)")
+        ax.set_title("cache write", fontsize=9)
+        ax.grid(True, which="both", lw=0.3)
+        ax.legend(fontsize=7)
     for ax, b in zip(axes[0], batches):
         others = iter(["tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray", "tab:pink", "tab:cyan"])
         ours = iter(["tab:green", "tab:olive", "darkgreen", "yellowgreen"])

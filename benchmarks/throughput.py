@@ -269,7 +269,8 @@ def run_one(args) -> dict:
 
 # ----------------------------------------------------------------------------- parent
 def print_table(rows: list[dict]) -> None:
-    ref = next((r for r in rows if r["name"] == "vllm-bf16" and not r.get("error")), None)
+    ok = {r["name"]: r for r in rows if not r.get("error")}
+    ref = ok.get("vllm-bf16") or ok.get("vllm-bf16-auto")
     print("\nconfig            backend      KV cap(tok)  max-conc  peak-run  preempt  out tok/s  vs bf16  start s  run s")
     for r in rows:
         if r.get("error"):

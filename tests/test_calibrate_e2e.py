@@ -41,9 +41,19 @@ PROMPTS = [
 ]
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """Subprocess environment without TRITON_INTERPRET: on CPU the backend then uses its PyTorch
+    reference kernels, what a CPU user gets; interpreted Triton would make calibration take
+    minutes (the kernels themselves are tested elsewhere, and in generation below)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["KVQUANT_TEST_TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
+    env.update(extra)
+    return env
+
+
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vllm_kvquant.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "vllm_kvquant.cli", *args], capture_output=True, text=True, timeout=timeout, env=_env()
     )
 
 
@@ -83,7 +93,7 @@ def engine_runs(tiny, calibrated, samples, tmp_path_factory) -> dict:
     sidecar, _ = calibrated
     out = tmp_path_factory.mktemp("engine_runs") / "out.json"
     spec = {"model": str(model_dir), "samples": samples, "prompts": PROMPTS, "max_tokens": MAX_TOKENS}
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")  # engine in this process: faster starts
+    env = _env(VLLM_ENABLE_V1_MULTIPROCESSING="0")  # engine in the script's process: starts in seconds
     proc = subprocess.run(
         [sys.executable, str(HERE), json.dumps(spec), str(out)], capture_output=True, text=True, timeout=900, env=env
     )
@@ -348,6 +358,8 @@ def _engine_main(spec: dict) -> dict:
     # In one process vLLM grafts the extension onto its worker class once: keep using the same
     # one (it has kvquant_backend_report too).
     for key, extra in (("bf16", {}), ("kvquant", {"attention_backend": "kvquant"})):
+        if key == "kvquant" and os.environ.get("KVQUANT_TEST_TRITON_INTERPRET") == "1":
+            os.environ["TRITON_INTERPRET"] = "1"  # generation runs the Triton kernels (interpreted), as CI asks
         llm = LLM(model=spec["model"], worker_extension_cls=EXTENSION_PATH, **common, **extra)
         timings[f"{key}_engine_start"] = time.perf_counter() - t0
         runs[key] = {
