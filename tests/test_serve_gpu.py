@@ -71,10 +71,16 @@ def server(tmp_path_factory):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc)
+        try:
+            _wait_healthy(url, proc)
+        except (RuntimeError, TimeoutError):
+            log.flush()
+            print((root / "server.log").read_text()[-4000:])
+            raise
         yield url, root / "server.log"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:

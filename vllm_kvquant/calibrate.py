@@ -47,7 +47,6 @@ class CalibrationData:
     samples: list[list[int]]  # token ids fed to the model, one prompt per sample
     num_tokens: int  # sum of the sample lengths: every one of them is written to the cache
     description: str  # the --data argument, for provenance
-    num_windows: int = 0  # windows the data offered before selection
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -182,14 +181,13 @@ def load_calibration_data(model: str, data: str, num_samples: int, seq_len: int,
     for text in tqdm(texts, desc="Tokenizing calibration data", unit="doc", disable=len(texts) < 16):
         ids.extend(list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) + separator)
     windows = select_samples(ids, num_samples, body_len, seed)
-    num_windows = max(len(ids) // body_len, 1)
     if len(windows) < num_samples:
         logger.warning(
             "kvquant calibrate: %s has %d tokens, enough for %d sample(s) of %d tokens, not %d; using all of it",
             data, len(ids), len(windows), seq_len, num_samples,
         )
     samples = [prefix + w for w in windows]
-    return CalibrationData(samples, sum(len(s) for s in samples), str(data), num_windows)
+    return CalibrationData(samples, sum(len(s) for s in samples), str(data))
 
 
 # ----------------------------------------------------------------------------- recording
