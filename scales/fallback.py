@@ -14,7 +14,7 @@ from .errors import CALIBRATE_COMMAND, SidecarNotFoundError, ScalesError
 from .format import CalibrationInfo, Granularity, KVCacheDType, LayerScales, ModelFacts, ScalesFile, tool_version
 from .io import SIDECAR_FILENAME, find_sidecar, load_scales
 
-logger = logging.getLogger("vllm_kvquant")
+logger = logging.getLogger("vllm.kvquant")
 
 FALLBACK_METHOD = "fallback-unit"
 

@@ -1,7 +1,7 @@
 """The kvquant backend on a GPU (vLLM 0.26 on the H100): CUDA graphs on and off, prefix caching
 and chunked prefill on, FP8 and INT8, against vLLM's BF16 FLASH_ATTN run; KV capacity ~2x.
 
-Run on the GPU machine: ``python -m pytest tests/test_backend_gpu.py tests/test_serve_gpu.py -m gpu``.
+Run on the GPU machine: ``python -m pytest tests/test_backend_gpu.py tests/test_serve.py``.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def _engine(model_dir: Path, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def gpu_model(tmp_path_factory) -> tuple[Path, Path]:
-    from vllm_kvquant.tiny_model import corpus_text, make_tiny_llama
+    from vllm_kvquant.tiny_model import TRAINED_TINY_LLAMA, corpus_text, make_tiny_llama
 
     root = tmp_path_factory.mktemp("gpu")
-    model_dir = make_tiny_llama(root / "tiny")
+    model_dir = make_tiny_llama(root / "tiny", TRAINED_TINY_LLAMA)
     data = root / "calib.txt"
     data.write_text(corpus_text())
     cmd = [sys.executable, "-m", "vllm_kvquant.cli", "calibrate", str(model_dir), "--data", str(data),

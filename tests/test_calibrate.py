@@ -465,5 +465,5 @@ def test_calibration_engine_args() -> None:
     assert engine["enforce_eager"] is True
     assert engine["enable_prefix_caching"] is False and engine["enable_chunked_prefill"] is False
     assert engine["attention_backend"] == "kvquant" and engine["additional_config"] == {"kvquant": {"calibration": True}}
-    assert engine["worker_extension_cls"] == "vllm_kvquant.calibrate.CalibrationWorkerExtension"
+    assert engine["worker_extension_cls"] == "vllm_kvquant.worker_extension.KVQuantWorkerExtension"
     assert engine["max_model_len"] == 129 and engine["gpu_memory_utilization"] == 0.3

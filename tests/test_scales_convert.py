@@ -112,7 +112,7 @@ def vllm_json(path: Path, ranks: dict[str, dict[str, float]], dtype: str = "floa
     return path
 
 
-def test_vllm_json(tmp_path, caplog) -> None:
+def test_vllm_json(tmp_path, kvquant_caplog) -> None:
     model = write_config(tmp_path / "m")
     src = vllm_json(model / "kv_cache_scales.json", {"0": {"0": 0.5, "1": 0.6}})
     assert detect_format(src) == "vllm-json"
@@ -121,10 +121,10 @@ def test_vllm_json(tmp_path, caplog) -> None:
     assert [(ls.k_scale, ls.v_scale) for ls in scales.layers.values()] == [((0.5,), (0.5,)), ((0.6,), (0.6,))]
     same = from_vllm_json(vllm_json(tmp_path / "two.json", {"0": {"0": 0.5, "1": 0.6}, "1": {"0": 0.5, "1": 0.6}}), model_dir=model)
     assert same.layers == scales.layers
-    with caplog.at_level(logging.WARNING, logger="vllm_kvquant"):
+    with kvquant_caplog.at_level(logging.WARNING, logger="vllm.kvquant"):
         diff = from_vllm_json(vllm_json(tmp_path / "d.json", {"0": {"0": 0.5, "1": 0.6}, "1": {"0": 0.7, "1": 0.1}}), model_dir=model)
     assert diff.layers[NAMES[0]].k_scale == (0.7,) and diff.layers[NAMES[1]].k_scale == (0.6,)
-    assert "different scales for different TP ranks" in caplog.text
+    assert "different scales for different TP ranks" in kvquant_caplog.text
     custom = from_vllm_json(src, model_dir=model, layer_name_template="model.language_model.layers.{i}.self_attn.attn")
     assert list(custom.layers)[0] == "model.language_model.layers.0.self_attn.attn"
 

@@ -179,10 +179,10 @@ def test_fallback_error_raises(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
-def test_fallback_unit_warns(tmp_path, caplog, kv_dtype: str) -> None:
-    with caplog.at_level(logging.WARNING, logger="vllm_kvquant"):
+def test_fallback_unit_warns(tmp_path, kvquant_caplog, kv_dtype: str) -> None:
+    with kvquant_caplog.at_level(logging.WARNING, logger="vllm.kvquant"):
         scales = resolve_scales(tmp_path, kv_dtype=kv_dtype, fallback="unit", **MODEL)
-    records = [r for r in caplog.records if r.name == "vllm_kvquant" and r.levelno == logging.WARNING]
+    records = [r for r in kvquant_caplog.records if r.name == "vllm.kvquant" and r.levelno == logging.WARNING]
     assert len(records) == 1
     message = records[0].getMessage()
     assert str(tmp_path) in message and "scale 1.0 for every layer" in message
@@ -195,25 +195,25 @@ def test_fallback_unit_warns(tmp_path, caplog, kv_dtype: str) -> None:
     validate_for_model(scales, **MODEL)
 
 
-def test_fallback_for_hub_id(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="vllm_kvquant"):
+def test_fallback_for_hub_id(kvquant_caplog) -> None:
+    with kvquant_caplog.at_level(logging.WARNING, logger="vllm.kvquant"):
         scales = resolve_scales(None, kv_dtype="fp8_e4m3", **MODEL)
-    assert "not a local directory" in caplog.text
+    assert "not a local directory" in kvquant_caplog.text
     assert list(scales.layers) == [L0, L1]
 
 
-def test_explicit_path_wins(tmp_path, caplog) -> None:
+def test_explicit_path_wins(tmp_path, kvquant_caplog) -> None:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / SIDECAR_FILENAME).write_text(json.dumps(valid("per_head")))
     explicit = tmp_path / "elsewhere.json"
     explicit.write_text(json.dumps(valid("per_tensor")))
-    with caplog.at_level(logging.WARNING, logger="vllm_kvquant"):
+    with kvquant_caplog.at_level(logging.WARNING, logger="vllm.kvquant"):
         chosen = resolve_scales(model_dir, explicit_path=explicit, kv_dtype="fp8_e4m3", **MODEL)
         from_dir = resolve_scales(model_dir, kv_dtype="fp8_e4m3", **MODEL)
     assert chosen.source_path == str(explicit) and chosen.granularity is Granularity.PER_TENSOR
     assert from_dir.source_path == str(model_dir / SIDECAR_FILENAME)
-    assert caplog.records == []
+    assert kvquant_caplog.records == []
 
 
 def test_explicit_dir_without_sidecar(tmp_path) -> None:

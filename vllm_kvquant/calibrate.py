@@ -27,17 +27,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .worker_extension import KVQuantWorkerExtension
+from .worker_extension import EXTENSION_PATH
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .scales import CalibrationInfo, ScalesFile
 
-logger = logging.getLogger("vllm_kvquant")
+logger = logging.getLogger("vllm.kvquant")
 
 METHODS = ("absmax", "percentile")
-EXTENSION_PATH = f"{__name__}.CalibrationWorkerExtension"
 
 RankStats = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
 
@@ -191,31 +190,6 @@ def load_calibration_data(model: str, data: str, num_samples: int, seq_len: int,
 
 
 # ----------------------------------------------------------------------------- recording
-
-
-class CalibrationWorkerExtension(KVQuantWorkerExtension):
-    """Mixed into vLLM's worker class (``worker_extension_cls``); methods run on every rank."""
-
-    def kvquant_start_recording(self, method: str, percentile: float, seed: int) -> int:
-        from . import calibration_hooks
-        from .scales import AmaxRecorder
-
-        calibration_hooks.set_recorder(AmaxRecorder(method=method, percentile=percentile, seed=seed))
-        return 0
-
-    def kvquant_collect(self) -> dict[str, dict]:
-        """This rank's statistics (plain lists, cheap to send) and token counts; stops recording."""
-        from . import calibration_hooks
-
-        recorder = calibration_hooks.active_recorder()
-        calibration_hooks.set_recorder(None)
-        if recorder is None:
-            return {"stats": {}, "num_tokens": {}, "nonfinite": {}}
-        return {
-            "stats": {name: (k.tolist(), v.tolist()) for name, (k, v) in recorder.stats().items()},
-            "num_tokens": dict(recorder.num_tokens),
-            "nonfinite": dict(recorder.nonfinite),
-        }
 
 
 def calibration_engine_args(args: Namespace, max_model_len: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger("vllm_kvquant")
+logger = logging.getLogger("vllm.kvquant")
 
 BACKEND_NAME = "KVQUANT"
 BACKEND_CLASS_PATH = "vllm_kvquant.backend.KVQuantAttentionBackend"

@@ -19,7 +19,7 @@ from .config import KVQuantConfig
 from .errors import KVQuantConfigError
 from .kernels.dtypes import KVQuantDType
 
-logger = logging.getLogger("vllm_kvquant")
+logger = logging.getLogger("vllm.kvquant")
 
 #: Attribute under which a vLLM attention layer carries its :class:`LayerQuantState`.
 LAYER_ATTR = "_kvquant_state"
@@ -52,6 +52,8 @@ def load_model_scales(vllm_config: Any, all_layer_names: list[str]):
     options = KVQuantConfig.from_additional_config(compat.additional_config(vllm_config))
     model_config = vllm_config.model_config
     model_dir = model_config.model
+    if options.calibration:
+        _refuse_cuda_graphs(vllm_config)
     key = (model_dir, options, tuple(all_layer_names))
     if key in _cache:
         return _cache[key]
@@ -59,7 +61,6 @@ def load_model_scales(vllm_config: Any, all_layer_names: list[str]):
     head_size = model_config.get_head_size()
     kv_dtype = options.dtype or KVQuantDType.FP8_E4M3.value
     if options.calibration:
-        _refuse_cuda_graphs(vllm_config)
         scales = unit_scales(
             kv_dtype=kv_dtype, num_layers=len(all_layer_names), num_kv_heads=num_kv_heads,
             head_size=head_size, layer_names=list(all_layer_names),
@@ -106,7 +107,9 @@ def _kvquant_layer_names(vllm_config: Any) -> list[str]:
         if get_backend is None:
             continue
         backend = get_backend()
-        if isinstance(backend, type) and issubclass(backend, KVQuantAttentionBackend):
+        # A layer reading another layer's cache (KV sharing) uses that layer's scales.
+        shares = getattr(layer, "kv_sharing_target_layer_name", None)
+        if isinstance(backend, type) and issubclass(backend, KVQuantAttentionBackend) and not shares:
             names.append(name)
     return names
 
@@ -129,13 +132,33 @@ def attach_layer_scales(vllm_config: Any, layer_names: list[str], device: torch.
     target = KVQuantDType(scales.kv_dtype.value)
     rank, tp_size = _tp_rank_and_size()
     shard = shard_scales(scales, tp_size, rank)
+    sharing = {n: m for n, m in todo.items() if getattr(m, "kv_sharing_target_layer_name", None)}
     for name, layer in todo.items():
+        if name in sharing:
+            continue
         if name not in shard.layers:
             raise KVQuantConfigError(
                 f"{scales.source_path or 'kvquant scales'}: layer '{name}' of the model has no scales"
             )
         k, v = scales_as_tensors(shard.layers[name], device)
         setattr(layer, LAYER_ATTR, LayerQuantState(target, k, v, str(scales.source_path)))
+    context = vllm_config.compilation_config.static_forward_context
+    for name, layer in sharing.items():
+        owner = layer.kv_sharing_target_layer_name
+        if owner not in shard.layers:
+            raise KVQuantConfigError(
+                f"{scales.source_path or 'kvquant scales'}: layer '{name}' reads the KV cache of "
+                f"'{owner}', which has no scales"
+            )
+        state = getattr(context.get(owner), LAYER_ATTR, None)
+        if state is None:
+            k, v = scales_as_tensors(shard.layers[owner], device)
+            state = LayerQuantState(target, k, v, str(scales.source_path))
+        setattr(layer, LAYER_ATTR, state)
+    logger.info(
+        "kvquant: %d attention layer(s) store %s K/V with %s scales from %s (tp rank %d of %d).",
+        len(todo), target.value, scales.granularity.value, scales.source_path or "the unit fallback", rank, tp_size,
+    )
 
 
 def layer_state(layer: Any) -> LayerQuantState:

@@ -30,8 +30,17 @@ class TinyLlamaSpec:
     # trained model; at the full init their std is ~10, a near one-hot softmax that turns
     # any rounding (bf16 included) into a different token.
     qk_weight_scale: float = 0.5
+    # Optional few seconds of training on the shipped corpus (CPU, seeded): the model then
+    # predicts corpus text with confidence, so greedy continuations compare between KV
+    # formats without the near-ties of random weights. 0 keeps the random model.
+    train_steps: int = 0
     seed: int = 0
     dtype: str = "bfloat16"
+
+
+# Llama's own init, trained ~25 s on 2 CPU cores: corpus loss ~1.8 nats, median top-1/top-2
+# logprob gap ~3 on corpus text (vs ~0.7 for the random model).
+TRAINED_TINY_LLAMA = TinyLlamaSpec(initializer_range=0.02, qk_weight_scale=1.0, train_steps=300)
 
 
 def corpus_text() -> str:
@@ -53,6 +62,25 @@ def _train_tokenizer(vocab_size: int):
     )
     tokenizer.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
     return tokenizer
+
+
+def _train_on_corpus(model, tokenizer, spec: TinyLlamaSpec, seq_len: int = 64, batch: int = 16) -> None:
+    """Next-token training on random windows of the corpus (fp32, deterministic seed)."""
+    import torch
+
+    ids = torch.tensor(tokenizer(corpus_text())["input_ids"], dtype=torch.long)
+    generator = torch.Generator().manual_seed(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(spec.train_steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)
+        windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=windows, labels=windows).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.eval()
 
 
 def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Path:
@@ -94,6 +122,8 @@ def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> 
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(spec.qk_weight_scale)
             layer.self_attn.k_proj.weight.mul_(spec.qk_weight_scale)
+    if spec.train_steps:
+        _train_on_corpus(model, tokenizer, spec)
     model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(path, safe_serialization=True)
     (path / "tiny_model_spec.json").write_text(json.dumps(asdict(spec), indent=2))

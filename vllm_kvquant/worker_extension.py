@@ -3,6 +3,8 @@
 ``LLM(..., worker_extension_cls="vllm_kvquant.worker_extension.KVQuantWorkerExtension")`` then
 ``llm.collective_rpc("kvquant_backend_report")`` shows, per rank, which attention backend each
 layer runs and the scales it holds: how tests (and users) prove kvquant is really in use.
+Calibration records through the same class. One class only: vLLM adds the extension to its
+worker class once per process and refuses a second class defining the same methods.
 """
 
 from __future__ import annotations
@@ -33,3 +35,24 @@ class KVQuantWorkerExtension:
                 "scales_source": state.source if state else None,
             }
         return report
+
+    def kvquant_start_recording(self, method: str, percentile: float, seed: int) -> int:
+        from . import calibration_hooks
+        from .scales import AmaxRecorder
+
+        calibration_hooks.set_recorder(AmaxRecorder(method=method, percentile=percentile, seed=seed))
+        return 0
+
+    def kvquant_collect(self) -> dict[str, dict]:
+        """This rank's statistics (plain lists, cheap to send) and token counts; stops recording."""
+        from . import calibration_hooks
+
+        recorder = calibration_hooks.active_recorder()
+        calibration_hooks.set_recorder(None)
+        if recorder is None:
+            return {"stats": {}, "num_tokens": {}, "nonfinite": {}}
+        return {
+            "stats": {name: (k.tolist(), v.tolist()) for name, (k, v) in recorder.stats().items()},
+            "num_tokens": dict(recorder.num_tokens),
+            "nonfinite": dict(recorder.nonfinite),
+        }

@@ -22,7 +22,7 @@ from ..io import read_json
 from ..validate import check_scale
 from .model_config import read_config
 
-logger = logging.getLogger("vllm_kvquant")
+logger = logging.getLogger("vllm.kvquant")
 
 _QUANT_TYPES = {
     "per_head": Granularity.PER_HEAD,

@@ -18,7 +18,7 @@ from ..io import read_json
 from ..validate import check_scale
 from .model_config import read_config
 
-logger = logging.getLogger("vllm_kvquant")
+logger = logging.getLogger("vllm.kvquant")
 
 
 def _int_key(path: Path, what: str, key: Any) -> int:
