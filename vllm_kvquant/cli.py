@@ -55,9 +55,11 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_tiny(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-tiny-model", help="write a small random Llama with a locally trained tokenizer")
+    p = sub.add_parser("make-tiny-model", help="write a small Llama (random, or briefly trained) with a locally trained tokenizer")
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="train this many steps on the shipped text (300: ~25 s on 2 CPU cores); 0 keeps random weights")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -120,9 +122,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_model import TinyLlamaSpec, make_tiny_llama
+    from dataclasses import replace
 
-    path = make_tiny_llama(args.path, TinyLlamaSpec(seed=args.seed))
+    from .tiny_model import TRAINED_TINY_LLAMA, TinyLlamaSpec, make_tiny_llama
+
+    if args.train_steps < 0:
+        raise SystemExit(f"vllm-kvquant make-tiny-model: --train-steps must be >= 0, got {args.train_steps}")
+    spec = replace(TRAINED_TINY_LLAMA, train_steps=args.train_steps) if args.train_steps else TinyLlamaSpec()
+    path = make_tiny_llama(args.path, replace(spec, seed=args.seed))
     print(f"wrote a tiny Llama to {path}")
     return 0
 
