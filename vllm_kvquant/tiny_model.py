@@ -1,4 +1,4 @@
-"""Make a tiny random Llama checkpoint with a locally trained tokenizer.
+"""Make a tiny Llama checkpoint (random, or briefly trained) with a locally trained tokenizer.
 
 Nothing can be downloaded in CI or on an offline machine, yet the examples, tests and the
 README's first command need a real model directory that vLLM loads like any other.
@@ -84,7 +84,7 @@ def _train_on_corpus(model, tokenizer, spec: TinyLlamaSpec, seq_len: int = 64, b
 
 
 def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Path:
-    """Write config, random weights (seeded) and a tokenizer to ``path``; returns the path."""
+    """Write config, seeded weights (trained if ``spec.train_steps``) and a tokenizer to ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
