@@ -1,37 +1,41 @@
-"""Decode-attention benchmark: kvquant's 8-bit paged decode vs. vLLM 0.26's decode paths.
+"""Decode attention side by side: kvquant's kernel choices and vLLM 0.26's / FlashInfer's own paths.
 
-``bench_decode(...) -> list[dict]``, one row per (path, batch, context):
+``bench_decode(shapes, ...) -> list[dict]``, one row per (name, batch, context):
 
-- ``kvquant-decode-fp8`` / ``kvquant-decode-int8``: :func:`paged_decode_attention`.
-- ``vllm-fa3-decode-bf16``: FlashAttention-3 (``vllm.vllm_flash_attn.flash_attn_varlen_func``,
-  ``fa_version=3``) over a bf16 paged cache.
-- ``vllm-fa3-decode-fp8``: FA3 over the same fp8 cache as ours, with an fp8 query (vLLM
-  quantizes the query for FA3; that small kernel is not timed) and ``q/k/v_descale``.
-- ``vllm-triton-decode-fp8``: TRITON_ATTN's ``unified_attention`` with the fp8 cache, bf16 query,
-  ``k/v_descale`` and the 3-D (segmented softmax) buffers its backend allocates.
+- ``kvquant-triton-fp8`` / ``kvquant-triton-int8`` / ``kvquant-fa3-fp8`` / ``kvquant-flashinfer-fp8``:
+  what the kvquant backend runs: :class:`vllm_kvquant.decode_kernels.DecodeRunner` on a cache
+  allocated through ``KVQuantAttentionBackend.get_kv_cache_shape`` and split by
+  ``vllm_kvquant.compat.split_kv_cache`` (the backend's own layout and views), with the plan
+  built as the metadata builder builds it for a full-CUDA-graph decode batch. The fa3 row
+  includes its fp8 query quantization; the flashinfer row its K-scale-into-query and V-scale
+  multiplies.
+- ``vllm-fa3-bf16`` / ``vllm-fa3-fp8``: ``flash_attn_varlen_func(fa_version=3)`` as vLLM's
+  FLASH_ATTN backend calls it under full CUDA graphs (AOT scheduler metadata, ``num_splits=32``)
+  on vLLM's default (NHD) cache layout; fp8 with an fp8 query (vLLM quantizes it before the
+  attention op, fused into the preceding ops by torch.compile: not timed) and descales.
+- ``vllm-triton-fp8``: TRITON_ATTN's ``unified_attention`` as its backend calls it on CUDA: fp8
+  query with ``q_descale``, ``k/v_descale`` expanded, the 3-D (segmented softmax) buffers and
+  ``seq_threshold_3D = 128 // num_kv_heads`` (16 for 8 KV heads, a default capture size).
+- ``flashinfer-bf16`` / ``flashinfer-fp8``: FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper``
+  (tensor cores, CUDA-graph buffers) as vLLM's FlashInfer backend runs it on a Hopper without
+  XQA: bf16 query, float ``k_scale`` / ``v_scale`` (FlashInfer multiplies the output by
+  ``v_scale`` in a separate kernel).
 
-FA3 rows take the faster of ``num_splits=32`` (vLLM's full-CUDA-graph decode setting) and
-``0`` (FA3's own heuristic), both with ``scheduler_metadata``; the row says which.
-
-Timing: each call is captured into a CUDA graph that cycles through enough copies of the
-problem (distinct block tables and queries over one big cache) to exceed ``rotate_bytes``, so
-L2 never holds the working set; ``triton.testing.do_bench(graph.replay,
-return_mode="median")`` / calls.  ``gbps`` counts the bytes that must move: K+V of every
-sequence at the cache's element size + query + output.  ``pct_of_copy`` compares with a
-measured device-to-device copy (read + write bytes).  Every vLLM path runs inside try/except
-so a failing path records ``error`` instead of stopping the run.
-
-Cross-checks on copy 0: ours vs. the PyTorch reference (``max_abs_err_ref``), FA3-fp8 vs.
-ours-fp8 on the same fp8 cache (``max_abs_diff_vs_kvquant_fp8``; includes FA3's fp8 query
-rounding), likewise for the Triton fp8 path.
+Rows whose library is missing are kept with ``status: "skipped"`` and the reason; a failing
+path records ``status: "error"``. Timing: every call is captured into one CUDA graph cycling
+through ``n_copies`` disjoint cache regions (same block table, different pages) and queries,
+enough to exceed ``rotate_bytes`` so L2 never holds the working set; ``do_bench(graph.replay,
+median)`` / copies. ``gbps`` counts the bytes that must move (K+V at the cache element size,
+query, output); ``pct_copy`` compares with a device-to-device copy measured in the same run.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,350 +45,360 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_rotating  # noqa: E402
 
 try:
-    from vllm_kvquant.kernels.decode_attention import alloc_decode_workspace, choose_num_splits, paged_decode_attention
-    from vllm_kvquant.kernels.reference import paged_decode_attention_ref
-except ImportError:  # running from a source checkout without the package installed
+    import vllm_kvquant  # noqa: F401
+except ImportError:  # a source checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels.decode_attention import alloc_decode_workspace, choose_num_splits, paged_decode_attention
-    from kernels.reference import paged_decode_attention_ref
+from vllm_kvquant import compat  # noqa: E402
+from vllm_kvquant.backend import KVQuantAttentionBackend  # noqa: E402
+from vllm_kvquant.decode_kernels import DecodePlan, DecodePlanner, DecodeRunner, flashinfer_page_table  # noqa: E402
+from vllm_kvquant.errors import KVQuantConfigError  # noqa: E402
+from vllm_kvquant.kernels.reference import paged_decode_attention_ref  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
-#: Static scales used for the synthetic caches (real = stored * scale).
+#: In an order that reuses each cache (kvquant fp8, int8; vLLM fp8; vLLM bf16) before the next.
+ROW_NAMES = (
+    "kvquant-triton-fp8", "kvquant-fa3-fp8", "kvquant-flashinfer-fp8", "kvquant-triton-int8",
+    "vllm-fa3-fp8", "vllm-triton-fp8", "flashinfer-fp8", "vllm-fa3-bf16", "flashinfer-bf16",
+)  # fmt: skip
+#: Sized for ~3 minutes on an H100 with FlashInfer's JIT: the issue's target shapes and more.
+DEFAULT_SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 32768), (16, 8192), (64, 4096), (64, 16384), (64, 32768),
+                  (128, 2048), (128, 8192))  # fmt: skip
+SMOKE_SHAPES = ((2, 64), (3, 100))
+#: Static scales of the synthetic caches (real = stored * scale), per-tensor.
 K_SCALE = {"fp8": 0.02, "int8": 0.035}
 V_SCALE = {"fp8": 0.015, "int8": 0.03}
+KV_STORE = {"fp8": FP8, "int8": torch.int8}
+#: Sequences compared with the PyTorch reference per row (the reference loops over sequences).
+CHECK_SEQS = 4
 
 
-def _log(verbose: bool, *a: Any) -> None:
-    if verbose:
-        print(*a, flush=True)
+@dataclass
+class BenchConfig:
+    """Llama-3-8B attention by default: 32 query heads, 8 KV heads, head 128, block 16, bf16."""
+
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_size: int = 128
+    block_size: int = 16
+    dtype: torch.dtype = torch.bfloat16
+    rotate_bytes: int = 256 << 20
+    max_copies: int = 64
+    warmup: int = 25
+    rep: int = 100
+    check: bool = True
+    device: str = "cuda"
 
 
-def _fill_random_(cache: torch.Tensor, kind: str, scale: float, chunk_blocks: int = 4096) -> None:
-    """Random stored values (never zeros) in chunks, so big caches need no big fp32 temporaries."""
+def _fill_random_(cache: torch.Tensor, kind: str, scale: float, chunk_blocks: int = 2048) -> None:
+    """Random stored values in chunks (no big fp32 temporaries); ``kind`` bf16 | fp8 | int8."""
     for s in range(0, cache.shape[0], chunk_blocks):
         part = cache[s : s + chunk_blocks]
         x = torch.randn(part.shape, device=cache.device, dtype=torch.float32)
-        if kind == "bf16":
-            part.copy_(x.to(torch.bfloat16))
-        elif kind == "fp8":
+        if kind == "fp8":
             part.copy_((x / scale).clamp(-448, 448).to(FP8))
-        else:
+        elif kind == "int8":
             part.copy_(torch.round(x / scale).clamp(-127, 127).to(torch.int8))
+        else:
+            part.copy_(x.to(part.dtype))
 
 
-@functools.lru_cache(maxsize=None)
-def _copy_bandwidth_gbps() -> float:
-    import triton.testing
+class Problem:
+    """One (batch, context): block table, lengths, rotating queries, caches per layout and kind."""
 
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    a.random_(0, 255)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
-    del a, b
-    return 2 * n / (ms * 1e-3) / 1e9
+    def __init__(self, cfg: BenchConfig, batch: int, ctx: int) -> None:
+        self.cfg, self.batch, self.ctx = cfg, batch, ctx
+        dev = torch.device(cfg.device)
+        self.nbs = math.ceil(ctx / cfg.block_size)
+        self.pages = batch * self.nbs  # pages of one copy
+        kv_bytes = batch * ctx * cfg.num_kv_heads * cfg.head_size * 2  # K+V at one byte
+        self.n_copies = max(1, min(cfg.max_copies, math.ceil(cfg.rotate_bytes / kv_bytes)))
+        self.block_table = torch.randperm(self.pages, device=dev).to(torch.int32).view(batch, self.nbs)
+        self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        self.seq_lens_cpu = self.seq_lens.cpu()
+        self.query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+        self.queries = torch.randn(self.n_copies, batch, cfg.num_q_heads, cfg.head_size, device=dev).to(cfg.dtype)
+        self.out = torch.empty(batch, cfg.num_q_heads, cfg.head_size, device=dev, dtype=cfg.dtype)
+        self._caches: dict[tuple[str, str], tuple[list, list]] = {}
+
+    def caches(self, layout: str, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-copy K and V views ``[pages, block_size, num_kv_heads, head_size]``.
+
+        ``layout`` "kvquant": the backend's own shape and split helpers; "vllm": vLLM's default
+        NHD cache (FLASH_ATTN / FLASHINFER on Hopper), physical ``[blocks, block, heads, 2*dim]``.
+        """
+        key = (layout, kind)
+        if key not in self._caches:
+            for other in [k for k in self._caches if k[1] != "fp8"]:
+                del self._caches[other]  # keep at most one non-fp8 cache alive
+            c = self.cfg
+            nb, dev = self.n_copies * self.pages, torch.device(c.device)
+            if layout == "kvquant":
+                shape = KVQuantAttentionBackend.get_kv_cache_shape(nb, c.block_size, c.num_kv_heads, c.head_size, "fp8")
+                kv = torch.empty(shape, dtype=torch.uint8, device=dev)
+            else:
+                phys = torch.empty(nb, c.block_size, c.num_kv_heads, 2 * c.head_size, dtype=KV_STORE.get(kind, c.dtype), device=dev)
+                kv = phys.permute(0, 2, 1, 3)  # vLLM's logical (B, H, N, 2D) over NHD memory
+            k, v = compat.split_kv_cache(kv.view(KV_STORE[kind]) if layout == "kvquant" else kv, c.head_size)
+            _fill_random_(k, kind, K_SCALE.get(kind, 1.0))
+            _fill_random_(v, kind, V_SCALE.get(kind, 1.0))
+            p = self.pages
+            self._caches[key] = ([k[i * p : (i + 1) * p] for i in range(self.n_copies)],
+                                 [v[i * p : (i + 1) * p] for i in range(self.n_copies)])  # fmt: skip
+        return self._caches[key]
+
+    def plan(self, planner: DecodePlanner | None, use_cuda_graph: bool) -> DecodePlan:
+        return DecodePlan.build(
+            self.block_table, self.seq_lens, self.query_start_loc, self.ctx, planner=planner,
+            seq_lens_cpu=self.seq_lens_cpu, use_cuda_graph=use_cuda_graph,
+        )  # fmt: skip
 
 
-def _import_vllm():
-    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
-    from vllm.v1.kv_cache_interface import KVQuantMode
+def _time(fn: Callable[[int], Any], n: int, cfg: BenchConfig) -> tuple[float, str]:
+    if cfg.device == "cuda":
+        return time_rotating(fn, n, True, cfg.warmup, cfg.rep)
+    fn(0)  # CPU smoke: eager wall time, a check of the plumbing rather than a measurement
+    times = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        fn(i % n)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[1] * 1e6, "eager-cpu"
+
+
+def _scales(kind: str, dev: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([K_SCALE[kind]], device=dev), torch.tensor([V_SCALE[kind]], device=dev)
+
+
+# ---------------- row callables: each returns fn(copy) and writes prob.out ----------------
+
+
+def _kvquant(prob: Problem, kernel: str, kind: str) -> Callable[[int], Any]:
+    c = prob.cfg
+    kvd = "fp8_e4m3" if kind == "fp8" else "int8"
+    common = dict(num_heads=c.num_q_heads, num_kv_heads=c.num_kv_heads, head_size=c.head_size,
+                  scale=1.0 / math.sqrt(c.head_size), sliding_window=None, logits_soft_cap=None, kv_dtype=kvd,
+                  model_dtype=c.dtype, device=c.device)  # fmt: skip
+    ks, vs = _scales(kind, c.device)
+    runner = DecodeRunner.create(kernel, per_head=False, max_num_seqs=prob.batch, k_scale=ks, v_scale=vs, **common)
+    planner = DecodePlanner.create(kernel, block_size=c.block_size, max_num_seqs=prob.batch,
+                                   max_num_blocks_per_seq=prob.nbs, **common)  # fmt: skip
+    plan = prob.plan(planner, use_cuda_graph=c.device == "cuda")
+    kc, vc = prob.caches("kvquant", kind)
+    return lambda i: runner.run(prob.queries[i], kc[i], vc[i], ks, vs, plan, prob.out)
+
+
+def _vllm_fa3(prob: Problem, kind: str) -> Callable[[int], Any]:
     from vllm.vllm_flash_attn import flash_attn_varlen_func, get_scheduler_metadata
 
-    return flash_attn_varlen_func, get_scheduler_metadata, unified_attention, KVQuantMode
+    c = prob.cfg
+    kc, vc = prob.caches("vllm", kind)
+    fp8 = kind == "fp8"
+    qs = prob.queries.to(FP8) if fp8 else prob.queries  # vLLM's q scale 1.0
+    descale = (lambda x: torch.full((1,), x, device=c.device).expand(prob.batch, c.num_kv_heads)) if fp8 else None
+    qd, kd, vd = (descale(1.0), descale(K_SCALE["fp8"]), descale(V_SCALE["fp8"])) if fp8 else (None, None, None)
+    splits = 32  # vLLM's flash_attn_max_num_splits_for_cuda_graph
+    sched = get_scheduler_metadata(
+        batch_size=prob.batch, max_seqlen_q=1, max_seqlen_k=prob.ctx, num_heads_q=c.num_q_heads,
+        num_heads_kv=c.num_kv_heads, headdim=c.head_size, cache_seqlens=prob.seq_lens,
+        qkv_dtype=FP8 if fp8 else c.dtype, cu_seqlens_q=prob.query_start_loc, page_size=c.block_size,
+        causal=True, window_size=(-1, -1), num_splits=splits,
+    )  # fmt: skip
+    return lambda i: flash_attn_varlen_func(
+        q=qs[i], k=kc[i], v=vc[i], out=prob.out, cu_seqlens_q=prob.query_start_loc, max_seqlen_q=1,
+        seqused_k=prob.seq_lens, max_seqlen_k=prob.ctx, softmax_scale=1.0 / math.sqrt(c.head_size), causal=True,
+        window_size=None, block_table=prob.block_table, softcap=0.0, scheduler_metadata=sched, fa_version=3,
+        q_descale=qd, k_descale=kd, v_descale=vd, num_splits=splits,
+    )  # fmt: skip
+
+
+def _vllm_triton(prob: Problem) -> Callable[[int], Any]:
+    from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    from vllm.v1.kv_cache_interface import KVQuantMode
+
+    c = prob.cfg
+    kc, vc = prob.caches("vllm", "fp8")
+    qs = prob.queries.to(FP8)  # on CUDA TRITON_ATTN takes the query quantized by the layer
+    threshold, segs = 128 // c.num_kv_heads, 16  # MIN_LAUNCH_GRID_SIZE_2D // Hkv, NUM_PAR_SOFTMAX_SEGMENTS
+    dpad = 1 << (c.head_size - 1).bit_length()
+    segm_out = torch.empty(threshold, c.num_q_heads, segs, dpad, dtype=torch.float32, device=c.device)
+    segm_max = torch.empty(threshold, c.num_q_heads, segs, dtype=torch.float32, device=c.device)
+    segm_sum = torch.empty_like(segm_max)
+    q_scale = torch.ones((), dtype=torch.float32, device=c.device)  # layer._q_scale
+    kd = torch.full((1,), K_SCALE["fp8"], device=c.device).expand(prob.batch, c.num_kv_heads)
+    vd = torch.full((1,), V_SCALE["fp8"], device=c.device).expand(prob.batch, c.num_kv_heads)
+    return lambda i: unified_attention(
+        q=qs[i], k=kc[i], v=vc[i], out=prob.out, cu_seqlens_q=prob.query_start_loc, max_seqlen_q=1,
+        seqused_k=prob.seq_lens, max_seqlen_k=prob.ctx, softmax_scale=1.0 / math.sqrt(c.head_size), causal=True,
+        window_size=(-1, -1), block_table=prob.block_table, softcap=0, q_descale=q_scale, k_descale=kd,
+        v_descale=vd, seq_threshold_3D=threshold, num_par_softmax_segments=segs, softmax_segm_output=segm_out,
+        softmax_segm_max=segm_max, softmax_segm_expsum=segm_sum, kv_quant_mode=KVQuantMode.FP8_PER_TENSOR,
+    )  # fmt: skip
+
+
+def _flashinfer(prob: Problem, kind: str) -> Callable[[int], Any]:
+    from flashinfer import BatchDecodeWithPagedKVCacheWrapper
+
+    c = prob.cfg
+    kc, vc = prob.caches("vllm", kind)
+    indptr, indices, last = flashinfer_page_table(prob.block_table, prob.seq_lens_cpu, c.block_size)
+    dev = torch.device(c.device)
+    wrapper = BatchDecodeWithPagedKVCacheWrapper(
+        torch.zeros(256 << 20, dtype=torch.uint8, device=dev), "NHD", use_cuda_graph=True, use_tensor_cores=True,
+        paged_kv_indptr_buffer=torch.zeros(prob.batch + 1, dtype=torch.int32, device=dev),
+        paged_kv_indices_buffer=torch.zeros(indices.numel(), dtype=torch.int32, device=dev),
+        paged_kv_last_page_len_buffer=torch.zeros(prob.batch, dtype=torch.int32, device=dev),
+    )  # fmt: skip
+    wrapper.plan(
+        indptr, indices, last, c.num_q_heads, c.num_kv_heads, c.head_size, c.block_size, pos_encoding_mode="NONE",
+        q_data_type=c.dtype, kv_data_type=FP8 if kind == "fp8" else c.dtype, o_data_type=c.dtype,
+        sm_scale=1.0 / math.sqrt(c.head_size),
+    )  # fmt: skip
+    scales = dict(q_scale=1.0, k_scale=K_SCALE["fp8"], v_scale=V_SCALE["fp8"]) if kind == "fp8" else {}
+    return lambda i: wrapper.run(prob.queries[i], (kc[i], vc[i]), out=prob.out, **scales)
+
+
+def _make(prob: Problem, name: str) -> Callable[[int], Any]:
+    if name.startswith("kvquant-"):
+        _, kernel, kind = name.split("-")
+        return _kvquant(prob, kernel, kind)
+    if prob.cfg.device != "cuda":
+        raise _Skip("CPU smoke run: vLLM's and FlashInfer's kernels need a CUDA GPU")
+    try:
+        if name.startswith("vllm-fa3-"):
+            return _vllm_fa3(prob, name.rsplit("-", 1)[1])
+        if name == "vllm-triton-fp8":
+            return _vllm_triton(prob)
+        return _flashinfer(prob, name.rsplit("-", 1)[1])
+    except ImportError as e:
+        raise _Skip(f"{type(e).__name__}: {e}") from e
+
+
+class _Skip(Exception):
+    """The row's library or device is missing: recorded as skipped, not as an error."""
+
+
+# ---------------- the run ----------------
+
+
+def _ref_bf16(q, k, v, block_table, seq_lens) -> torch.Tensor:
+    """fp32 attention over an unquantized paged cache (the bf16 rows' reference)."""
+    out = torch.empty_like(q)
+    g = q.shape[1] // k.shape[2]
+    for i in range(q.shape[0]):
+        n = int(seq_lens[i])
+        pages = block_table[i, : -(-n // k.shape[1])].long()
+        kk = k[pages].reshape(-1, k.shape[2], k.shape[3])[:n].float().repeat_interleave(g, 1)
+        vv = v[pages].reshape(-1, v.shape[2], v.shape[3])[:n].float().repeat_interleave(g, 1)
+        p = torch.softmax(torch.einsum("hd,khd->hk", q[i].float(), kk) / math.sqrt(q.shape[-1]), dim=-1)
+        out[i] = torch.einsum("hk,khd->hd", p, vv).to(q.dtype)
+    return out
+
+
+def _check(prob: Problem, name: str, row: dict) -> None:
+    """Copy 0's first sequences vs a PyTorch reference on the same stored bytes (fp32)."""
+    kind = row["kv_dtype"]
+    k, v = (x[0] for x in prob.caches("kvquant" if name.startswith("kvquant") else "vllm", kind))
+    n = min(CHECK_SEQS, prob.batch)
+    q, bt, sl = prob.queries[0][:n], prob.block_table[:n], prob.seq_lens[:n]
+    if kind not in KV_STORE:
+        ref = _ref_bf16(q, k, v, bt, sl)
+    else:
+        ks, vs = _scales(kind, prob.cfg.device)
+        kvd = "fp8_e4m3" if kind == "fp8" else "int8"
+        ref = paged_decode_attention_ref(q, k, v, bt, sl, ks, vs, kvd)
+        if name in ("kvquant-fa3-fp8", "vllm-fa3-fp8", "vllm-triton-fp8"):  # error left once Q is fp8
+            ref8 = paged_decode_attention_ref(q.to(FP8).to(q.dtype), k, v, bt, sl, ks, vs, kvd)
+            row["max_abs_err_ref_fp8_query"] = (prob.out[:n].float() - ref8.float()).abs().max().item()
+    row["max_abs_err_ref"] = (prob.out[:n].float() - ref.float()).abs().max().item()
 
 
 def bench_decode(
-    batches=(1, 8, 64),
-    contexts=(1024, 4096, 16384, 32768),
-    num_q_heads=32,
-    num_kv_heads=8,
-    head_size=128,
-    block_size=16,
-    dtype=torch.bfloat16,
-    *,
-    paths=("kvquant-fp8", "kvquant-int8", "fa3-bf16", "fa3-fp8", "triton-fp8"),
-    rotate_bytes: int = 256 << 20,
-    max_copies: int = 256,
-    use_cuda_graph: bool = True,
-    check: bool = True,
-    warmup: int = 25,
-    rep: int = 100,
+    shapes=DEFAULT_SHAPES,
+    names=ROW_NAMES,
+    cfg: BenchConfig | None = None,
+    copy_gbps: float | None = None,
     verbose: bool = True,
 ) -> list[dict]:
-    assert torch.cuda.is_available(), "bench_decode needs a CUDA GPU"
-    dev = torch.device("cuda")
+    cfg = cfg or BenchConfig()
     torch.manual_seed(0)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    copy_gbps = _copy_bandwidth_gbps()
-    _log(verbose, f"device-to-device copy: {copy_gbps:.0f} GB/s; {sms} SMs")
-    vllm_mod = None
-    vllm_err = None
-    if any(p.startswith(("fa3", "triton")) for p in paths):
-        try:
-            vllm_mod = _import_vllm()
-        except Exception as e:  # noqa: BLE001
-            vllm_err = f"vLLM import failed: {type(e).__name__}: {e}"
-            _log(verbose, vllm_err)
-
+    c = cfg
+    act = torch.empty((), dtype=c.dtype).element_size()
     rows: list[dict] = []
-    hq, hkv, d, bs = num_q_heads, num_kv_heads, head_size, block_size
-    sm_scale = 1.0 / math.sqrt(d)
-    act_bytes = torch.empty((), dtype=dtype).element_size()
-
-    for batch in batches:
-        for ctx in contexts:
-            nbs = math.ceil(ctx / bs)
-            kv_bytes_1b = batch * ctx * hkv * d * 2  # K+V at one byte per element
-            n_copies = max(1, min(max_copies, math.ceil(rotate_bytes / kv_bytes_1b)))
-            num_blocks = n_copies * batch * nbs
-            perm = torch.randperm(num_blocks, device=dev).int().view(n_copies, batch, nbs)
-            seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-            cu_q = torch.arange(batch + 1, dtype=torch.int32, device=dev)
-            queries = torch.randn(n_copies, batch, hq, d, device=dev).to(dtype)
-            out = torch.empty(batch, hq, d, device=dev, dtype=dtype)
-            results: dict[str, torch.Tensor] = {}
-            caches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-            def get_cache(kind: str):
-                if kind not in caches:
-                    for other in list(caches):  # keep at most one cache dtype (plus fp8) alive
-                        if other != "fp8":
-                            del caches[other]
-                    tdt = {"bf16": dtype, "fp8": FP8, "int8": torch.int8}[kind]
-                    kc = torch.empty(num_blocks, bs, hkv, d, dtype=tdt, device=dev)
-                    vc = torch.empty_like(kc)
-                    _fill_random_(kc, kind, K_SCALE.get(kind, 1.0))
-                    _fill_random_(vc, kind, V_SCALE.get(kind, 1.0))
-                    caches[kind] = (kc, vc)
-                return caches[kind]
-
-            def base_row(name: str, kv: str, elem: int, q_elem: int = act_bytes) -> dict:
-                return dict(
-                    name=name, kv_dtype=kv, batch=batch, context=ctx, us=None, gbps=None, num_splits=None,
-                    bytes=batch * ctx * hkv * d * 2 * elem + batch * hq * d * (q_elem + act_bytes),
-                    n_copies=n_copies, copy_gbps=copy_gbps,
-                )  # fmt: skip
-
-            def finish(row: dict, timed: tuple[float, str]) -> dict:
-                us, row["timing"] = timed
-                row["us"] = us
-                row["gbps"] = row["bytes"] / (us * 1e-6) / 1e9
-                row["pct_of_copy"] = 100.0 * row["gbps"] / copy_gbps
-                return row
-
-            # ---------------- ours ----------------
-            for kind in ("fp8", "int8"):
-                if f"kvquant-{kind}" not in paths:
-                    continue
-                row = base_row(f"kvquant-decode-{kind}", kind, 1)
-                try:
-                    kc, vc = get_cache(kind)
-                    kvd = "fp8_e4m3" if kind == "fp8" else "int8"
-                    ks = torch.tensor([K_SCALE[kind]], device=dev)
-                    vs = torch.tensor([V_SCALE[kind]], device=dev)
-                    ws = alloc_decode_workspace(batch, hq, d, num_kv_heads=hkv, device=dev)
-                    row["num_splits"] = choose_num_splits(batch, hkv, d, sms)
-
-                    def fn(c, kc=kc, vc=vc, kvd=kvd, ks=ks, vs=vs, ws=ws):
-                        paged_decode_attention(queries[c], kc, vc, perm[c], seq_lens, ks, vs, kvd, sm_scale,
-                                               out=out, workspace=ws)  # fmt: skip
-
-                    finish(row, time_rotating(fn, n_copies, use_cuda_graph, warmup, rep))
+    for batch, ctx in shapes:
+        prob = Problem(cfg, batch, ctx)
+        for name in names:
+            kind = name.rsplit("-", 1)[1]
+            elem = act if kind in ("bf16", "fp16") else 1
+            q_elem = 1 if name in ("vllm-fa3-fp8", "vllm-triton-fp8") else act
+            row = dict(name=name, kind="decode", kv_dtype=kind, batch=batch, context=ctx, us=None, gbps=None,
+                       pct_copy=None, status="ok", n_copies=prob.n_copies,
+                       bytes=batch * ctx * c.num_kv_heads * c.head_size * 2 * elem
+                       + batch * c.num_q_heads * c.head_size * (q_elem + act))  # fmt: skip
+            try:
+                fn = _make(prob, name)
+                row["us"], row["timing"] = _time(fn, prob.n_copies, cfg)
+                row["gbps"] = row["bytes"] / (row["us"] * 1e-6) / 1e9
+                if copy_gbps:
+                    row["pct_copy"] = round(100.0 * row["gbps"] / copy_gbps, 1)
+                if cfg.check:
                     fn(0)
-                    results[kind] = out.clone()
-                    if check:
-                        ref = paged_decode_attention_ref(queries[0], kc, vc, perm[0], seq_lens, ks, vs, kvd, sm_scale)
-                        row["max_abs_err_ref"] = (results[kind].float() - ref.float()).abs().max().item()
-                        del ref
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"
-                    _log(verbose, traceback.format_exc())
-                rows.append(row)
-                _log(verbose, _fmt(row))
-
-            # ---------------- vLLM FA3 ----------------
-            for kind in ("bf16", "fp8"):
-                if f"fa3-{kind}" not in paths:
-                    continue
-                row = base_row(f"vllm-fa3-decode-{kind}", kind, 2 if kind == "bf16" else 1, 1 if kind == "fp8" else act_bytes)
-                if vllm_mod is None:
-                    row["error"] = vllm_err or "vLLM paths not requested"
-                    rows.append(row)
-                    continue
-                flash_attn_varlen_func, get_scheduler_metadata, _, _ = vllm_mod
-                try:
-                    kc, vc = get_cache(kind)
-                    if kind == "fp8":
-                        qs = queries.to(FP8)  # q_descale = 1 (vLLM's default q scale)
-                        descale = lambda v: torch.full((1,), v, device=dev).expand(batch, hkv)  # noqa: E731
-                        q_descale, k_descale, v_descale = descale(1.0), descale(K_SCALE["fp8"]), descale(V_SCALE["fp8"])
-                        qkv_dtype = FP8
-                    else:
-                        qs = queries
-                        q_descale = k_descale = v_descale = None
-                        qkv_dtype = dtype
-                    best = None
-                    for splits in (32, 0):
-                        try:
-                            sched = get_scheduler_metadata(
-                                batch_size=batch, max_seqlen_q=1, max_seqlen_k=ctx, num_heads_q=hq, num_heads_kv=hkv,
-                                headdim=d, cache_seqlens=seq_lens, qkv_dtype=qkv_dtype, cu_seqlens_q=cu_q,
-                                page_size=bs, causal=True, window_size=(-1, -1), num_splits=splits,
-                            )  # fmt: skip
-                        except Exception:  # noqa: BLE001
-                            sched = None
-
-                        def fn(c, kc=kc, vc=vc, qs=qs, sched=sched, splits=splits):
-                            flash_attn_varlen_func(
-                                q=qs[c], k=kc, v=vc, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1, seqused_k=seq_lens,
-                                max_seqlen_k=ctx, softmax_scale=sm_scale, causal=True, window_size=None,
-                                block_table=perm[c], softcap=0.0, scheduler_metadata=sched, fa_version=3,
-                                q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, num_splits=splits,
-                            )  # fmt: skip
-
-                        timed = time_rotating(fn, n_copies, use_cuda_graph, warmup, rep)
-                        if best is None or timed[0] < best[0][0]:
-                            best = (timed, splits, sched is not None, fn)
-                    finish(row, best[0])
-                    row["fa3_num_splits"] = best[1]
-                    row["fa3_scheduler_metadata"] = best[2]
-                    best[3](0)
-                    if kind == "fp8" and "fp8" in results:
-                        row["max_abs_diff_vs_kvquant_fp8"] = (out.float() - results["fp8"].float()).abs().max().item()
-                    del qs
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {e}"
-                    _log(verbose, traceback.format_exc())
-                rows.append(row)
-                _log(verbose, _fmt(row))
-
-            # ---------------- vLLM TRITON_ATTN (unified_attention) ----------------
-            if "triton-fp8" in paths:
-                row = base_row("vllm-triton-decode-fp8", "fp8", 1)
-                if vllm_mod is None:
-                    row["error"] = vllm_err or "vLLM paths not requested"
-                else:
-                    _, _, unified_attention, KVQuantMode = vllm_mod
-                    try:
-                        kc, vc = get_cache("fp8")
-                        # As TritonAttentionMetadataBuilder: threshold = 128 // Hkv (snapped to a
-                        # capture size under CUDA graphs: 16 for Hkv=8), 16 softmax segments.
-                        seq_threshold_3d = 128 // hkv
-                        segs = 16
-                        dpad = 1 << (d - 1).bit_length()
-                        segm_out = torch.empty(seq_threshold_3d, hq, segs, dpad, dtype=torch.float32, device=dev)
-                        segm_max = torch.empty(seq_threshold_3d, hq, segs, dtype=torch.float32, device=dev)
-                        segm_sum = torch.empty(seq_threshold_3d, hq, segs, dtype=torch.float32, device=dev)
-                        k_descale = torch.full((1,), K_SCALE["fp8"], device=dev).expand(batch, hkv)
-                        v_descale = torch.full((1,), V_SCALE["fp8"], device=dev).expand(batch, hkv)
-                        row["num_splits"] = segs if batch <= seq_threshold_3d else 1
-
-                        def fn(c, kc=kc, vc=vc):
-                            unified_attention(
-                                q=queries[c], k=kc, v=vc, out=out, cu_seqlens_q=cu_q, max_seqlen_q=1,
-                                seqused_k=seq_lens, max_seqlen_k=ctx, softmax_scale=sm_scale, causal=True,
-                                window_size=(-1, -1), block_table=perm[c], softcap=0, q_descale=None,
-                                k_descale=k_descale, v_descale=v_descale, seq_threshold_3D=seq_threshold_3d,
-                                num_par_softmax_segments=segs, softmax_segm_output=segm_out,
-                                softmax_segm_max=segm_max, softmax_segm_expsum=segm_sum,
-                                kv_quant_mode=KVQuantMode.FP8_PER_TENSOR,
-                            )  # fmt: skip
-
-                        finish(row, time_rotating(fn, n_copies, use_cuda_graph, warmup, rep))
-                        fn(0)
-                        if "fp8" in results:
-                            row["max_abs_diff_vs_kvquant_fp8"] = (out.float() - results["fp8"].float()).abs().max().item()
-                    except Exception as e:  # noqa: BLE001
-                        row["error"] = f"{type(e).__name__}: {e}"
-                        _log(verbose, traceback.format_exc())
-                rows.append(row)
-                _log(verbose, _fmt(row))
-
-            del caches, queries, perm
+                    _check(prob, name, row)
+            except (_Skip, KVQuantConfigError) as e:
+                row.update(status="skipped", reason=str(e))
+            except Exception as e:  # noqa: BLE001 - one failing path must not stop the run
+                row.update(status="error", error=f"{type(e).__name__}: {e}")
+                if verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            if verbose:
+                print(fmt_row(row), flush=True)
+        del prob
+        if cfg.device == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def tune_decode(
-    configs=None,
-    shapes=((1, 1024), (1, 32768), (8, 4096), (8, 32768), (64, 1024), (64, 4096), (64, 16384)),
-    num_q_heads=32,
-    num_kv_heads=8,
-    head_size=128,
-    block_size=16,
-    dtype=torch.bfloat16,
-    kv_dtypes=("fp8", "int8"),
-    verbose=True,
-    **kw: Any,
-) -> list[dict]:
-    """Time only our kernel for each :class:`DecodeKernelConfig` in ``configs`` (dicts of fields)."""
+def tune_decode(configs=None, shapes=((64, 4096), (64, 16384), (8, 32768)), kv_dtypes=("fp8", "int8"),
+                verbose=True, **kw: Any) -> list[dict]:  # fmt: skip
+    """Time only our Triton kernel for each :class:`DecodeKernelConfig` in ``configs`` (dicts)."""
+    from vllm_kvquant.kernels import decode_attention as da
+
+    configs = configs or [dict(num_stages=s, tile_bytes=t, num_warps=w) for t in (8192, 16384)
+                          for s in (3, 4, 5) for w in (4, 8)]  # fmt: skip
+    saved, rows = da.DEFAULT_CONFIG, []
     try:
-        from vllm_kvquant.kernels import decode_attention as da
-    except ImportError:
-        from kernels import decode_attention as da
-    if configs is None:
-        configs = [
-            dict(num_stages=s, tile_bytes=t, num_warps=w)
-            for t in (8192, 16384) for s in (3, 4, 5) for w in (4, 8)
-        ]  # fmt: skip
-    saved = da.DEFAULT_CONFIG
-    rows = []
-    try:
-        for c in configs:
-            da.DEFAULT_CONFIG = da.DecodeKernelConfig(**c)
-            for b, ctx in shapes:
-                for r in bench_decode(
-                    batches=(b,), contexts=(ctx,), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                    head_size=head_size, block_size=block_size, dtype=dtype,
-                    paths=tuple(f"kvquant-{k}" for k in kv_dtypes), check=False, verbose=False, **kw,
-                ):  # fmt: skip
-                    r["config"] = dict(c)
-                    rows.append(r)
-                    _log(verbose, f"{c} {_fmt(r)}")
+        for conf in configs:
+            da.DEFAULT_CONFIG = da.DecodeKernelConfig(**conf)
+            cfg = BenchConfig(check=False, **kw)
+            for r in bench_decode(shapes, tuple(f"kvquant-triton-{k}" for k in kv_dtypes), cfg, verbose=False):
+                r["config"] = dict(conf)
+                rows.append(r)
+                if verbose:
+                    print(conf, fmt_row(r), flush=True)
     finally:
         da.DEFAULT_CONFIG = saved
     return rows
 
 
-def _fmt(row: dict) -> str:
-    if row.get("error"):
-        return f"{row['name']:<24} b={row['batch']:<3} ctx={row['context']:<6} ERROR {row['error'][:120]}"
-    extra = ""
-    for k in ("max_abs_err_ref", "max_abs_diff_vs_kvquant_fp8"):
-        if k in row:
-            extra += f" {k}={row[k]:.3g}"
-    return (
-        f"{row['name']:<24} b={row['batch']:<3} ctx={row['context']:<6} {row['us']:9.1f} us "
-        f"{row['gbps']:7.0f} GB/s ({row['pct_of_copy']:5.1f}% of copy) splits={row['num_splits']}{extra}"
-    )
+def fmt_row(row: dict) -> str:
+    head = f"{row['name']:<24} b={row['batch']:<3} ctx={row['context']:<6}"
+    if row["status"] != "ok":
+        return f"{head} {row['status'].upper()}: {(row.get('reason') or row.get('error') or '')[:150]}"
+    extra = "".join(f" {k}={row[k]:.3g}" for k in ("max_abs_err_ref", "max_abs_err_ref_fp8_query") if row.get(k) is not None)
+    pct = f" ({row['pct_copy']:5.1f}% of copy)" if row.get("pct_copy") is not None else ""
+    return f"{head} {row['us']:9.1f} us {row['gbps']:7.0f} GB/s{pct}{extra}"
 
 
 def print_table(rows: list[dict]) -> None:
-    """Compact comparison: per (batch, context), time of each path and ours-vs-theirs speedups."""
-    by = {}
+    """Per (batch, context): microseconds of every row, and kvquant's best vs vLLM's FA3."""
+    rows = [r for r in rows if r.get("kind", "decode") == "decode"]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    by: dict = {}
     for r in rows:
-        by.setdefault((r["batch"], r["context"]), {})[r["name"]] = r
-    names = ["kvquant-decode-fp8", "kvquant-decode-int8", "vllm-fa3-decode-bf16", "vllm-fa3-decode-fp8",
-             "vllm-triton-decode-fp8"]  # fmt: skip
-    print("batch ctx    " + " ".join(f"{n.replace('decode-', ''):>18}" for n in names) + "  fp8/fa3bf16 fp8/best-vllm-fp8")
-    for (b, c), rs in sorted(by.items()):
-        us = {n: (rs[n]["us"] if n in rs and rs[n].get("us") else None) for n in names}
-        cells = " ".join(f"{(f'{us[n]:.1f}us' if us[n] else '-'):>18}" for n in names)
-        ours = us["kvquant-decode-fp8"]
-        fa = us["vllm-fa3-decode-bf16"]
-        vl = [x for x in (us["vllm-fa3-decode-fp8"], us["vllm-triton-decode-fp8"]) if x]
-        s1 = f"{fa / ours:.2f}x" if ours and fa else "-"
-        s2 = f"{min(vl) / ours:.2f}x" if ours and vl else "-"
-        print(f"{b:<5} {c:<6} {cells}  {s1:>11} {s2:>14}")
-
-
-if __name__ == "__main__":
-    import json
-    import os
-
-    res = bench_decode()
-    print_table(res)
-    out_dir = os.environ.get("OUT")
-    if out_dir:
-        with open(os.path.join(out_dir, "bench_decode.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        by.setdefault((r["batch"], r["context"]), {})[r["name"]] = r.get("us")
+    short = [n.replace("kvquant-", "kvq-").replace("flashinfer", "fi") for n in names]
+    print("batch ctx    " + " ".join(f"{n:>14}" for n in short) + "  fa3fp8/kvq-triton-fp8")
+    for (b, ctx), us in sorted(by.items()):
+        cells = " ".join(f"{(f'{us[n]:.1f}' if us.get(n) else '-'):>14}" for n in names)
+        ours, fa = us.get("kvquant-triton-fp8"), us.get("vllm-fa3-fp8")
+        print(f"{b:<5} {ctx:<6} {cells}  {(f'{fa / ours:.2f}x' if ours and fa else '-'):>10}")

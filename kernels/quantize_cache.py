@@ -13,7 +13,10 @@ Design (memory-bound, ~3 bytes moved per element):
   and V, so each thread issues several independent 16-byte loads;
 - every stride is a kernel argument, so one kernel serves views of a fused qkv tensor and
   any cache layout (``kv[0]``/``kv[1]``, ``kv[:, 0]``, HND, K|V packed in the last dim);
-- no host sync, no allocation that depends on data: safe inside CUDA graphs.
+- no host sync, no allocation that depends on data: safe inside CUDA graphs;
+- :class:`CacheWriter` (the backend's path) validates one layer's caches and scales once,
+  memoizes the launch shape per slot count and launches through :class:`.launch.FastKernel`;
+  :func:`quantize_to_cache` validates every argument on every call (direct callers).
 
 On CPU tensors the wrapper uses the PyTorch reference unless ``TRITON_INTERPRET=1``, in
 which case the Triton kernel runs in Triton's interpreter (how CI tests it).
@@ -31,6 +34,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .dtypes import KVQuantDType, as_storage, qmax_of
+from .launch import FastKernel
 from .reference import quantize_to_cache_ref
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,42 +79,21 @@ def pick_config(num_tokens: int, num_kv_heads: int, head_size: int) -> WriteConf
 
 
 def _quantize_to_cache_kernel(
-    key_ptr,
-    value_ptr,
-    kc_ptr,
-    vc_ptr,
-    slot_ptr,
-    ks_ptr,
-    vs_ptr,
+    # per call
+    key_ptr, value_ptr, slot_ptr,
     num_slots,
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    # per layer
+    kc_ptr, vc_ptr, ks_ptr, vs_ptr,
     block_size,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_kcb,
-    stride_kcs,
-    stride_kch,
-    stride_kcd,
-    stride_vcb,
-    stride_vcs,
-    stride_vch,
-    stride_vcd,
-    ks_stride,
-    vs_stride,
-    NUM_HEADS: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    QMAX: tl.constexpr,
-    IS_INT8: tl.constexpr,
-    CONTIG_D: tl.constexpr,
-    RECIPROCAL: tl.constexpr,
-    USE_RINT: tl.constexpr,
-    SOFT_FP8: tl.constexpr,
+    stride_kcb, stride_kcs, stride_kch, stride_kcd,
+    stride_vcb, stride_vcs, stride_vch, stride_vcd,
+    ks_stride, vs_stride,
+    # per layer (CONTIG_D: also per call strides) and per launch config
+    NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr,
+    IS_INT8: tl.constexpr, USE_RINT: tl.constexpr, SOFT_FP8: tl.constexpr, CONTIG_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, RECIPROCAL: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -249,6 +232,102 @@ def _flat_scale(s: torch.Tensor, name: str, num_heads: int, device: torch.device
     return s, (0 if s.numel() == 1 else s.stride(0))
 
 
+class CacheWriter:
+    """One layer's cache write: caches, scales and format validated once, launched lean per call.
+
+    :meth:`write` does no validation: the backend hands it the layer's own ``key``/``value``
+    (``[num_tokens, num_kv_heads, head_size]`` or ``[num_tokens, num_kv_heads * head_size]``)
+    and vLLM's slot mapping. The launch shape depends only on the slot count (memoized).
+    """
+
+    def __init__(
+        self,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        k_scale: torch.Tensor,
+        v_scale: torch.Tensor,
+        kv_dtype: KVQuantDType | str,
+    ) -> None:
+        try:
+            self.kv_dtype = kv_dtype = KVQuantDType(kv_dtype)
+        except ValueError:
+            raise ValueError(f"kv_dtype must be one of {[d.value for d in KVQuantDType]}, got {kv_dtype!r}") from None
+        for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
+            if c.dim() != 4:
+                raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(c.shape)}")
+            if c.element_size() != 1:
+                raise ValueError(f"{name} must have a one-byte dtype (uint8, int8 or fp8), got {c.dtype}")
+        if key_cache.shape != value_cache.shape:
+            raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
+        if value_cache.device != key_cache.device:
+            raise ValueError(f"value_cache is on {value_cache.device} but key_cache is on {key_cache.device}")
+        _, block_size, num_heads, head_size = key_cache.shape
+        self.device = device = key_cache.device
+        self.num_heads, self.head_size = num_heads, head_size
+        self.k_scale, ks_stride = _flat_scale(k_scale, "k_scale", num_heads, device)
+        self.v_scale, vs_stride = _flat_scale(v_scale, "v_scale", num_heads, device)
+        kc = self.key_cache = as_storage(key_cache, kv_dtype)
+        vc = self.value_cache = as_storage(value_cache, kv_dtype)
+        self.reference = device.type == "cpu" and not _interpret()
+        if self.reference:
+            return
+        soft_fp8 = kv_dtype is KVQuantDType.FP8_E4M3 and _needs_soft_fp8(device)
+        if soft_fp8:
+            kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)
+        ks, vs = self.k_scale, self.v_scale
+        layer = (block_size, *kc.stride(), *vc.stride(), ks_stride, vs_stride)
+        self._layer_args = (kc, vc, ks, vs, *layer)
+        self._layer_ptrs = (kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), vs.data_ptr(), *layer)
+        self._const = (
+            num_heads, head_size, triton.next_power_of_2(head_size), qmax_of(kv_dtype), kv_dtype is KVQuantDType.INT8,
+            device.type == "cuda" and not _interpret(), soft_fp8,
+        )  # fmt: skip
+        self._cache_contig = kc.stride(3) == 1 and vc.stride(3) == 1
+        self._plans: dict[int, tuple] = {}
+        self._kernel = FastKernel(_kernel(), device)
+
+    def write(
+        self, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, config: WriteConfig | None = None
+    ) -> None:
+        """Token ``t < len(slot_mapping)`` goes to slot ``slot_mapping[t]`` (negative: skipped)."""
+        num_slots = slot_mapping.shape[0]
+        if num_slots == 0:
+            return
+        if key.dim() == 2:
+            key = key.view(key.shape[0], self.num_heads, self.head_size)
+        if value.dim() == 2:
+            value = value.view(value.shape[0], self.num_heads, self.head_size)
+        if self.reference:
+            quantize_to_cache_ref(
+                key, value, self.key_cache, self.value_cache, slot_mapping, self.k_scale, self.v_scale, self.kv_dtype
+            )
+            return
+        if slot_mapping.stride(0) != 1:
+            slot_mapping = slot_mapping.contiguous()
+        plan = self._plans.get(num_slots) if config is None else None
+        if plan is None:  # launch shape of this slot count: memoized (shape-only, graph safe)
+            cfg = config or pick_config(num_slots, self.num_heads, self.head_size)
+            grid = (-(-num_slots // cfg.block_t), -(-self.num_heads // cfg.block_h), 1)
+            plan = (grid, (cfg.block_t, cfg.block_h, cfg.reciprocal), cfg.num_warps)
+            if config is None:
+                self._plans[num_slots] = plan
+        grid, cfg_const, num_warps = plan
+        ks_, vs_ = key.stride(), value.stride()
+        k_ptr, v_ptr, s_ptr = key.data_ptr(), value.data_ptr(), slot_mapping.data_ptr()
+        contig = ks_[2] == 1 and vs_[2] == 1 and self._cache_contig
+        const = (*self._const, contig, *cfg_const)
+        call = (num_slots, *ks_, *vs_)
+        launch_key = (cfg_const, num_warps, key.dtype, value.dtype, slot_mapping.dtype, ks_, vs_, k_ptr & 15, v_ptr & 15, s_ptr & 15)
+        layer_args, layer_ptrs = self._layer_args, self._layer_ptrs
+
+        def args(direct: bool) -> tuple:
+            if direct:
+                return (k_ptr, v_ptr, s_ptr, *call, *layer_ptrs, *const)
+            return (key, value, slot_mapping, *call, *layer_args, *const)
+
+        self._kernel.launch(launch_key, grid, args, num_warps=num_warps)
+
+
 def quantize_to_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -266,6 +345,7 @@ def quantize_to_cache(
     Token ``t < len(slot_mapping)`` goes to ``slot_mapping[t]`` (negative: skipped); later
     tokens are ignored. Caches are ``[num_blocks, block_size, num_kv_heads, head_size]`` of
     any one-byte dtype and any strides. ``config`` overrides the launch heuristic (tuning).
+    Every argument is validated on every call; the backend uses :class:`CacheWriter`.
     """
     try:
         kv_dtype = KVQuantDType(kv_dtype)
@@ -292,39 +372,4 @@ def quantize_to_cache(
     for name, t in (("key", key), ("value", value), ("value_cache", value_cache), ("slot_mapping", slot_mapping)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but key_cache is on {device}")
-    ks, ks_stride = _flat_scale(k_scale, "k_scale", num_heads, device)
-    vs, vs_stride = _flat_scale(v_scale, "v_scale", num_heads, device)
-    kc = as_storage(key_cache, kv_dtype)
-    vc = as_storage(value_cache, kv_dtype)
-    if num_slots == 0:
-        return
-    if device.type == "cpu" and not _interpret():
-        quantize_to_cache_ref(key, value, kc, vc, slot_mapping, ks, vs, kv_dtype)
-        return
-    if slot_mapping.stride(0) != 1:
-        slot_mapping = slot_mapping.contiguous()
-
-    soft_fp8 = kv_dtype is KVQuantDType.FP8_E4M3 and _needs_soft_fp8(device)
-    if soft_fp8:
-        kc, vc = kc.view(torch.uint8), vc.view(torch.uint8)
-    cfg = config or pick_config(num_slots, num_heads, head_size)
-    contig_d = key.stride(2) == 1 and value.stride(2) == 1 and kc.stride(3) == 1 and vc.stride(3) == 1
-    grid = (triton.cdiv(num_slots, cfg.block_t), triton.cdiv(num_heads, cfg.block_h))
-    _kernel()[grid](
-        key, value, kc, vc, slot_mapping, ks, vs,
-        num_slots, block_size,
-        *key.stride(), *value.stride(), *kc.stride(), *vc.stride(),
-        ks_stride, vs_stride,
-        NUM_HEADS=num_heads,
-        HEAD_SIZE=head_size,
-        BLOCK_T=cfg.block_t,
-        BLOCK_H=cfg.block_h,
-        BLOCK_D=triton.next_power_of_2(head_size),
-        QMAX=qmax_of(kv_dtype),
-        IS_INT8=kv_dtype is KVQuantDType.INT8,
-        CONTIG_D=contig_d,
-        RECIPROCAL=cfg.reciprocal,
-        USE_RINT=device.type == "cuda" and not _interpret(),
-        SOFT_FP8=soft_fp8,
-        num_warps=cfg.num_warps,
-    )  # fmt: skip
+    CacheWriter(key_cache, value_cache, k_scale, v_scale, kv_dtype).write(key, value, slot_mapping, config)

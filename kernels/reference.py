@@ -94,7 +94,10 @@ def _attend(
     softmax_scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
+    """Causal (optionally windowed / soft-capped) GQA attention; with ``return_lse`` also the
+    natural-log log-sum-exp of each row's (capped) logits, ``[Hq, n_q]``."""
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
     k = k.repeat_interleave(group, dim=1)
@@ -108,7 +111,10 @@ def _attend(
         mask |= k_pos[None, :] <= q_positions[:, None] - sliding_window
     logits = logits.masked_fill(mask[None], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, v)
+    out = torch.einsum("hqk,khd->qhd", probs, v)
+    if return_lse:
+        return out, torch.logsumexp(logits, dim=-1)
+    return out
 
 
 def paged_decode_attention_ref(
@@ -137,6 +143,11 @@ def paged_decode_attention_ref(
     return out
 
 
+#: Prefill modes: ``bf16`` attends to the step's own K/V unquantized (and to cached context
+#: dequantized); ``quantized`` reads everything, the step's own tokens included, from the cache.
+PREFILL_MODES: tuple[str, ...] = ("bf16", "quantized")
+
+
 def paged_prefill_attention_ref(
     query: torch.Tensor,  # [num_tokens, Hq, D]
     key: torch.Tensor,  # [num_tokens, Hkv, D] this step's K, unquantized
@@ -152,8 +163,17 @@ def paged_prefill_attention_ref(
     softmax_scale: float | None = None,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    mode: str = "bf16",
 ) -> torch.Tensor:
-    """Causal attention of new tokens to (dequantized cached context) + (their own fp16/bf16 K/V)."""
+    """Causal attention of each sequence's new tokens (new token ``j`` at position ``ctx + j``).
+
+    ``mode="bf16"``: to (dequantized cached context) + (their own fp16/bf16 K/V).
+    ``mode="quantized"``: to cache positions ``[0, ctx + j]`` only, dequantized; the cache must
+    already hold this step's K/V (vLLM writes them before attention), ``key``/``value`` are unused.
+    Rows of sequences with no new tokens, and rows after the last sequence, are left unset.
+    """
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"prefill mode {mode!r} is not one of {list(PREFILL_MODES)}")
     softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])
     out = torch.empty_like(query)
     for i in range(context_lens.shape[0]):
@@ -161,10 +181,41 @@ def paged_prefill_attention_ref(
         if e == s:
             continue
         ctx = int(context_lens[i])
-        kc = gather_context_ref(key_cache, block_table[i], ctx, k_scale, kv_dtype)
-        vc = gather_context_ref(value_cache, block_table[i], ctx, v_scale, kv_dtype)
-        k = torch.cat([kc, key[s:e].float()])
-        v = torch.cat([vc, value[s:e].float()])
+        n_cached = ctx + (e - s) if mode == "quantized" else ctx
+        k = gather_context_ref(key_cache, block_table[i], n_cached, k_scale, kv_dtype)
+        v = gather_context_ref(value_cache, block_table[i], n_cached, v_scale, kv_dtype)
+        if mode == "bf16":
+            k = torch.cat([k, key[s:e].float()])
+            v = torch.cat([v, value[s:e].float()])
         pos = torch.arange(ctx, ctx + e - s, device=query.device)
         out[s:e] = _attend(query[s:e].float(), k, v, pos, softmax_scale, sliding_window, logits_soft_cap).to(query.dtype)
     return out
+
+
+def prefill_fresh_attention_ref(
+    query: torch.Tensor,  # [num_tokens, Hq, D]
+    key: torch.Tensor,  # [num_tokens, Hkv, D]
+    value: torch.Tensor,
+    query_start_loc: torch.Tensor,  # [num_seqs + 1]
+    softmax_scale: float | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What FlashAttention's varlen kernel returns for ``cu_seqlens_q = cu_seqlens_k =
+    query_start_loc``, ``causal=True``, ``window_size=(sliding_window - 1, 0)``, ``softcap``
+    and ``return_softmax_lse=True``: each sequence's new tokens attending causally to each
+    other only, in ``query``'s dtype, and the natural-log LSE ``[num_heads, num_tokens]`` fp32
+    (rows outside every sequence: output 0, LSE -inf)."""
+    softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    out = torch.zeros_like(query)
+    lse = torch.full((query.shape[1], query.shape[0]), float("-inf"), dtype=torch.float32, device=query.device)
+    for i in range(query_start_loc.shape[0] - 1):
+        s, e = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        if e == s:
+            continue
+        pos = torch.arange(e - s, device=query.device)
+        o, l = _attend(query[s:e].float(), key[s:e].float(), value[s:e].float(), pos, softmax_scale,
+                       sliding_window, logits_soft_cap, return_lse=True)  # fmt: skip
+        out[s:e] = o.to(query.dtype)
+        lse[:, s:e] = l
+    return out, lse

@@ -84,6 +84,6 @@ class SidecarNotFoundError(ScalesError):
             f"    {CONVERT_COMMAND}\n"
             "or pass the file explicitly with --additional-config "
             "'{\"kvquant\": {\"scales\": \"/path/kvquant_scales.json\"}}'. "
-            "Documented fallback: '{\"kvquant\": {\"fallback\": \"unit\"}}' runs with scale 1.0 for "
-            "every layer (with a warning) - only correct when K/V values stay within +/-qmax."
+            "Without '\"fallback\": \"error\"' kvquant falls back to '\"fallback\": \"online\"' (the default: "
+            "per-head scales measured from the first batch each layer writes, then frozen, with a warning)."
         )

@@ -127,8 +127,11 @@ class LayerScales:
             )
         return LayerScales(self.name, tuple(self.k_scale[h] for h in heads), tuple(self.v_scale[h] for h in heads))
 
-    def scaled(self, factor: float) -> "LayerScales":
-        return LayerScales(self.name, tuple(s * factor for s in self.k_scale), tuple(s * factor for s in self.v_scale))
+    def scaled(self, factor: float, floor: float = 0.0) -> "LayerScales":
+        def scale(values: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(max(s * factor, floor) for s in values)
+
+        return LayerScales(self.name, scale(self.k_scale), scale(self.v_scale))
 
 
 @dataclass(frozen=True)
@@ -164,11 +167,17 @@ class ScalesFile:
         }
 
     @classmethod
-    def from_json_dict(cls, data: Any, source_path: str | None = None) -> "ScalesFile":
-        """Validate ``data`` (a parsed sidecar) and build the dataclass; errors name ``source_path``."""
+    def from_json_dict(
+        cls, data: Any, source_path: str | None = None, *, model_dtype: Any = None, warn: bool = True
+    ) -> "ScalesFile":
+        """Validate ``data`` (a parsed sidecar) and build the dataclass; errors name ``source_path``.
+
+        ``model_dtype`` (unknown: bfloat16) bounds ``qmax * scale``; ``warn`` logs scales far outside
+        what calibration gives (see ``validate.unusual_scales``).
+        """
         from .validate import validate_json_dict
 
-        validate_json_dict(data, source_path)
+        validate_json_dict(data, source_path, model_dtype=model_dtype, warn=warn)
 
         def tup(value: float | list[float]) -> tuple[float, ...]:
             return tuple(float(v) for v in value) if isinstance(value, list) else (float(value),)
@@ -187,19 +196,25 @@ class ScalesFile:
             source_path,
         )
 
-    def validate(self) -> None:
+    def validate(self, *, warn: bool = True) -> None:
         """Run the same checks as loading (used before saving)."""
         from .validate import validate_json_dict
 
-        validate_json_dict(self.to_json_dict(), self.source_path)
+        validate_json_dict(self.to_json_dict(), self.source_path, warn=warn)
 
     def retarget(self, kv_dtype: KVCacheDType | str) -> "ScalesFile":
-        """Same amax, other storage format: ``scale * qmax_old / qmax_new`` (fp8 -> int8: x 448/127)."""
+        """Same amax, other storage format: ``scale * qmax_old / qmax_new`` (fp8 -> int8: x 448/127).
+
+        Scales stay at or above the 1e-8 floor (int8 -> fp8 shrinks them by 127/448): a floored
+        scale stands for amax ~0, which the floor represents in either format.
+        """
+        from .validate import SCALE_FLOOR
+
         target = KVCacheDType(kv_dtype)
         if target is self.kv_dtype:
             return self
         factor = self.kv_dtype.qmax / target.qmax
-        layers = {n: ls.scaled(factor) for n, ls in self.layers.items()}
+        layers = {n: ls.scaled(factor, floor=SCALE_FLOOR) for n, ls in self.layers.items()}
         return replace(self, kv_dtype=target, layers=layers)
 
     def shard(self, tp_size: int, rank: int) -> "ShardedScales":

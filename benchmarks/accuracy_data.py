@@ -1,0 +1,94 @@
+"""Text, tokenizer and token windows for the accuracy benchmark.
+
+The text comes from ``benchmarks/prepare_text.py`` (``.benchdata/{train,calib,heldout}.jsonl``,
+or the ``.jsonl.gz`` files its ``--compress`` writes, small enough to carry to an offline GPU
+machine). The tokenizer is a byte-level BPE trained on the train split in the same run, so
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+SPLITS = ("train", "calib", "heldout")
+
+
+def split_path(data_dir: Path, split: str) -> Path:
+    """``<split>.jsonl`` or ``<split>.jsonl.gz`` in ``data_dir``; a clear error naming both if neither exists."""
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        if (data_dir / name).exists():
+            return data_dir / name
+    raise FileNotFoundError(
+        f"{data_dir} has neither {split}.jsonl nor {split}.jsonl.gz: make it with "
+        f"`python benchmarks/prepare_text.py --out {data_dir}` (see that file for offline use)"
+    )
+
+
+def read_jsonl(path: Path) -> list[str]:
+    """The ``text`` field of every line (plain or gzip-compressed JSONL), naming file and line on bad input."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: a record needs a string 'text' field")
+            texts.append(record["text"])
+    if not texts:
+        raise ValueError(f"{path} holds no records")
+    return texts
+
+
+def write_plain_jsonl(texts: list[str], path: Path) -> Path:
+    """The calibration CLI reads plain JSONL: write the split there (uncompressed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE on ``texts`` (deterministic for the same input), as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def encode_stream(tokenizer, texts: list[str]) -> list[int]:
+    """Documents tokenized and joined by EOS (the training and evaluation stream)."""
+    ids: list[int] = []
+    for batch_start in range(0, len(texts), 64):
+        batch = texts[batch_start : batch_start + 64]
+        for enc in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.extend(enc)
+            ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def windows(ids: list[int], length: int, count: int, offset: int = 0) -> list[list[int]]:
+    """``count`` non-overlapping windows of ``length`` tokens, evenly spread over the stream (deterministic)."""
+    if length < 2:
+        raise ValueError(f"window length must be >= 2 tokens, got {length}")
+    n_avail = (len(ids) - offset) // length
+    if n_avail < 1:
+        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one window of {length}")
+    count = min(count, n_avail)
+    picks = [round(i * (n_avail - 1) / max(count - 1, 1)) for i in range(count)] if count > 1 else [0]
+    return [ids[offset + p * length : offset + (p + 1) * length] for p in picks]

@@ -1,0 +1,183 @@
+"""Launch configuration of paged decode attention: tuning knobs, split count, workspace size.
+
+Everything here depends on shapes, the device and the config only, never on sequence
+lengths, so the launches it describes are CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MAX_NUM_SPLITS",
+    "MAX_HEAD_SIZE",
+    "DecodeKernelConfig",
+    "DEFAULT_CONFIG",
+    "choose_num_splits",
+    "decode_workspace_shape",
+    "alloc_decode_workspace",
+    "workspace_numel",
+    "device_num_sms",
+    "next_pow2",
+]
+
+#: Hard upper bound on KV splits per (sequence, KV head).
+MAX_NUM_SPLITS = 64
+#: Largest head size the kernel takes (padded to a power of two in-kernel).
+MAX_HEAD_SIZE = 256
+
+
+@dataclass(frozen=True)
+class DecodeKernelConfig:
+    """Launch/tuning parameters.  Defaults measured on an H100 (benchmarks/tune.py), Llama-3-8B shapes.
+
+    Compiled for sm_90 (Triton 3.6, head 128, fp8, bf16): a 128-token tile with
+    ``num_stages=5`` double-buffers K/V (2 x 32 KB in flight per program, ~75 KB shared
+    memory, 168 registers -> 3 programs per SM); ``num_stages`` 3-4 single-buffers them
+    (the block-table load takes a pipeline stage).
+    """
+
+    #: Bytes of one K tile per loop iteration: tokens per tile = tile_bytes // padded head size
+    #: (clamped to [16, 256]); 16 KB -> 128 tokens (8 pages of 16) at head size 128.
+    tile_bytes: int = 16384
+    #: Explicit tokens per tile (power of two >= 16); overrides ``tile_bytes``.
+    block_n: int | None = None
+    num_warps: int = 4
+    #: Warps for padded head size 256 (4 warps reach the 255-register cap there).
+    num_warps_large_head: int = 8
+    #: Software-pipelining depth of the loop (cp.async stages on Hopper); see class doc.
+    num_stages: int = 5
+    #: Each active split covers at least this many tokens (bounds workspace traffic).
+    min_tokens_per_split: int = 256
+    #: Split heuristic: aim for a grid of about this many programs per SM. 8 won the H100
+    #: sweep (benchmarks/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
+    target_ctas_per_sm: int = 8
+    reduce_num_warps: int = 4
+    #: Run the dots in fp16 even for bf16 queries (the query must then fit fp16's range).
+    #: Off: dots run in the query dtype.
+    dot_in_fp16: bool = False
+    #: SM count assumed where no CUDA device is queried (Triton interpreter on CPU).
+    cpu_num_sms: int = 8
+
+    def tile_tokens(self, head_size: int) -> int:
+        if self.block_n is not None:
+            return int(self.block_n)
+        return max(16, min(256, self.tile_bytes // max(16, next_pow2(head_size))))
+
+    def warps(self, head_size: int) -> int:
+        return self.num_warps if next_pow2(head_size) <= 128 else self.num_warps_large_head
+
+    def min_tiles_per_split(self, head_size: int) -> int:
+        return max(1, self.min_tokens_per_split // self.tile_tokens(head_size))
+
+
+def _config_from_env() -> DecodeKernelConfig:
+    """``KVQUANT_DECODE_CONFIG="num_stages=3,block_n=64"`` overrides defaults (for tuning runs)."""
+    spec = os.environ.get("KVQUANT_DECODE_CONFIG", "").strip()
+    if not spec:
+        return DecodeKernelConfig()
+    kw = {}
+    for item in spec.split(","):
+        key, _, val = item.partition("=")
+        key = key.strip()
+        if key not in DecodeKernelConfig.__dataclass_fields__:
+            raise ValueError(f"KVQUANT_DECODE_CONFIG: unknown field {key!r}")
+        val = val.strip()
+        kw[key] = (val.lower() in ("1", "true", "yes")) if key == "dot_in_fp16" else (None if val == "None" else int(val))
+    return DecodeKernelConfig(**kw)
+
+
+DEFAULT_CONFIG = _config_from_env()
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_num_sms(device: torch.device, config: DecodeKernelConfig) -> int:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_num_sms(index)
+    return config.cpu_num_sms
+
+
+def choose_num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    head_size: int,
+    num_sms: int,
+    max_num_splits: int | None = None,
+    config: DecodeKernelConfig | None = None,
+) -> int:
+    """Splits per (sequence, KV head): a function of shapes and the device only (graph safe)."""
+    cfg = config or DEFAULT_CONFIG
+    cap = MAX_NUM_SPLITS if max_num_splits is None else max(1, min(int(max_num_splits), MAX_NUM_SPLITS))
+    groups = max(int(num_seqs) * int(num_kv_heads), 1)
+    target = cfg.target_ctas_per_sm * max(int(num_sms), 1)
+    return max(1, min(cap, _cdiv(target, groups)))
+
+
+def workspace_numel(num_seqs: int, num_q_heads: int, head_size: int, num_splits: int) -> int:
+    # [num_seqs, Hq, splits, head_size] partial outputs, then [num_seqs, Hq, splits] LSEs.
+    return num_seqs * num_q_heads * num_splits * (head_size + 1)
+
+
+def decode_workspace_shape(
+    max_num_seqs: int,
+    num_q_heads: int,
+    head_size: int,
+    max_num_splits: int | None = None,
+    *,
+    num_kv_heads: int | None = None,
+    device: torch.device | str | None = None,
+    config: DecodeKernelConfig | None = None,
+) -> tuple[int]:
+    """Shape of an fp32 workspace that serves every batch of up to ``max_num_seqs``.
+
+    Without ``num_kv_heads`` this is the loose bound ``max_num_seqs * max_num_splits``
+    partials; with it (and ``device`` for the SM count) it is the largest need of the split
+    heuristic over all batch sizes, usually far smaller.
+    """
+    cfg = config or DEFAULT_CONFIG
+    cap = MAX_NUM_SPLITS if max_num_splits is None else max(1, min(int(max_num_splits), MAX_NUM_SPLITS))
+    if num_kv_heads is None:
+        rows = max_num_seqs * cap
+    else:
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        sms = device_num_sms(dev, cfg)
+        rows = 0
+        for n in range(1, max_num_seqs + 1):
+            s = choose_num_splits(n, num_kv_heads, head_size, sms, cap, cfg)
+            if s > 1:
+                rows = max(rows, n * s)
+    return (max(workspace_numel(rows, num_q_heads, head_size, 1), 1),)
+
+
+def alloc_decode_workspace(
+    max_num_seqs: int,
+    num_q_heads: int,
+    head_size: int,
+    max_num_splits: int | None = None,
+    *,
+    num_kv_heads: int | None = None,
+    device: torch.device | str | None = None,
+    config: DecodeKernelConfig | None = None,
+) -> torch.Tensor:
+    """Preallocated fp32 workspace for :func:`paged_decode_attention` (reuse it under graphs)."""
+    shape = decode_workspace_shape(
+        max_num_seqs, num_q_heads, head_size, max_num_splits, num_kv_heads=num_kv_heads, device=device, config=config
+    )
+    return torch.empty(shape, dtype=torch.float32, device=device)

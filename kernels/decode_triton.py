@@ -1,0 +1,230 @@
+"""The Triton kernels of paged decode attention (see :mod:`.decode_attention` for the design).
+
+Arguments come in the order the launch path assembles them: per call (query, output), per
+layer (caches, scales, options), per batch plan (block table, lengths, workspace), then the
+constexprs of the layer and of the plan.
+
+``VARLEN``: program ``i`` serves request ``i`` of a vLLM batch only if its query length
+``qsl[i+1] - qsl[i]`` is 1 (a decode), reading its query row and writing its output row at
+``qsl[i]``; other requests (prefills, CUDA-graph padding) exit at once. This lets one launch
+over an upper bound of requests serve any mix of decodes and prefills (full CUDA graphs).
+Without it, program ``i`` reads row ``i`` (the public ``[num_seqs, Hq, D]`` API).
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = ["HAVE_TRITON", "decode_split_kernel", "decode_reduce_kernel"]
+
+decode_split_kernel = None
+decode_reduce_kernel = None
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _split_tile_range(
+        seq_len,
+        split,
+        num_splits,
+        window,
+        BLOCK_N: tl.constexpr,
+        MIN_TILES: tl.constexpr,
+        USE_WINDOW: tl.constexpr,
+    ):
+        """First attended token, this split's tile range [lo, hi), and the active split count."""
+        if USE_WINDOW:
+            start = tl.maximum(seq_len - window, 0)
+        else:
+            start = seq_len * 0
+        tile_lo = start // BLOCK_N
+        tile_end = tl.cdiv(seq_len, BLOCK_N)
+        num_tiles = tile_end - tile_lo
+        tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), MIN_TILES)
+        lo = tile_lo + split * tiles_per_split
+        hi = tl.minimum(lo + tiles_per_split, tile_end)
+        num_active = tl.cdiv(num_tiles, tiles_per_split)
+        return start, lo, hi, num_active
+
+    @triton.jit
+    def _decode_split_kernel(
+        # per call
+        q_ptr, out_ptr,
+        stride_qs, stride_qh, stride_qd,
+        stride_os, stride_oh, stride_od,
+        # per layer
+        k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
+        sm_scale, soft_cap, window,
+        stride_kb, stride_kt, stride_kh, stride_kd,
+        stride_vb, stride_vt, stride_vh, stride_vd,
+        # per batch plan
+        bt_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr,
+        num_splits,
+        stride_bts, stride_btb,
+        stride_pos, stride_poh, stride_pok,
+        stride_pls, stride_plh,
+        # layer constexprs
+        HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
+        K_PER_HEAD: tl.constexpr, V_PER_HEAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+        DOT_DTYPE: tl.constexpr,
+        # plan constexprs
+        SPLIT: tl.constexpr, VARLEN: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        if VARLEN:
+            row = tl.load(qsl_ptr + seq)
+            if tl.load(qsl_ptr + seq + 1) - row != 1:
+                return
+        else:
+            row = seq
+        seq_len = tl.load(seq_lens_ptr + seq)
+        start, lo, hi, num_active = _split_tile_range(
+            seq_len, split, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
+        )
+
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_PAD)
+        offs_n = tl.arange(0, BLOCK_N)
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_SIZE
+        heads = kvh * GROUP + offs_g
+        seq64 = seq.to(tl.int64)
+        row64 = row.to(tl.int64)
+
+        q = tl.load(
+            q_ptr + row64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(DOT_DTYPE)
+
+        if K_PER_HEAD:
+            k_scale = tl.load(k_scale_ptr + kvh)
+        else:
+            k_scale = tl.load(k_scale_ptr)
+        if V_PER_HEAD:
+            v_scale = tl.load(v_scale_ptr + kvh)
+        else:
+            v_scale = tl.load(v_scale_ptr)
+        if USE_SOFTCAP:
+            qk_scale = sm_scale * k_scale / soft_cap  # tanh argument
+            cap_log2 = soft_cap * 1.4426950408889634
+        else:
+            qk_scale = sm_scale * k_scale * 1.4426950408889634  # log2 domain
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_PAD], dtype=tl.float32)
+
+        bt_row = bt_ptr + seq64 * stride_bts
+        k_base = k_ptr + kvh.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
+        v_base = v_ptr + kvh.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
+
+        for t in range(lo, hi):
+            tok = t * BLOCK_N + offs_n
+            valid = (tok < seq_len) & (tok >= start)
+            page = tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btb, mask=valid, other=0).to(tl.int64)
+            slot = (tok % BLOCK_SIZE).to(tl.int64)
+            if HEAD_PAD == HEAD_SIZE:
+                kv_mask = valid[:, None]
+            else:
+                kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(
+                k_base + page[:, None] * stride_kb + slot[:, None] * stride_kt, mask=kv_mask, other=0.0
+            ).to(DOT_DTYPE)
+            v = tl.load(
+                v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt, mask=kv_mask, other=0.0
+            ).to(DOT_DTYPE)
+
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N] fp32
+            if USE_SOFTCAP:
+                # cap * tanh(x), tanh(x) = 1 - 2 / (exp(2x) + 1); saturates cleanly at +-1.
+                s = cap_log2 * (1.0 - 2.0 / (tl.exp2(s * (2.0 * 1.4426950408889634)) + 1.0))
+            s = tl.where(valid[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+            m_i = m_new
+
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None] * v_scale
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        if SPLIT:
+            po = part_o_ptr + seq64 * stride_pos + heads[:, None] * stride_poh + split * stride_pok + offs_d[None, :]
+            tl.store(po, o, mask=out_mask)
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            tl.store(part_lse_ptr + seq64 * stride_pls + heads * stride_plh + split, lse, mask=g_mask)
+        else:
+            po = out_ptr + row64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+            tl.store(po, o.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        # per call
+        out_ptr,
+        stride_os, stride_oh, stride_od,
+        # per layer
+        window,
+        # per batch plan
+        seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr,
+        num_splits,
+        stride_pos, stride_poh, stride_pok,
+        stride_pls, stride_plh,
+        # layer constexprs
+        HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
+        USE_WINDOW: tl.constexpr,
+        # plan constexprs
+        SPLITS_PAD: tl.constexpr, VARLEN: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        if VARLEN:
+            row = tl.load(qsl_ptr + seq)
+            if tl.load(qsl_ptr + seq + 1) - row != 1:
+                return
+        else:
+            row = seq
+        seq_len = tl.load(seq_lens_ptr + seq)
+        _start, _lo, _hi, num_active = _split_tile_range(
+            seq_len, 0, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
+        )
+        seq64 = seq.to(tl.int64)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, HEAD_PAD)
+        s_mask = offs_s < num_active
+        d_mask = offs_d < HEAD_SIZE
+        lse = tl.load(
+            part_lse_ptr + seq64 * stride_pls + head * stride_plh + offs_s, mask=s_mask, other=float("-inf")
+        )
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.where(s_mask, tl.exp2(lse - m), 0.0)
+        denom = tl.sum(w, 0)
+        o = tl.load(
+            part_o_ptr + seq64 * stride_pos + head * stride_poh + offs_s[:, None] * stride_pok + offs_d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        res = tl.sum(o * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(
+            out_ptr + row.to(tl.int64) * stride_os + head * stride_oh + offs_d * stride_od,
+            res.to(out_ptr.dtype.element_ty),
+            mask=d_mask,
+        )
+
+    decode_split_kernel = _decode_split_kernel
+    decode_reduce_kernel = _decode_reduce_kernel

@@ -1,0 +1,203 @@
+"""Full-CUDA-graph launches of the backend give what eager launches give, for any decode/prefill mix.
+
+Under ``cudagraph_mode=FULL`` vLLM captures a step once (metadata from
+``build_for_cudagraph_capture``, a dummy batch of ``num_tokens`` spread over
+``min(num_tokens, max_num_seqs)`` requests) and replays it with new contents in the same
+buffers (query_start_loc, seq_lens, block_table, slot_mapping) without re-running ``forward``.
+Here the "replay" is ``forward`` with the capture-time metadata after the buffers were
+rewritten with a real, padded batch: every launch parameter is the capture's, every length
+comes from the buffers. Outputs must match the eager build of the same batch and the PyTorch
+reference per request (decodes read the 8-bit cache, prefills attend to context + own K/V).
+
+On CPU the kernels run in Triton's interpreter (``interpreter``) or as the PyTorch reference
+path (``reference``); the GPU twin captures and replays a real CUDA graph.
+Tolerance: atol = rtol = 3e-2 on bf16 outputs (the kernel tests' 2e-2 plus one more bf16
+rounding of a different split count / tile size between the two plans).
+"""
+
+from __future__ import annotations
+
+import _triton_env  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is imported)
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from backend_batches import Buffers, make_setup, reference_output, step_inputs, write_context  # noqa: E402
+
+TOL = dict(atol=3e-2, rtol=3e-2)
+MAX_REQS, MAX_TOKENS = 8, 32
+
+# (query_lens, context_lens): decodes first, as vLLM orders a batch.
+BATCHES = {
+    "mixed": ([1, 1, 1, 5, 3], [20, 0, 37, 0, 18]),
+    "decodes": ([1, 1, 1], [5, 40, 17]),
+    "prefills": ([4, 7], [0, 23]),
+}
+
+
+@pytest.fixture(params=["interpreter", "reference"])
+def path(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return request.param
+
+
+def _capture_batch(num_tokens: int) -> tuple[list[int], list[int]]:
+    """vLLM's capture dummy batch (gpu_model_runner._dummy_run, mixed mode)."""
+    num_reqs = min(num_tokens, MAX_REQS)
+    lens = [num_tokens // num_reqs] * num_reqs
+    lens[-1] += num_tokens % num_reqs
+    return lens, [0] * num_reqs
+
+
+def _eager(setup, query_lens, context_lens, device="cpu"):
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    m = bufs.fill(setup, query_lens, context_lens)
+    write_context(setup, m, query_lens, context_lens)
+    q, k, v = step_inputs(setup, m.num_actual_tokens)
+    setup.impl.do_kv_cache_update(setup.layer, k, v, setup.kv_cache, m.slot_mapping)
+    md = setup.builder.build(0, m)
+    out = torch.full_like(q, float("nan"))
+    setup.impl.forward(setup.layer, q, k, v, setup.kv_cache, md, out)
+    return out, reference_output(setup, m, q, k, v, query_lens, context_lens), md
+
+
+def _replay(setup, bufs, md_capture, capture_tokens, query_lens, context_lens, run=None):
+    """Rewrite the buffers with a real batch padded like the capture; run the captured step."""
+    m = bufs.fill(setup, query_lens, context_lens, num_reqs_padded=md_capture.seq_lens.shape[0],
+                  num_tokens_padded=capture_tokens)  # fmt: skip
+    write_context(setup, m, query_lens, context_lens)
+    q, k, v = step_inputs(setup, capture_tokens)
+    out = torch.full_like(q, float("nan"))
+    if run is None:  # CPU: forward with the capture-time metadata is what a replay executes
+        setup.impl.do_kv_cache_update(setup.layer, k, v, setup.kv_cache, md_capture.slot_mapping)
+        setup.impl.forward(setup.layer, q, k, v, setup.kv_cache, md_capture, out)
+    else:
+        run(q, k, v, out)
+    n = sum(query_lens)
+    return out, reference_output(setup, m, q[:n], k[:n], v[:n], query_lens, context_lens)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_eager_build_matches_reference(path, batch, kv_dtype):
+    setup = make_setup(kv_dtype=kv_dtype, max_num_seqs=MAX_REQS)
+    query_lens, context_lens = BATCHES[batch]
+    out, ref, md = _eager(setup, query_lens, context_lens)
+    assert (1 in query_lens) == bool(md.decode) and (max(query_lens) > 1) == (md.prefill is not None)
+    assert not md.graph_safe
+    torch.testing.assert_close(out.float(), ref.float(), **TOL)
+
+
+@pytest.mark.parametrize("capture_tokens", [8, 24])
+def test_graph_replay_of_any_mix_matches_eager(path, capture_tokens):
+    """One capture (all-decode dummy batch at 8 tokens, multi-token requests at 24) replays
+    decode-only, prefill-only and mixed batches, including one out of decode-first order."""
+    setup = make_setup(kv_dtype="int8", max_num_seqs=MAX_REQS, num_blocks=160)
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    lens, ctx = _capture_batch(capture_tokens)
+    m = bufs.fill(setup, lens, ctx, max_query_len=capture_tokens)
+    md = setup.builder.build_for_cudagraph_capture(m)
+    assert md.graph_safe and md.prefill is not None and md.prefill.all_rows
+    assert md.decode[setup.num_heads].num_seqs == len(lens)  # grid over every padded request
+    assert torch.equal(md.seq_lens.cpu(), torch.tensor(lens, dtype=torch.int32))  # capture: no context
+    out, ref = _replay(setup, bufs, md, capture_tokens, *_capture_batch(capture_tokens))  # the warm-up run
+    torch.testing.assert_close(out[:capture_tokens].float(), ref.float(), **TOL)
+
+    batches = [b for b in BATCHES.values() if sum(b[0]) <= capture_tokens and len(b[0]) <= len(lens)]
+    batches.append(([3, 1, 2, 1], [9, 30, 0, 0]))  # not decode-first: the graph path does not care
+    for query_lens, context_lens in batches:
+        out, ref = _replay(setup, bufs, md, capture_tokens, query_lens, context_lens)
+        n = sum(query_lens)
+        torch.testing.assert_close(out[:n].float(), ref.float(), **TOL)
+        assert torch.isnan(out[n:]).all(), "padding rows were written"
+        if query_lens == sorted(query_lens, key=lambda q: q > 1):  # decode-first: eager must agree
+            eager, _, _ = _eager(make_setup(kv_dtype="int8", max_num_seqs=MAX_REQS, num_blocks=160),
+                                 query_lens, context_lens)  # fmt: skip
+            torch.testing.assert_close(out[:n].float(), eager.float(), **TOL)
+
+
+def test_uniform_decode_capture_plans_no_prefill(path):
+    """FULL_AND_PIECEWISE decode graphs (max_query_len 1) replay one-token batches only."""
+    setup = make_setup(max_num_seqs=MAX_REQS)
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    m = bufs.fill(setup, [1] * 4, [0] * 4, max_query_len=1)
+    md = setup.builder.build_for_cudagraph_capture(m)
+    assert md.prefill is None and md.decode[setup.num_heads].varlen
+    out, ref = _replay(setup, bufs, md, 4, [1, 1, 1], [12, 0, 33])
+    torch.testing.assert_close(out[:3].float(), ref.float(), **TOL)
+
+
+def test_sliding_window_and_soft_cap_in_graph_mode(path):
+    setup = make_setup(kv_dtype="fp8_e4m3", per_head=False, sliding_window=8, logits_soft_cap=5.0,
+                       max_num_seqs=MAX_REQS, num_blocks=160)  # fmt: skip
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, *_capture_batch(16), max_query_len=16))
+    out, ref = _replay(setup, bufs, md, 16, [1, 6, 1], [30, 11, 3])
+    torch.testing.assert_close(out[:8].float(), ref.float(), **TOL)
+
+
+def test_declared_cuda_graph_support_follows_the_decode_kernel():
+    """ALWAYS with our kernels (auto = triton); fa3 / flashinfer plan only the leading decodes."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_kvquant.backend import KVQuantAttentionBackend
+
+    builder = KVQuantAttentionBackend.get_builder_cls()
+    support = {
+        kernel: builder.get_cudagraph_support(SimpleNamespace(additional_config={"kvquant": {"kernel": kernel}}), None)
+        for kernel in ("auto", "triton", "fa3", "flashinfer")
+    }
+    assert support == {"auto": AttentionCGSupport.ALWAYS, "triton": AttentionCGSupport.ALWAYS,
+                       "fa3": AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE,
+                       "flashinfer": AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE}  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where FA3 cannot run")
+def test_fa3_decode_kernel_is_refused_at_startup_on_cpu():
+    from vllm_kvquant.errors import KVQuantConfigError
+
+    with pytest.raises(KVQuantConfigError, match=r"\['kernel'\] = 'fa3' cannot run: .*needs a CUDA GPU"):
+        make_setup(options={"kernel": "fa3"})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+def test_gpu_cuda_graph_capture_and_replay(kv_dtype):
+    """A real CUDA graph of write + attention, captured on a dummy batch, replayed on mixes."""
+    setup = make_setup(kv_dtype=kv_dtype, max_num_seqs=MAX_REQS, num_blocks=160, device="cuda")
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    tokens = 24
+    md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, *_capture_batch(tokens), max_query_len=tokens))
+    q_buf, k_buf, v_buf = step_inputs(setup, tokens)
+    out_buf = torch.empty_like(q_buf)
+
+    def step():
+        setup.impl.do_kv_cache_update(setup.layer, k_buf, v_buf, setup.kv_cache, md.slot_mapping)
+        setup.impl.forward(setup.layer, q_buf, k_buf, v_buf, setup.kv_cache, md, out_buf)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside the capture, as vLLM does
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay(q, k, v, out):
+        q_buf.copy_(q), k_buf.copy_(k), v_buf.copy_(v)
+        out_buf.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        out.copy_(out_buf)
+
+    for query_lens, context_lens in [*BATCHES.values(), ([3, 1, 2, 1], [9, 30, 0, 0])]:
+        out, ref = _replay(setup, bufs, md, tokens, query_lens, context_lens, run=replay)
+        n = sum(query_lens)
+        torch.testing.assert_close(out[:n].float(), ref.float(), **TOL)

@@ -1,0 +1,206 @@
+"""The kvquant backend's batch metadata and its builder: every launch parameter, once per batch.
+
+Decodes are ordered first in every batch (``reorder_batch_threshold = 1``). The builder turns
+vLLM's common metadata into one :class:`.kernels.DecodePlan` (grid, split count, workspace
+views, argument tuples; FlashInfer's plan/run split) and one :class:`.prefill.PrefillPlan`,
+shared by every layer of the KV-cache group, so a layer's call only launches.
+
+Two kinds of build:
+
+- ``build`` (eager and piecewise steps): exact plans. The decode kernel covers the first
+  ``num_decodes`` requests, the prefill kernel the rest; a kernel with nothing to do is not
+  planned (the layer then skips it).
+- ``build_for_cudagraph_capture`` (full CUDA graphs, ``AttentionCGSupport.ALWAYS``): a graph is
+  replayed with new device contents (query_start_loc, seq_lens, block_table, slot_mapping)
+  and any mix of decodes and prefills, without re-running ``forward``. Both plans then cover
+  every padded request with grids from upper bounds (``num_reqs``, ``num_actual_tokens``):
+  the decode kernel serves requests with one new token, the prefill kernel those with more;
+  each reads its lengths on the device and padding requests (no new tokens) do nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
+
+from . import compat
+from .config import KVQuantConfig
+from .kernels.decode_attention import DEFAULT_CONFIG, DecodePlan, alloc_decode_workspace
+from .kernels.decode_config import device_num_sms
+from .layer_scales import attach_layer_scales, layer_state
+from .prefill import PrefillPlan
+
+__all__ = ["KVQuantMetadata", "KVQuantMetadataBuilder", "decode_kernel"]
+
+
+def decode_kernel(vllm_config: Any) -> str:
+    """The configured decode kernel. ``auto`` is ``triton``: the one kernel that serves full CUDA
+    graphs of mixed batches (:mod:`.decode_kernels` holds the fa3 / flashinfer alternatives)."""
+    kernel = KVQuantConfig.from_additional_config(compat.additional_config(vllm_config)).kernel
+    return "triton" if kernel == "auto" else kernel
+
+
+@dataclass
+class KVQuantMetadata:
+    num_actual_tokens: int
+    num_decodes: int
+    num_decode_tokens: int
+    num_prefills: int
+    num_prefill_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    #: Decode plans by number of query heads (one entry unless layers differ); empty: no decodes.
+    decode: dict[int, DecodePlan] = field(default_factory=dict)
+    #: The fa3 / flashinfer decode plan (a ``decode_kernels.DecodePlan``) when one of them is configured.
+    decode_other: Any = None
+    #: None: no prefill this batch.
+    prefill: PrefillPlan | None = None
+    #: Built for CUDA-graph capture: both plans cover every (padded) request.
+    graph_safe: bool = False
+
+
+class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
+    # Mixed prefill/decode batches can be captured whole (cudagraph_mode=FULL): see the module doc.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
+    reorder_batch_threshold: int | None = 1
+
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Scales go onto the layers now, before any CUDA graph is captured.
+        attach_layer_scales(vllm_config, layer_names, device)
+        self.num_kv_heads = int(kv_cache_spec.num_kv_heads)
+        self.head_size = int(kv_cache_spec.head_size)
+        layers = compat.attention_layers(vllm_config, layer_names).values()
+        heads = {int(h) for h in (getattr(layer, "num_heads", None) for layer in layers) if h}
+        if not heads:
+            heads = {int(vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config))}
+        self.num_q_heads = sorted(heads)
+        self.max_num_seqs = int(vllm_config.scheduler_config.max_num_seqs)
+        self.device = torch.device(device)
+        self.num_sms = device_num_sms(self.device, DEFAULT_CONFIG)
+        # One split-KV workspace for every batch and layer (layers run one after another).
+        self.decode_workspace = alloc_decode_workspace(
+            self.max_num_seqs, max(self.num_q_heads), self.head_size, num_kv_heads=self.num_kv_heads, device=self.device
+        )
+
+        self.decode_planner = None
+        if decode_kernel(vllm_config) != "triton":
+            self._init_other_decode(vllm_config, kv_cache_spec, list(layers))
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        # fa3 / flashinfer decode only the leading one-token requests: full graphs of pure-decode batches.
+        if decode_kernel(vllm_config) != "triton":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return cls._cudagraph_support
+
+    def _init_other_decode(self, vllm_config: Any, kv_cache_spec: Any, layers: list) -> None:
+        """Plan fa3 / flashinfer decodes (``vllm_kvquant.decode_kernels``; refuses what cannot run)."""
+        from .decode_kernels import DecodePlanner
+
+        first = layers[0]
+        impl = first.impl
+        block_size = int(kv_cache_spec.block_size)
+        self.decode_planner = DecodePlanner.create(
+            decode_kernel(vllm_config), num_heads=max(self.num_q_heads), num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size, block_size=block_size, scale=impl.scale, sliding_window=impl.sliding_window,
+            logits_soft_cap=impl.logits_soft_cap, kv_dtype=layer_state(first).kv_dtype,
+            model_dtype=vllm_config.model_config.dtype, device=self.device, max_num_seqs=self.max_num_seqs,
+            max_num_blocks_per_seq=-(-int(vllm_config.model_config.max_model_len) // block_size),
+        )  # fmt: skip
+        comp = vllm_config.compilation_config
+        full = comp.cudagraph_mode is not None and comp.cudagraph_mode.has_full_cudagraphs()
+        self._full_graph_max_tokens = int(comp.max_cudagraph_capture_size or 0) if full else 0
+
+    def _other_decode_plan(self, m: CommonAttentionMetadata, num_decodes: int, graph: bool) -> Any:
+        from .decode_kernels import DecodePlan as KernelDecodePlan
+
+        # Replayed from a full graph (as vLLM's FLASH_ATTN decides): per-batch data into persistent buffers.
+        graph = graph or (num_decodes == m.num_reqs and m.num_actual_tokens <= self._full_graph_max_tokens)
+        upper = getattr(m, "seq_lens_cpu_upper_bound", None)
+        return KernelDecodePlan.build(
+            m.block_table_tensor, m.seq_lens[:num_decodes], m.query_start_loc, m.max_seq_len,
+            planner=self.decode_planner, seq_lens_cpu=None if upper is None else upper[:num_decodes],
+            use_cuda_graph=graph,
+        )  # fmt: skip
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> KVQuantMetadata:
+        m = common_attn_metadata
+        # Lengths are data, not shapes: capture with no cached context (capturing with
+        # max_model_len-long sequences is slow); replays bring their own lengths.
+        qsl = m.query_start_loc
+        m.seq_lens.copy_(qsl[1:] - qsl[:-1])
+        return self._build(m, graph_safe=True)
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> KVQuantMetadata:
+        return self._build(common_attn_metadata, graph_safe=False)
+
+    def _decode_plans(self, num_seqs: int, m: CommonAttentionMetadata) -> dict[int, DecodePlan]:
+        return {
+            hq: DecodePlan.build(
+                num_seqs, m.block_table_tensor, m.seq_lens, m.query_start_loc, num_q_heads=hq,
+                num_kv_heads=self.num_kv_heads, head_size=self.head_size, workspace=self.decode_workspace,
+                config=DEFAULT_CONFIG, num_sms=self.num_sms,
+            )  # fmt: skip
+            for hq in self.num_q_heads
+        }
+
+    def _build(self, m: CommonAttentionMetadata, *, graph_safe: bool) -> KVQuantMetadata:
+        num_decodes, num_prefills, num_decode_tokens, num_prefill_tokens = compat.split_decodes_and_prefills(m)
+        metadata = KVQuantMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            num_prefills=num_prefills,
+            num_prefill_tokens=num_prefill_tokens,
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
+            query_start_loc=m.query_start_loc,
+            seq_lens=m.seq_lens,
+            block_table=m.block_table_tensor,
+            slot_mapping=m.slot_mapping,
+            graph_safe=graph_safe,
+        )
+        if self.decode_planner is not None:  # fa3 / flashinfer: decodes first, full graphs of decodes only
+            if num_decodes:
+                metadata.decode_other = self._other_decode_plan(m, num_decodes, graph_safe)
+            num_decodes = 0
+        elif graph_safe:
+            # Upper bounds only: the replayed batch may mix decodes and prefills in any way.
+            metadata.decode = self._decode_plans(m.num_reqs, m)
+            if m.max_query_len > 1:  # else a uniform-decode graph: replayed for one-token requests only
+                metadata.prefill = PrefillPlan.build(
+                    m.query_start_loc, m.seq_lens, m.block_table_tensor,
+                    num_tokens=m.num_actual_tokens, max_query_len=m.num_actual_tokens, all_rows=True,
+                )  # fmt: skip
+            return metadata
+        if num_decodes:
+            metadata.decode = self._decode_plans(num_decodes, m)
+        if num_prefills:
+            nd = metadata.num_decodes
+            metadata.prefill = PrefillPlan.build(
+                m.query_start_loc, m.seq_lens, m.block_table_tensor,
+                num_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+                num_decodes=nd, num_decode_tokens=num_decode_tokens, has_context=_may_have_context(m, nd),
+            )  # fmt: skip
+        return metadata
+
+
+def _may_have_context(m: CommonAttentionMetadata, first: int) -> bool:
+    """Whether any request from ``first`` on may have cached context (host data only, no sync)."""
+    upper = getattr(m, "seq_lens_cpu_upper_bound", None)
+    qsl = getattr(m, "query_start_loc_cpu", None)
+    if upper is None or qsl is None:
+        return True
+    n = m.num_reqs
+    new_tokens = qsl[first + 1 : n + 1] - qsl[first:n]
+    return bool((upper[first:n] - new_tokens > 0).any())

@@ -1,0 +1,287 @@
+"""Prefill attention of the kvquant backend: the path is chosen once per layer, a plan once per batch.
+
+:class:`PrefillRunner` (one per attention layer) validates its options and picks its path at
+construction, so :meth:`PrefillRunner.run` does no validation, no allocation of its own and no
+host sync. :class:`PrefillPlan` (one per batch, built by the metadata builder) holds what every
+layer's call needs. Paths (``runner.path``):
+
+- ``fa3`` (mode ``bf16`` on Hopper with vLLM's FlashAttention-3): FA3's varlen kernel attends
+  each prefill's new tokens to each other in fp16/bf16 (causal, sliding window, soft cap),
+  writing ``out`` and its log-sum-exp; then the Triton kernel (``MODE_MERGE``) attends to the
+  8-bit cached context and merges the two by log-sum-exp in its epilogue, in place. Tiles
+  that see no context exit at once, so pure prefills cost what FA3 costs.
+- ``triton``: one Triton kernel; mode ``bf16``: ``MODE_FULL`` (context from the cache + the
+  step's own K/V unquantized), where FA3 is missing (non-Hopper GPU, Triton interpreter);
+  mode ``quantized``: ``MODE_QUANTIZED`` (everything from the cache, causal).
+- ``reference``: PyTorch, on CPU without ``TRITON_INTERPRET=1`` (vLLM's CPU build).
+
+Modes: ``bf16`` (default) attends to the step's own K/V unquantized: the most accurate, but a
+prompt's first pass differs (slightly) from a later pass whose start comes from the 8-bit
+prefix cache. ``quantized`` attends to exactly the values that later reads see, so a greedy
+request gives the same answer whatever the prefix-cache and chunking state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import KVQuantConfigError
+from .kernels.dtypes import SUPPORTED_HEAD_SIZES, KVQuantDType, as_storage
+from .kernels.prefill_attention import (
+    MODE_FULL,
+    MODE_MERGE,
+    MODE_QUANTIZED,
+    PrefillKernelConfig,
+    _interpreting,
+    launch_prefill,
+    make_launcher,
+)
+from .kernels.reference import PREFILL_MODES, paged_prefill_attention_ref
+
+logger = logging.getLogger("vllm.kvquant")
+
+PATHS = ("fa3", "triton", "reference")
+
+
+@dataclass
+class PrefillPlan:
+    """One batch's prefill launch data, shared by every layer (see :meth:`build`).
+
+    ``query_start_loc`` indexes the rows ``[row_start:]`` of the tensors ``run()`` receives.
+    """
+
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32 (device)
+    seq_lens: torch.Tensor  # [num_reqs] int32: cached context + new tokens
+    block_table: torch.Tensor  # [num_reqs(+), max_blocks]
+    num_reqs: int
+    num_tokens: int  # upper bound on query_start_loc[-1]: sizes the launch grid
+    max_query_len: int  # upper bound on any request's new tokens
+    row_start: int = 0  # first row of query/key/value/out that the plan covers
+    all_rows: bool = False  # graph-safe: every request of the batch; q_len <= 1 and empty ones skipped
+    has_context: bool = True  # False: no request has cached context (the context pass is skipped)
+
+    @classmethod
+    def build(
+        cls,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        *,
+        num_tokens: int,
+        max_query_len: int,
+        num_decodes: int = 0,
+        num_decode_tokens: int = 0,
+        all_rows: bool = False,
+        has_context: bool = True,
+    ) -> "PrefillPlan":
+        """Build once per batch, for all layers (at most one small device op, no host sync).
+
+        Args:
+            query_start_loc: ``[num_reqs + 1]`` int32 device, the whole batch's
+                (``CommonAttentionMetadata.query_start_loc``; padded requests repeat the end).
+            seq_lens: ``[num_reqs]`` int32 device, context + new tokens of each request.
+            block_table: ``[num_reqs(+), max_blocks]`` device page ids.
+            num_tokens: rows of the batch's query (``num_actual_tokens``; padded under graphs).
+            max_query_len: an upper bound on the new tokens of any request the plan covers
+                (exact is faster when not ``all_rows``; under CUDA graphs pass ``num_tokens``).
+            num_decodes, num_decode_tokens: the leading requests / rows the decode kernel
+                serves (batches are reordered decode-first); ignored with ``all_rows``.
+            all_rows: cover every request (CUDA-graph safe: nothing depends on the batch's
+                composition; requests with 0 or 1 new tokens are skipped on the device). The
+                plan then covers all rows and the ``fa3`` path also writes decode rows: call
+                the decode kernel after ``run()``.
+            has_context: pass False only when no covered request has cached context (known on
+                the host, e.g. from ``seq_lens_cpu_upper_bound``); never under CUDA graphs.
+        """
+        if all_rows or (num_decodes == 0 and num_decode_tokens == 0):
+            return cls(
+                query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=block_table,
+                num_reqs=query_start_loc.shape[0] - 1, num_tokens=num_tokens, max_query_len=max_query_len,
+                all_rows=all_rows, has_context=has_context,
+            )  # fmt: skip
+        qsl = query_start_loc[num_decodes:]
+        return cls(
+            query_start_loc=qsl - num_decode_tokens if num_decode_tokens else qsl,
+            seq_lens=seq_lens[num_decodes:],
+            block_table=block_table[num_decodes:],
+            num_reqs=qsl.shape[0] - 1,
+            num_tokens=num_tokens - num_decode_tokens,
+            max_query_len=max_query_len,
+            row_start=num_decode_tokens,
+            has_context=has_context,
+        )
+
+    @property
+    def context_lens(self) -> torch.Tensor:
+        """Cached tokens before this step, per request (computed on demand: reference path, tests)."""
+        qsl = self.query_start_loc
+        return self.seq_lens[: self.num_reqs] - (qsl[1:] - qsl[:-1])
+
+
+def fa3_unavailable_reason(device: torch.device, head_size: int) -> str | None:
+    """Why vLLM's FlashAttention-3 cannot serve the fresh-token part here (None: it can)."""
+    if device.type != "cuda":
+        return f"device {device} is not CUDA"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return f"FA3 needs compute capability 9.x (Hopper), this GPU is {major}.{minor}"
+    if head_size % 8 or head_size > 256:
+        return f"FA3 does not support head size {head_size}"
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import fa_version_unsupported_reason, is_fa_version_supported
+    except ImportError as e:  # CPU build, ROCm, or a vLLM without its flash-attention package
+        return f"vllm.vllm_flash_attn is not importable ({e})"
+    if not is_fa_version_supported(3):
+        return fa_version_unsupported_reason(3) or "FA3 is not supported here"
+    return None
+
+
+def _flash_attn_varlen_func() -> Callable[..., Any]:
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
+def _error(msg: str) -> KVQuantConfigError:
+    return KVQuantConfigError(f"kvquant prefill: {msg}")
+
+
+class PrefillRunner:
+    """Prefill attention of one layer; ``run()`` is the per-step call (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        head_size: int,
+        scale: float,
+        sliding_window: int | None,
+        logits_soft_cap: float | None,
+        mode: str,
+        device: torch.device | str,
+        path: str | None = None,
+    ) -> None:
+        """``path`` forces one of :data:`PATHS` (benchmarks, tests); None picks the fastest that runs."""
+        if mode not in PREFILL_MODES:
+            raise _error(f"mode {mode!r} is not one of {list(PREFILL_MODES)}")
+        if head_size not in SUPPORTED_HEAD_SIZES:
+            raise _error(f"head size {head_size} is not one of {list(SUPPORTED_HEAD_SIZES)}")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise _error(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+        if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 0):
+            raise _error(f"sliding_window must be an int >= 0 (0 or None = off), got {sliding_window!r}")
+        if logits_soft_cap is not None and not logits_soft_cap >= 0:
+            raise _error(f"logits_soft_cap must be >= 0 (0 or None = off), got {logits_soft_cap!r}")
+        if path is not None and path not in PATHS:
+            raise _error(f"path {path!r} is not one of {list(PATHS)}")
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
+        self.scale = float(scale)
+        self.sliding_window = sliding_window or None
+        self.logits_soft_cap = float(logits_soft_cap) if logits_soft_cap else None
+        self.mode = mode
+        self.device = torch.device(device)
+        self.path, self.why_not_fa3 = self._choose_path(path)
+        self._kernel_mode = MODE_QUANTIZED if mode == "quantized" else (MODE_MERGE if self.path == "fa3" else MODE_FULL)
+        self._cfg_args = dict(
+            num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, softmax_scale=self.scale,
+            sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap, device=self.device,
+        )
+        # Graph-safe tiling (BLOCK_M independent of the batch) and smaller tiles for short prompts.
+        self._cfg_fixed = PrefillKernelConfig.make(**self._cfg_args, max_query_len=None)
+        self._cfgs: dict[int, PrefillKernelConfig] = {}
+        self._launcher = make_launcher(self.device)
+        if self.path == "fa3":
+            self._fa = _flash_attn_varlen_func()
+            self._fa_window = None if self.sliding_window is None else [self.sliding_window - 1, 0]
+            self._fa_softcap = self.logits_soft_cap or 0.0
+        logger.debug("kvquant prefill: mode %s, path %s%s", mode, self.path,
+                     f" (no FA3: {self.why_not_fa3})" if self.why_not_fa3 and mode == "bf16" else "")  # fmt: skip
+
+    def _choose_path(self, forced: str | None) -> tuple[str, str | None]:
+        cpu_reference = self.device.type == "cpu" and not _interpreting()
+        why_not = fa3_unavailable_reason(self.device, self.head_size) if self.mode == "bf16" else "mode is quantized"
+        if forced == "fa3" and why_not:
+            raise _error(f"path 'fa3' is not available: {why_not}")
+        if forced == "triton" and cpu_reference:
+            raise _error("path 'triton' needs a CUDA device or TRITON_INTERPRET=1")
+        if forced:
+            return forced, why_not
+        if cpu_reference:
+            return "reference", why_not
+        return ("fa3" if why_not is None else "triton"), why_not
+
+    def _config(self, plan: PrefillPlan) -> PrefillKernelConfig:
+        # Mode quantized keeps one tile shape whatever the batch, so that a row's arithmetic (MMA
+        # shape, reduction order) and hence its bits do not depend on the chunking either.
+        if plan.all_rows or self.mode == "quantized":
+            return self._cfg_fixed
+        bucket = 1 << max(plan.max_query_len - 1, 0).bit_length()
+        cfg = self._cfgs.get(bucket)
+        if cfg is None:
+            cfg = self._cfgs[bucket] = PrefillKernelConfig.make(**self._cfg_args, max_query_len=bucket)
+        return cfg
+
+    def run(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        k_scale: torch.Tensor,
+        v_scale: torch.Tensor,
+        kv_dtype: KVQuantDType | str,
+        plan: PrefillPlan,
+        out: torch.Tensor,
+    ) -> None:
+        """Write the prefill rows of ``out`` (``[num_tokens, num_heads, head_size]``).
+
+        ``query``/``key``/``value``/``out`` are the layer's whole tensors (rows from
+        ``plan.row_start`` on are used); ``key_cache``/``value_cache`` the views of
+        ``compat.split_kv_cache`` (one-byte storage, any strides), already holding this step's
+        K/V; ``k_scale``/``v_scale`` fp32 ``[1]`` or ``[num_kv_heads]``. Mode ``quantized``
+        never reads ``key``/``value``.
+        """
+        if plan.num_reqs == 0:
+            return None
+        s = plan.row_start
+        if s:
+            query, key, value, out = query[s:], key[s:], value[s:], out[s:]
+        if self.path == "reference":
+            return self._run_reference(query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan, out)
+        lse = None
+        if self.path == "fa3":
+            _, lse = self._fa(
+                q=query, k=key, v=value, out=out,
+                cu_seqlens_q=plan.query_start_loc, cu_seqlens_k=plan.query_start_loc,
+                max_seqlen_q=plan.max_query_len, max_seqlen_k=plan.max_query_len,
+                softmax_scale=self.scale, causal=True, window_size=self._fa_window, softcap=self._fa_softcap,
+                return_softmax_lse=True, fa_version=3, num_splits=1,
+            )  # fmt: skip
+            if not plan.has_context:
+                return None
+        launch_prefill(
+            self._config(plan), self._kernel_mode, query, key, value, key_cache, value_cache, out,
+            plan.block_table, plan.query_start_loc, plan.seq_lens, k_scale, v_scale, kv_dtype == "int8",
+            plan.num_tokens, plan.num_reqs, lens_are_seq=True, all_rows=plan.all_rows, lse=lse,
+            launcher=self._launcher,
+        )  # fmt: skip
+        return None
+
+    def _run_reference(self, query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan, out) -> None:
+        """PyTorch (vLLM's CPU build): slow but simple; writes the same rows as the kernels."""
+        ref = paged_prefill_attention_ref(
+            query, key, value, as_storage(key_cache, kv_dtype), as_storage(value_cache, kv_dtype), plan.block_table,
+            plan.query_start_loc, plan.context_lens, k_scale, v_scale, kv_dtype, self.scale, self.sliding_window,
+            self.logits_soft_cap, mode=self.mode,
+        )  # fmt: skip
+        qsl = plan.query_start_loc.tolist()
+        min_len = 2 if plan.all_rows else 1
+        for i in range(plan.num_reqs):
+            if qsl[i + 1] - qsl[i] >= min_len:
+                out[qsl[i] : qsl[i + 1]] = ref[qsl[i] : qsl[i + 1]]
