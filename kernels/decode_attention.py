@@ -43,7 +43,7 @@ import torch
 from . import decode_config as _cfg
 from .decode_config import MAX_HEAD_SIZE, MAX_NUM_SPLITS, DecodeKernelConfig, _config_from_env  # noqa: F401
 from .decode_plan import DecodeLayer, DecodePlan, uses_reference
-from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage
+from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype
 from .reference import paged_decode_attention_ref
 
 __all__ = [
@@ -118,15 +118,9 @@ def _validate(query, key_cache, value_cache, block_table, seq_lens, k_scale, v_s
     if not (16 <= head_size <= MAX_HEAD_SIZE) or head_size % 8 != 0:
         raise ValueError(f"head size {head_size} unsupported; need a multiple of 8 in [16, {MAX_HEAD_SIZE}]")
     for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if cache.dim() != 4:
-            raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(cache.shape)}")
-        if cache.element_size() != 1:
-            raise ValueError(f"{name} must hold 1-byte elements (fp8/int8/uint8), got {cache.dtype}")
-        if cache.shape[3] != head_size:
+        if cache.dim() == 4 and cache.shape[3] != head_size:
             raise ValueError(f"{name} head size {cache.shape[3]} != query head size {head_size}")
-    if key_cache.shape[:3] != value_cache.shape[:3]:
-        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
-    num_kv_heads = key_cache.shape[2]
+    _, num_kv_heads, _ = check_paged_caches(key_cache, value_cache)
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
@@ -189,10 +183,7 @@ def paged_decode_attention(
     Every argument is validated on every call; the backend uses :class:`DecodePlan` and
     :class:`DecodeLayer` instead, which validate once.
     """
-    try:
-        kv_dtype = KVQuantDType(kv_dtype)
-    except ValueError:
-        raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; expected one of {[d.value for d in KVQuantDType]}") from None
+    kv_dtype = parse_kv_dtype(kv_dtype)
     num_seqs, num_q_heads, head_size, num_kv_heads = _validate(
         query, key_cache, value_cache, block_table, seq_lens, k_scale, v_scale, out, max_num_splits
     )

@@ -31,7 +31,7 @@ from .decode_config import (
     workspace_numel,
 )
 from .decode_triton import HAVE_TRITON, decode_reduce_kernel, decode_split_kernel
-from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage
+from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype
 from .launch import FastKernel
 from .reference import paged_decode_attention_ref
 
@@ -152,20 +152,8 @@ class DecodeLayer:
         logits_soft_cap: float | None = None,
         config: DecodeKernelConfig | None = None,
     ) -> None:
-        try:
-            self.kv_dtype = KVQuantDType(kv_dtype)
-        except ValueError:
-            raise ValueError(
-                f"unsupported kv_dtype {kv_dtype!r}; expected one of {[d.value for d in KVQuantDType]}"
-            ) from None
-        for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
-            if cache.dim() != 4:
-                raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(cache.shape)}")
-            if cache.element_size() != 1:
-                raise ValueError(f"{name} must hold 1-byte elements (fp8/int8/uint8), got {cache.dtype}")
-        if key_cache.shape != value_cache.shape:
-            raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
-        _, block_size, num_kv_heads, head_size = key_cache.shape
+        self.kv_dtype = parse_kv_dtype(kv_dtype)
+        block_size, num_kv_heads, head_size = check_paged_caches(key_cache, value_cache)
         if not (16 <= head_size <= MAX_HEAD_SIZE) or head_size % 8 != 0:
             raise ValueError(f"head size {head_size} unsupported; need a multiple of 8 in [16, {MAX_HEAD_SIZE}]")
         if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:

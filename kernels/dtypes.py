@@ -40,3 +40,26 @@ def as_storage(cache: torch.Tensor, kv_dtype: KVQuantDType | str) -> torch.Tenso
         raise ValueError(f"a quantized KV cache needs 1 byte per element, got {cache.dtype}")
     target = torch_dtype_of(kv_dtype)
     return cache if cache.dtype == target else cache.view(target)
+
+
+def parse_kv_dtype(kv_dtype: KVQuantDType | str) -> KVQuantDType:
+    """The storage format named by ``kv_dtype``; a ValueError naming the choices otherwise."""
+    try:
+        return KVQuantDType(kv_dtype)
+    except ValueError:
+        raise ValueError(f"kv_dtype must be one of {[d.value for d in KVQuantDType]}, got {kv_dtype!r}") from None
+
+
+def check_paged_caches(key_cache: torch.Tensor, value_cache: torch.Tensor) -> tuple[int, int, int]:
+    """``(block_size, num_kv_heads, head_size)`` of two matching one-byte paged caches
+    ``[num_blocks, block_size, num_kv_heads, head_size]`` (any strides); a ValueError naming the
+    faulty argument otherwise."""
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if cache.dim() != 4:
+            raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(cache.shape)}")
+        if cache.element_size() != 1:
+            raise ValueError(f"{name} must hold 1-byte elements (a one-byte dtype: uint8, int8 or fp8), got {cache.dtype}")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
+    _, block_size, num_kv_heads, head_size = key_cache.shape
+    return block_size, num_kv_heads, head_size

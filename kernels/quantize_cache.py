@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .dtypes import KVQuantDType, as_storage, qmax_of
+from .dtypes import KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype, qmax_of
 from .launch import FastKernel
 from .reference import quantize_to_cache_ref
 
@@ -248,20 +248,10 @@ class CacheWriter:
         v_scale: torch.Tensor,
         kv_dtype: KVQuantDType | str,
     ) -> None:
-        try:
-            self.kv_dtype = kv_dtype = KVQuantDType(kv_dtype)
-        except ValueError:
-            raise ValueError(f"kv_dtype must be one of {[d.value for d in KVQuantDType]}, got {kv_dtype!r}") from None
-        for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
-            if c.dim() != 4:
-                raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(c.shape)}")
-            if c.element_size() != 1:
-                raise ValueError(f"{name} must have a one-byte dtype (uint8, int8 or fp8), got {c.dtype}")
-        if key_cache.shape != value_cache.shape:
-            raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
+        self.kv_dtype = kv_dtype = parse_kv_dtype(kv_dtype)
+        block_size, num_heads, head_size = check_paged_caches(key_cache, value_cache)
         if value_cache.device != key_cache.device:
             raise ValueError(f"value_cache is on {value_cache.device} but key_cache is on {key_cache.device}")
-        _, block_size, num_heads, head_size = key_cache.shape
         self.device = device = key_cache.device
         self.num_heads, self.head_size = num_heads, head_size
         self.k_scale, ks_stride = _flat_scale(k_scale, "k_scale", num_heads, device)
@@ -347,18 +337,8 @@ def quantize_to_cache(
     any one-byte dtype and any strides. ``config`` overrides the launch heuristic (tuning).
     Every argument is validated on every call; the backend uses :class:`CacheWriter`.
     """
-    try:
-        kv_dtype = KVQuantDType(kv_dtype)
-    except ValueError:
-        raise ValueError(f"kv_dtype must be one of {[d.value for d in KVQuantDType]}, got {kv_dtype!r}") from None
-    for name, c in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if c.dim() != 4:
-            raise ValueError(f"{name} must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(c.shape)}")
-        if c.element_size() != 1:
-            raise ValueError(f"{name} must have a one-byte dtype (uint8, int8 or fp8), got {c.dtype}")
-    if key_cache.shape != value_cache.shape:
-        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
-    _, block_size, num_heads, head_size = key_cache.shape
+    kv_dtype = parse_kv_dtype(kv_dtype)
+    block_size, num_heads, head_size = check_paged_caches(key_cache, value_cache)
     key = _as_3d(key, "key", num_heads, head_size)
     value = _as_3d(value, "value", num_heads, head_size)
     if key.shape[0] != value.shape[0]:
