@@ -57,9 +57,21 @@ class DecodeKernelConfig:
     #: sweep (benchmarks/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
     target_ctas_per_sm: int = 8
     reduce_num_warps: int = 4
-    #: Run the dots in fp16 even for bf16 queries (the query must then fit fp16's range).
-    #: Off: dots run in the query dtype.
-    dot_in_fp16: bool = False
+    #: Run the dots in fp16 for bf16 queries too: the 8-bit K/V convert to fp16 exactly and in
+    #: one step (to bf16 it takes three), and P is rounded to fp16's 11 bits instead of bf16's 8.
+    #: A bf16 query is divided in-kernel by a power of two that keeps it in fp16's range. Off:
+    #: dots in the query dtype (Triton's own conversions, no asm).
+    dot_in_fp16: bool = True
+    #: With fp16 dots on a GPU, per format: convert K/V with inline PTX and stage V through
+    #: fp16 shared memory (``decode_triton._v_to_fp16``). H200 (Triton 3.6, Llama-3-8B shapes,
+    #: benchmarks/decode_lab.py): int8 64x16k 865 -> 710 us with it (Triton's own int8 -> fp16
+    #: conversion is slower); fp8 674 us without, 696-712 with (more shared-memory traffic, fewer
+    #: programs per SM), so fp8 keeps Triton's single ``cvt.rn.f16x2.e4m3x2`` per pair.
+    asm_dequant_fp8: bool = False
+    asm_dequant_int8: bool = True
+    #: ``num_stages`` of the asm path (its fp16 staging buffers take shared memory: 5 stages
+    #: leave room for 2 programs per SM, 3 for 3; 3 measured fastest).
+    asm_num_stages: int = 3
     #: SM count assumed where no CUDA device is queried (Triton interpreter on CPU).
     cpu_num_sms: int = 8
 
@@ -67,6 +79,13 @@ class DecodeKernelConfig:
         if self.block_n is not None:
             return int(self.block_n)
         return max(16, min(256, self.tile_bytes // max(16, next_pow2(head_size))))
+
+    def uses_asm(self, kv_dtype: str) -> bool:
+        """Whether ``kv_dtype`` ("fp8_e4m3" | "int8") takes the inline-PTX conversion (fp16 dots only)."""
+        return self.dot_in_fp16 and (self.asm_dequant_int8 if kv_dtype == "int8" else self.asm_dequant_fp8)
+
+    def stages(self, kv_dtype: str) -> int:
+        return self.asm_num_stages if self.uses_asm(kv_dtype) else self.num_stages
 
     def warps(self, head_size: int) -> int:
         return self.num_warps if next_pow2(head_size) <= 128 else self.num_warps_large_head
@@ -87,7 +106,8 @@ def _config_from_env() -> DecodeKernelConfig:
         if key not in DecodeKernelConfig.__dataclass_fields__:
             raise ValueError(f"KVQUANT_DECODE_CONFIG: unknown field {key!r}")
         val = val.strip()
-        kw[key] = (val.lower() in ("1", "true", "yes")) if key == "dot_in_fp16" else (None if val == "None" else int(val))
+        flag = key in ("dot_in_fp16", "asm_dequant_fp8", "asm_dequant_int8")
+        kw[key] = (val.lower() in ("1", "true", "yes")) if flag else (None if val == "None" else int(val))
     return DecodeKernelConfig(**kw)
 
 

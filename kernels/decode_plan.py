@@ -188,9 +188,11 @@ class DecodeLayer:
         dot_dtype = tl.float16 if (cfg.dot_in_fp16 or act_dtype == torch.float16) else tl.bfloat16
         if dot_dtype == tl.bfloat16 and device.type == "cpu":
             dot_dtype = tl.float32  # the Triton interpreter (numpy) mis-computes bf16 casts and dots
+        q_rescale = dot_dtype == tl.float16 and act_dtype == torch.bfloat16
+        asm_dequant = device.type == "cuda" and dot_dtype == tl.float16 and cfg.uses_asm(self.kv_dtype.value)  # not interpreted
         head_pad = max(16, next_pow2(head_size))
         use_window = self.window > 0
-        self.split_options = dict(num_warps=cfg.warps(head_size), num_stages=cfg.num_stages)
+        self.split_options = dict(num_warps=cfg.warps(head_size), num_stages=cfg.stages(self.kv_dtype.value))
         self.reduce_options = dict(num_warps=cfg.reduce_num_warps)
         kc, vc, ks, vs = self.key_cache, self.value_cache, self.k_scale, self.v_scale
         scalars = (self.softmax_scale, self.cap, self.window, *kc.stride(), *vc.stride())
@@ -199,6 +201,7 @@ class DecodeLayer:
         self._split_const = (
             head_size, head_pad, num_q_heads // num_kv_heads, max(16, next_pow2(num_q_heads // num_kv_heads)),
             block_size, block_n, min_tiles, ks.numel() > 1, vs.numel() > 1, use_window, self.cap > 0.0, dot_dtype,
+            asm_dequant, q_rescale,
         )  # fmt: skip
         self._reduce_const = (head_size, head_pad, block_n, min_tiles, use_window)
         self._split = FastKernel(decode_split_kernel, device)

@@ -30,6 +30,56 @@ decode_reduce_kernel = None
 
 if HAVE_TRITON:
 
+    # int8 -> fp16, four per instance: ``0x6400 | (x ^ 0x80)`` is the fp16 ``1152 + x`` (two byte
+    # permutes), then one packed fp16 subtract per pair.
+    _INT8_TO_FP16_ASM = tl.constexpr("""{
+    .reg .b32 t, c, m;
+    xor.b32 t, $2, 0x80808080;
+    mov.b32 c, 0x64646464;
+    mov.b32 m, 0x64806480;
+    prmt.b32 $0, t, c, 0x4140;
+    prmt.b32 $1, t, c, 0x4342;
+    sub.rn.f16x2 $0, $0, m;
+    sub.rn.f16x2 $1, $1, m;
+    }""")
+    # e4m3 -> fp16, four per instance: one hardware conversion per pair.
+    _FP8_TO_FP16_ASM = tl.constexpr("""{
+    .reg .b16 lo, hi;
+    mov.b32 {lo, hi}, $2;
+    cvt.rn.f16x2.e4m3x2 $0, lo;
+    cvt.rn.f16x2.e4m3x2 $1, hi;
+    }""")
+
+    @triton.jit
+    def _k_to_fp16(x):
+        """K tile -> fp16 where the dot wants it (Triton converts in the dot-operand layout)."""
+        if x.dtype == tl.int8:
+            return tl.inline_asm_elementwise(
+                asm=_INT8_TO_FP16_ASM, constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4
+            )
+        else:
+            return x.to(tl.float16)  # one cvt.rn.f16x2.e4m3x2 per pair
+
+    @triton.jit
+    def _v_to_fp16(x):
+        """V tile -> fp16 where it is loaded (16-byte rows), so that its transpose into the
+        dot operand moves 16-bit values (``ldmatrix``) instead of single bytes.
+
+        Why: P @ V reduces over tokens, which V stores 1 byte apart; Triton's own path gathers
+        each operand byte with a separate shared-memory load and packs them with integer ops
+        (about half of the loop's instructions). ``is_pure=False`` keeps Triton from moving the
+        layout change above the conversion. Measured on an H200 (Triton 3.6): see
+        ``DecodeKernelConfig.asm_dequant``."""
+        if x.dtype == tl.int8:
+            return tl.inline_asm_elementwise(
+                asm=_INT8_TO_FP16_ASM, constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=False, pack=4
+            )
+        else:
+            return tl.inline_asm_elementwise(
+                asm=_FP8_TO_FP16_ASM, constraints="=r,=r,r", args=[x.to(tl.int8, bitcast=True)],
+                dtype=tl.float16, is_pure=False, pack=4,
+            )
+
     @triton.jit
     def _split_tile_range(
         seq_len,
@@ -75,7 +125,7 @@ if HAVE_TRITON:
         HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
         K_PER_HEAD: tl.constexpr, V_PER_HEAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-        DOT_DTYPE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, ASM_DEQUANT: tl.constexpr, Q_RESCALE: tl.constexpr,
         # plan constexprs
         SPLIT: tl.constexpr, VARLEN: tl.constexpr,
     ):  # fmt: skip
@@ -106,7 +156,17 @@ if HAVE_TRITON:
             q_ptr + row64 * stride_qs + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
             mask=g_mask[:, None] & d_mask[None, :],
             other=0.0,
-        ).to(DOT_DTYPE)
+        )
+        if Q_RESCALE:
+            # A bf16 query into fp16 dots: divide by a power of two that keeps |q| <= 2**14
+            # (exact unless the query exceeds that; then its smallest parts lose bits).
+            qf = q.to(tl.float32)
+            q_exp = tl.maximum(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(qf), 1), 0))) - 14.0, 0.0)
+            q = (qf * tl.exp2(-q_exp)).to(DOT_DTYPE)
+            q_mult = tl.exp2(q_exp)
+        else:
+            q_mult = 1.0
+            q = q.to(DOT_DTYPE)
 
         if K_PER_HEAD:
             k_scale = tl.load(k_scale_ptr + kvh)
@@ -116,6 +176,7 @@ if HAVE_TRITON:
             v_scale = tl.load(v_scale_ptr + kvh)
         else:
             v_scale = tl.load(v_scale_ptr)
+        k_scale = k_scale * q_mult
         if USE_SOFTCAP:
             qk_scale = sm_scale * k_scale / soft_cap  # tanh argument
             cap_log2 = soft_cap * 1.4426950408889634
@@ -139,12 +200,14 @@ if HAVE_TRITON:
                 kv_mask = valid[:, None]
             else:
                 kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(
-                k_base + page[:, None] * stride_kb + slot[:, None] * stride_kt, mask=kv_mask, other=0.0
-            ).to(DOT_DTYPE)
-            v = tl.load(
-                v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt, mask=kv_mask, other=0.0
-            ).to(DOT_DTYPE)
+            k = tl.load(k_base + page[:, None] * stride_kb + slot[:, None] * stride_kt, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt, mask=kv_mask, other=0.0)
+            if ASM_DEQUANT:  # fp16 dots on a GPU (exact: e4m3 and int8 are subsets of fp16)
+                k = _k_to_fp16(k)
+                v = _v_to_fp16(v)
+            else:
+                k = k.to(DOT_DTYPE)
+                v = v.to(DOT_DTYPE)
 
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N] fp32
             if USE_SOFTCAP:

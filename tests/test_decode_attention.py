@@ -287,6 +287,45 @@ def test_config_knobs(monkeypatch):
     run_and_check(case, max_num_splits=2, config=DecodeKernelConfig(block_n=16, min_tokens_per_split=16, dot_in_fp16=True))
 
 
+def test_bf16_query_beyond_fp16_range():
+    """fp16 dots divide a bf16 query by a power of two in-kernel: |q| ~ 1e6 (fp16 max 65504) and
+    tiny queries still match the reference, no inf/nan."""
+    for q_mult, seed in ((3e5, 21), (1e-6, 22)):
+        case = make_case(head_size=64, group=4, seq_lens=(5, 40), act_dtype=torch.bfloat16, q_mult=q_mult, seed=seed)
+        assert case["query"].abs().max() > 65504 or q_mult < 1
+        out = paged_decode_attention(**case, config=DecodeKernelConfig(block_n=16, min_tokens_per_split=16))
+        assert torch.isfinite(out).all()
+        ref = paged_decode_attention_ref(**case)
+        torch.testing.assert_close(out.float(), ref.float(), atol=ATOL, rtol=RTOL)
+
+
+def test_asm_choice_per_format():
+    """The inline-PTX conversion is chosen per storage format (and only with fp16 dots)."""
+    cfg = DecodeKernelConfig()
+    assert cfg.uses_asm("int8") and not cfg.uses_asm("fp8_e4m3")
+    assert (cfg.stages("int8"), cfg.stages("fp8_e4m3")) == (cfg.asm_num_stages, cfg.num_stages)
+    assert not DecodeKernelConfig(dot_in_fp16=False).uses_asm("int8")
+    assert DecodeKernelConfig(asm_dequant_fp8=True).uses_asm("fp8_e4m3")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kvd", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hs,grp,bs", [(64, 1, 16), (80, 4, 16), (128, 4, 64), (128, 8, 16), (256, 2, 32)])
+def test_gpu_asm_and_cast_paths_agree(kvd, act, hs, grp, bs):
+    """Both conversion paths (inline PTX with V staged as fp16; Triton's casts) on every format:
+    each matches the reference, and they agree with each other."""
+    case = make_case(head_size=hs, num_kv_heads=2, group=grp, block_size=bs, seq_lens=(1, 17, 300, 1000),
+                     act_dtype=act, kv_dtype=kvd, cache_layout="vllm", seed=hs + grp + bs)  # fmt: skip
+    asm = DecodeKernelConfig(asm_dequant_fp8=True, asm_dequant_int8=True)
+    cast = DecodeKernelConfig(asm_dequant_fp8=False, asm_dequant_int8=False)
+    outs = [run_and_check(case, max_num_splits=s, config=c)[0] for c in (asm, cast) for s in (1, 3)]
+    tol = 2 * torch.finfo(act).eps  # two output ulps: the paths round partial sums differently
+    for o in outs[1:]:
+        torch.testing.assert_close(o.float(), outs[0].float(), atol=tol, rtol=tol)
+
+
 def test_cpu_reference_fallback(monkeypatch):
     case = make_case(head_size=64, seq_lens=(5, 0, 40), device="cpu", seed=11)
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -1,0 +1,132 @@
+"""Kernel-only decode sweep: our Triton kernel under several launch configs, no vLLM needed.
+
+For tuning on the GPU machine without the vLLM bundle (a call costs seconds): the cache is
+allocated in the backend's own layout (``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
+K then V per token, as ``KVQuantAttentionBackend.get_kv_cache_shape`` says) and viewed as the
+backend views it; every config is checked against the PyTorch reference and timed as a CUDA graph
+over rotating caches (median), beside a device-to-device copy measured in the same run.
+
+    python benchmarks/decode_lab.py --configs "dot_in_fp16=0,asm_dequant=0" "block_n=64,num_stages=3"
+    python benchmarks/decode_lab.py --ncu-config "block_n=64" --shapes 64x16384   # one launch, for ncu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import buffer_sets, measure_copy_gbps, time_rotating  # noqa: E402
+
+from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig, DecodeLayer, DecodePlan  # noqa: E402
+from vllm_kvquant.kernels.reference import paged_decode_attention_ref  # noqa: E402
+
+STORE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+SCALE = {"fp8_e4m3": (0.02, 0.015), "int8": (0.035, 0.03)}
+
+
+def parse_config(spec: str) -> DecodeKernelConfig:
+    kw: dict = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, _, val = item.partition("=")
+        if key not in DecodeKernelConfig.__dataclass_fields__:
+            raise SystemExit(f"unknown config field {key!r}")
+        kw[key] = val.lower() in ("1", "true") if key in ("dot_in_fp16", "asm_dequant_fp8", "asm_dequant_int8") else int(val)
+    return DecodeKernelConfig(**kw)
+
+
+def make_case(batch: int, context: int, kv_dtype: str, hq: int, hkv: int, d: int, bs: int, copies: int, seed: int = 0):
+    """Caches (backend layout, ``copies`` disjoint regions), shuffled block tables, queries."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    pages = -(-context // bs)
+    nb = batch * pages * copies + 1
+    raw = torch.randn(nb, hkv, bs, 2 * d, device="cuda", generator=g) * 60
+    store = STORE[kv_dtype]
+    raw = raw.clamp(-127, 127).round() if store == torch.int8 else raw.clamp(-448, 448)
+    kv = raw.to(store).view(torch.uint8)
+    del raw
+    key = kv[..., :d].permute(0, 2, 1, 3)  # [num_blocks, block_size, num_kv_heads, d], the backend's views
+    value = kv[..., d:].permute(0, 2, 1, 3)
+    tables = [
+        (torch.randperm(batch * pages, device="cuda", generator=g) + 1 + c * batch * pages).view(batch, pages).int()
+        for c in range(copies)
+    ]
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    queries = [torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(copies)]
+    return key, value, tables, seq_lens, queries
+
+
+def run(a: argparse.Namespace) -> dict:
+    copy_gbps = measure_copy_gbps()
+    print(f"copy {copy_gbps:.0f} GB/s", flush=True)
+    configs = [(spec, parse_config(spec)) for spec in a.configs]
+    rows = []
+    for kv_dtype in a.kv_dtypes:
+        ks, vs = (torch.tensor([s], device="cuda") for s in SCALE[kv_dtype])
+        for batch, context in a.shapes:
+            kv_bytes = batch * context * a.num_kv_heads * a.head_size * 2
+            copies = 1 if a.ncu_config else buffer_sets(kv_bytes, min_total=1 << 30, max_sets=8)
+            key, value, tables, seq_lens, queries = make_case(
+                batch, context, kv_dtype, a.num_q_heads, a.num_kv_heads, a.head_size, a.block_size, copies
+            )
+            ref = None
+            for spec, cfg in configs:
+                layer = DecodeLayer(key, value, ks, vs, kv_dtype, num_q_heads=a.num_q_heads,
+                                    act_dtype=torch.bfloat16, config=cfg)  # fmt: skip
+                plans = [DecodePlan.build(batch, t, seq_lens, None, num_q_heads=a.num_q_heads,
+                                          num_kv_heads=a.num_kv_heads, head_size=a.head_size, config=cfg)
+                         for t in tables]  # fmt: skip
+                outs = [torch.empty_like(q) for q in queries]
+                layer.run(queries[0], outs[0], plans[0])
+                torch.cuda.synchronize()
+                if ref is None:
+                    n = min(batch, 4)
+                    ref = paged_decode_attention_ref(queries[0][:n], layer.key_cache, layer.value_cache,
+                                                     tables[0][:n], seq_lens[:n], ks, vs, kv_dtype).float()  # fmt: skip
+                err = (outs[0][: ref.shape[0]].float() - ref).abs().max().item()
+                row = dict(config=spec or "default", kv_dtype=kv_dtype, batch=batch, context=context,
+                           splits=plans[0].num_splits, max_abs_err=err)  # fmt: skip
+                if not a.ncu_config:
+                    us, mode = time_rotating(lambda c: layer.run(queries[c], outs[c], plans[c]), copies, True, 25, 200)
+                    gbps = kv_bytes / (us * 1e-6) / 1e9
+                    row.update(us=round(us, 2), gbps=round(gbps, 1), pct_copy=round(100 * gbps / copy_gbps, 1))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del key, value, tables, queries
+            torch.cuda.empty_cache()
+    return dict(copy_gbps=copy_gbps, device=torch.cuda.get_device_name(), triton=__import__("triton").__version__,
+                command=" ".join(["python", "benchmarks/decode_lab.py", *sys.argv[1:]]), rows=rows)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=[""], help="DecodeKernelConfig overrides, k=v,k=v ('' = default)")
+    p.add_argument("--ncu-config", default=None, help="one config, one untimed launch per shape (profile with ncu)")
+    p.add_argument("--shapes", nargs="+", default=["1x32768", "8x32768", "64x4096", "64x16384", "128x8192"])
+    p.add_argument("--kv-dtypes", nargs="+", default=["fp8_e4m3", "int8"])
+    p.add_argument("--num-q-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=8)
+    p.add_argument("--head-size", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    a.shapes = [tuple(int(x) for x in s.lower().split("x")) for s in a.shapes]
+    if a.ncu_config is not None:
+        a.configs = [a.ncu_config]
+    result = run(a)
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
+    if not a.ncu_config:
+        print(f"{'config':46s} {'kv':8s} {'shape':>10s} {'us':>8s} {'%copy':>6s} {'err':>8s}")
+        for r in result["rows"]:
+            print(f"{r['config'][:46]:46s} {r['kv_dtype'][:8]:8s} {r['batch']:>4d}x{r['context']:<6d}"
+                  f"{r['us']:8.1f} {r['pct_copy']:6.1f} {r['max_abs_err']:8.4f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
