@@ -250,12 +250,45 @@ def plot_decode(path: Path, out: Path, plt) -> Path | None:
     return dest
 
 
+#: Columns of the README's decode table, in order: (row name, header).
+DECODE_COLUMNS = (
+    ("kvquant-triton-fp8", "kvquant triton fp8"), ("kvquant-triton-int8", "kvquant triton int8"),
+    ("kvquant-fa3-fp8", "kvquant fa3 fp8"), ("kvquant-flashinfer-fp8", "kvquant flashinfer fp8"),
+    ("vllm-fa3-bf16", "vLLM FA3 bf16"), ("vllm-fa3-fp8", "vLLM FA3 fp8"), ("vllm-triton-fp8", "vLLM Triton fp8"),
+    ("flashinfer-fp8", "FlashInfer fp8"), ("flashinfer-bf16", "FlashInfer bf16"),
+)  # fmt: skip
+
+
+def decode_markdown(path: Path) -> str:
+    """The README's decode table from a decode JSON: us per shape, our % of copy bandwidth, and
+    vLLM FA3 fp8's time over ours (> 1: ours faster)."""
+    rows = [r for r in _ok(_load(path).get("rows", [])) if r.get("kind", "decode") == "decode" and r.get("us")]
+    by = {(r["name"], r["batch"], r["context"]): r for r in rows}
+    shapes = sorted({(r["batch"], r["context"]) for r in rows})
+    cols = [(n, h) for n, h in DECODE_COLUMNS if any(k[0] == n for k in by)]
+    head = ["batch x context", *(h for _, h in cols), "% copy (ours fp8 / int8)", "FA3 fp8 / ours (fp8 / int8)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b, c in shapes:
+        cells = [f"{b} x {c // 1024}k" if c % 1024 == 0 else f"{b} x {c}"]
+        cells += [f"{by[(n, b, c)]['us']:.1f}" if (n, b, c) in by else "-" for n, _ in cols]
+        ours = [by.get((f"kvquant-triton-{k}", b, c)) for k in ("fp8", "int8")]
+        fa3 = by.get(("vllm-fa3-fp8", b, c))
+        cells.append(" / ".join(f"{r['pct_copy']:.0f}" if r and r.get("pct_copy") else "-" for r in ours))
+        cells.append(" / ".join(f"{fa3['us'] / r['us']:.2f}x" if r and fa3 else "-" for r in ours))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--out-dir", type=Path, default=None, help="default: --results")
     ap.add_argument("--include-smoke", action="store_true", help="also plot *-smoke.json")
+    ap.add_argument("--decode-markdown", type=Path, default=None, help="print the README decode table of this JSON")
     args = ap.parse_args(argv)
+    if args.decode_markdown:
+        print(decode_markdown(args.decode_markdown))
+        return 0
     import matplotlib
 
     matplotlib.use("Agg")
