@@ -9,8 +9,9 @@ Design (memory bound: the point of an 8-bit cache is half the bytes per decode s
   (``GROUP = Hq / Hkv`` rows, padded to >= 16 for ``tl.dot``), so every K/V byte is read once.
 - Each loop iteration gathers a tile of ``block_n`` tokens (several pages: head 128 -> 128
   tokens = 8 pages of 16) through the block table, loads the 1-byte K and V tiles (cp.async,
-  double-buffered at the default ``num_stages``), converts them to the
-  dot dtype (fp8 -> fp16/bf16 exact; int8 -> fp16/bf16 exact for |x| <= 127), and runs an
+  double-buffered at the default ``num_stages``), converts them to fp16 (exact for e4m3 and
+  int8; a bf16 query is divided by a power of two that keeps it in fp16's range, see
+  :class:`DecodeKernelConfig` ``dot_in_fp16`` / ``asm_dequant_*``), and runs an
   online softmax in fp32 with ``exp2``.  ``softmax_scale * k_scale * log2(e)`` multiplies the
   fp32 score tile (one scalar per program: per-head scales are per KV head; scaling the
   [group x tile] scores instead of pre-scaling Q costs nothing and avoids rounding Q twice);

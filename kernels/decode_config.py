@@ -33,7 +33,9 @@ MAX_HEAD_SIZE = 256
 
 @dataclass(frozen=True)
 class DecodeKernelConfig:
-    """Launch/tuning parameters.  Defaults measured on an H100 (benchmarks/tune.py), Llama-3-8B shapes.
+    """Launch/tuning parameters. Tile, warps and split target measured on an H100
+    (benchmarks/tune.py); the fp16 dots, the per-format conversion path and its stages on an H200
+    (benchmarks/decode_lab.py, 2026-12-04); Llama-3-8B shapes.
 
     Compiled for sm_90 (Triton 3.6, head 128, fp8, bf16): a 128-token tile with
     ``num_stages=5`` double-buffers K/V (2 x 32 KB in flight per program, ~75 KB shared
