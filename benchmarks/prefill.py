@@ -5,14 +5,18 @@
 
 Shapes (requests x new tokens, over cached context): ``1x8k`` (8192 new, no context),
 ``16x2k`` (16 x 2048 new, no context), ``chunk2k-ctx16k`` (one 2048-token chunk over 16384
-cached tokens). Llama-3-8B attention: 32 query heads, 8 KV heads, head 128, block 16, bf16,
+cached tokens), ``32x512-ctx1536`` and ``64x512-ctx3584`` (prefix-cache hits: 512 new tokens
+over 1536 / 3584 cached ones per request). Llama-3-8B attention: 32 query heads, 8 KV heads, head 128, block 16, bf16,
 per-tensor scales. Every call gets the layer's whole tensors and a per-batch plan, as the
 backend hands them (vLLM's split K|V cache views ``[blocks, block, heads, head]``).
 
 Rows (``name``, ``kv_dtype``):
 
-- ``kvquant-prefill-fa3`` (fp8, int8): ``PrefillRunner`` mode ``bf16``, path ``fa3``: vLLM's FA3
-  varlen kernel on the new tokens + our Triton context pass merging by log-sum-exp.
+- ``kvquant-prefill-fa3`` (fp8, int8): ``PrefillRunner`` mode ``bf16``, path ``fa3`` with a
+  :class:`ContextWorkspace` sized for the shape (``workspace_mib``): requests with context are
+  copied into it as 16-bit K/V and FA3 attends once (without context: FA3 on the new tokens).
+- ``kvquant-prefill-fa3-merge`` (fp8, int8): the same path without a workspace: vLLM's FA3 varlen
+  kernel on the new tokens + our Triton context pass merging by log-sum-exp.
 - ``kvquant-prefill-triton`` (fp8, int8): mode ``bf16``, path ``triton`` (one Triton kernel).
 - ``kvquant-prefill-quantized`` (fp8, int8): mode ``quantized`` (everything from the 8-bit cache).
 - ``kvquant-prefill-fa3-allrows`` (fp8): the fa3 path with the CUDA-graph-safe plan (``all_rows``:
@@ -51,19 +55,22 @@ from common import device_info, host_us_per_call, measure_copy_gbps, time_rotati
 from harness import device_slug, write_result  # noqa: E402
 
 try:
-    from vllm_kvquant.prefill import PrefillPlan, PrefillRunner, fa3_unavailable_reason
+    from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner, fa3_unavailable_reason
 except ImportError:  # source checkout without an install
     sys.path.insert(0, str(REPO))
-    from vllm_kvquant.prefill import PrefillPlan, PrefillRunner, fa3_unavailable_reason
+    from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner, fa3_unavailable_reason
 
 #: (name, requests, new tokens per request, cached tokens per request)
-SHAPES = (("1x8k", 1, 8192, 0), ("16x2k", 16, 2048, 0), ("chunk2k-ctx16k", 1, 2048, 16384))
+SHAPES = (("1x8k", 1, 8192, 0), ("16x2k", 16, 2048, 0), ("chunk2k-ctx16k", 1, 2048, 16384),
+          ("32x512-ctx1536", 32, 512, 1536), ("64x512-ctx3584", 64, 512, 3584))  # fmt: skip
 SMOKE_SHAPES = (("1x40", 1, 40, 0), ("3x17", 3, 17, 0), ("chunk24-ctx50", 1, 24, 50))
-#: (row name, mode, path, all_rows): all_rows is the CUDA-graph-safe plan (grid and FA3 bounds
-#: from the token count, every request covered, the context pass always launched).
-OURS = (("kvquant-prefill-fa3", "bf16", "fa3", False), ("kvquant-prefill-triton", "bf16", "triton", False),
-        ("kvquant-prefill-quantized", "quantized", "triton", False),
-        ("kvquant-prefill-fa3-allrows", "bf16", "fa3", True))  # fmt: skip
+#: (row name, mode, path, all_rows, workspace): all_rows is the CUDA-graph-safe plan (grid and FA3
+#: bounds from the token count, every request covered, the context pass always launched);
+#: workspace: the plan carries a 16-bit context workspace (FA3 over [context; new]).
+OURS = (("kvquant-prefill-fa3", "bf16", "fa3", False, True), ("kvquant-prefill-fa3-merge", "bf16", "fa3", False, False),
+        ("kvquant-prefill-triton", "bf16", "triton", False, False),
+        ("kvquant-prefill-quantized", "quantized", "triton", False, False),
+        ("kvquant-prefill-fa3-allrows", "bf16", "fa3", True, False))  # fmt: skip
 K_SCALE, V_SCALE = 0.02, 0.015
 FP8 = torch.float8_e4m3fn
 
@@ -166,18 +173,24 @@ def bench(shapes, *, hq=32, hkv=8, d=128, bs=16, smoke=False) -> list[dict]:
             ks = torch.tensor([K_SCALE], device=device)
             vs = torch.tensor([V_SCALE], device=device)
             kvd = "fp8_e4m3" if kind == "fp8" else "int8"
+            ws = ContextWorkspace.allocate(num_blocks * bs, bs, hkv, d, torch.bfloat16, device)
             plans = {
-                False: PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
-                                         max_query_len=new, has_context=ctx > 0),
-                True: PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
-                                        max_query_len=p.q.shape[0], all_rows=True),
+                (False, False): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
+                                                  max_query_len=new, has_context=ctx > 0),
+                (False, True): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
+                                                 max_query_len=new, has_context=ctx > 0, workspace=ws,
+                                                 seq_lens_cpu=p.seq_lens.cpu()),
+                (True, False): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
+                                                 max_query_len=p.q.shape[0], all_rows=True),
             }  # fmt: skip
             ours: dict[str, dict] = {}
-            for row_name, mode, path, all_rows in OURS:
+            for row_name, mode, path, all_rows, with_ws in OURS:
                 if all_rows and kind != "fp8":
                     continue
-                plan = plans[all_rows]
+                plan = plans[(all_rows, with_ws)]
                 row = ours[row_name] = dict(name=row_name, kv_dtype=kind, **base)
+                if with_ws:
+                    row.update(workspace_mib=round(ws.nbytes / 2**20, 1), workspace_used=plan.context_fill is not None)
                 rows.append(row)
                 if path == "fa3" and no_fa3:
                     row.update(status="skipped", reason=no_fa3)
@@ -204,7 +217,7 @@ def bench(shapes, *, hq=32, hkv=8, d=128, bs=16, smoke=False) -> list[dict]:
             fa3, tri = outs.get(("kvquant-prefill-fa3", kind)), outs.get(("kvquant-prefill-triton", kind))
             if fa3 is not None and tri is not None:
                 ours["kvquant-prefill-fa3"]["max_abs_diff_fa3_vs_triton"] = (fa3.float() - tri.float()).abs().max().item()
-            del kc, vc
+            del kc, vc, ws
 
         for kind in ("bf16", "fp8"):
             row = dict(name="vllm-fa3-prefill", kv_dtype=kind, **base)

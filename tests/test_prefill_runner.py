@@ -318,6 +318,7 @@ def test_prefill_benchmark_smoke(tmp_path):
             r = rows[(name, kind)]
             assert r["status"] == "ok" and r["us"] > 0 and r["max_abs_err_ref"] < 3e-2, r
         assert rows[("kvquant-prefill-fa3", kind)]["status"] == "skipped"
+        assert rows[("kvquant-prefill-fa3-merge", kind)]["status"] == "skipped"
     assert "not CUDA" in rows[("kvquant-prefill-fa3-allrows", "fp8")]["reason"]
     assert rows[("vllm-fa3-prefill", "bf16")]["reason"] == "needs a CUDA GPU"
-    assert len(rows) == 9
+    assert len(rows) == 11

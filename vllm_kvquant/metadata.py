@@ -20,6 +20,7 @@ Two kinds of build:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,9 +32,16 @@ from .config import KVQuantConfig
 from .kernels.decode_attention import DEFAULT_CONFIG, DecodePlan, alloc_decode_workspace
 from .kernels.decode_config import device_num_sms
 from .layer_scales import attach_layer_scales, layer_state
-from .prefill import PrefillPlan
+from .prefill import ContextWorkspace, PrefillPlan, fa3_unavailable_reason
 
-__all__ = ["KVQuantMetadata", "KVQuantMetadataBuilder", "decode_kernel"]
+__all__ = ["KVQuantMetadata", "KVQuantMetadataBuilder", "decode_kernel", "prefill_workspace_tokens"]
+
+logger = logging.getLogger("vllm.kvquant")
+
+
+def prefill_workspace_tokens(budget_mib: int, num_kv_heads: int, head_size: int, elem_bytes: int) -> int:
+    """Tokens of K and V at ``elem_bytes`` that fit the prefill context workspace's MiB budget."""
+    return max(0, budget_mib * 2**20 // (2 * num_kv_heads * head_size * elem_bytes))
 
 
 def decode_kernel(vllm_config: Any) -> str:
@@ -90,9 +98,30 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
             self.max_num_seqs, max(self.num_q_heads), self.head_size, num_kv_heads=self.num_kv_heads, device=self.device
         )
 
+        self.prefill_workspace = self._init_prefill_workspace(vllm_config, kv_cache_spec)
+
         self.decode_planner = None
         if decode_kernel(vllm_config) != "triton":
             self._init_other_decode(vllm_config, kv_cache_spec, list(layers))
+
+    def _init_prefill_workspace(self, vllm_config: Any, kv_cache_spec: Any) -> ContextWorkspace | None:
+        """The bf16 prefill's 16-bit workspace for FA3 (see :mod:`.prefill`), allocated now, once."""
+        options = KVQuantConfig.from_additional_config(compat.additional_config(vllm_config))
+        if options.prefill != "bf16" or options.prefill_workspace_mib == 0:
+            return None
+        if fa3_unavailable_reason(self.device, self.head_size) is not None:
+            return None
+        dtype = vllm_config.model_config.dtype
+        tokens = prefill_workspace_tokens(
+            options.prefill_workspace_mib, self.num_kv_heads, self.head_size, torch.empty((), dtype=dtype).element_size()
+        )
+        block_size = int(kv_cache_spec.block_size)
+        if tokens < block_size:
+            return None
+        ws = ContextWorkspace.allocate(tokens, block_size, self.num_kv_heads, self.head_size, dtype, self.device)
+        logger.info("kvquant: prefill context workspace of %d tokens (%.0f MiB): prefills with cached context "
+                    "attend in FA3 over a 16-bit copy", ws.num_pages * block_size, ws.nbytes / 2**20)  # fmt: skip
+        return ws
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
@@ -191,6 +220,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
                 m.query_start_loc, m.seq_lens, m.block_table_tensor,
                 num_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
                 num_decodes=nd, num_decode_tokens=num_decode_tokens, has_context=_may_have_context(m, nd),
+                workspace=self.prefill_workspace, seq_lens_cpu=getattr(m, "seq_lens_cpu_upper_bound", None),
             )  # fmt: skip
         return metadata
 

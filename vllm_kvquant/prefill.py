@@ -5,11 +5,16 @@ construction, so :meth:`PrefillRunner.run` does no validation, no allocation of 
 host sync. :class:`PrefillPlan` (one per batch, built by the metadata builder) holds what every
 layer's call needs. Paths (``runner.path``):
 
-- ``fa3`` (mode ``bf16`` on Hopper with vLLM's FlashAttention-3): FA3's varlen kernel attends
-  each prefill's new tokens to each other in fp16/bf16 (causal, sliding window, soft cap),
-  writing ``out`` and its log-sum-exp; then the Triton kernel (``MODE_MERGE``) attends to the
-  8-bit cached context and merges the two by log-sum-exp in its epilogue, in place. Tiles
-  that see no context exit at once, so pure prefills cost what FA3 costs.
+- ``fa3`` (mode ``bf16`` on Hopper with vLLM's FlashAttention-3). Requests with cached context,
+  when the plan carries a :class:`ContextWorkspace` plan (eager batches whose sequences fit it):
+  one Triton pass (``kernels.context_fill``) writes each request's whole sequence into a
+  16-bit paged workspace (context dequantized, new tokens unquantized), and FA3 attends once
+  over it (paged, causal, sliding window, soft cap): FA3's speed, bf16 queries. Otherwise
+  (no context, CUDA-graph plans, sequences beyond the workspace): FA3's varlen kernel attends
+  each prefill's new tokens to each other, writing ``out`` and its log-sum-exp; then the
+  Triton kernel (``MODE_MERGE``) attends to the 8-bit cached context and merges the two by
+  log-sum-exp in its epilogue, in place. Tiles that see no context exit at once, so pure
+  prefills cost what FA3 costs.
 - ``triton``: one Triton kernel; mode ``bf16``: ``MODE_FULL`` (context from the cache + the
   step's own K/V unquantized), where FA3 is missing (non-Hopper GPU, Triton interpreter);
   mode ``quantized``: ``MODE_QUANTIZED`` (everything from the cache, causal).
@@ -30,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import KVQuantConfigError
+from .kernels.context_fill import fill_context, workspace_offsets
 from .kernels.dtypes import SUPPORTED_HEAD_SIZES, KVQuantDType, as_storage
 from .kernels.prefill_attention import (
     MODE_FULL,
@@ -48,6 +54,61 @@ PATHS = ("fa3", "triton", "reference")
 
 
 @dataclass
+class ContextWorkspace:
+    """16-bit pages that FA3 reads whole prefill sequences from: allocated once (the metadata
+    builder sizes it at start-up), shared by every layer and batch."""
+
+    key: torch.Tensor  # [num_pages, block_size, num_kv_heads, head_size]
+    value: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls, tokens: int, block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> "ContextWorkspace":  # fmt: skip
+        pages = max(1, -(-int(tokens) // block_size))
+        shape = (pages, block_size, num_kv_heads, head_size)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    @property
+    def num_pages(self) -> int:
+        return self.key.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.key.numel() * self.key.element_size()
+
+
+@dataclass
+class ContextFillPlan:
+    """Where one batch's prefill sequences go in the workspace (built once per batch)."""
+
+    workspace: ContextWorkspace
+    offsets: torch.Tensor  # [num_reqs] int32: first workspace page of each request
+    block_table: torch.Tensor  # [num_reqs, max_pages] int32: workspace pages, for FA3
+    max_pages: int  # upper bound on any request's pages (host)
+    max_seq_len: int  # upper bound on any request's sequence (host)
+
+    @classmethod
+    def build(
+        cls, workspace: ContextWorkspace, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor
+    ) -> "ContextFillPlan | None":
+        """None when the sequences (by their host upper bounds) do not fit the workspace."""
+        bs = workspace.block_size
+        pages_cpu = (seq_lens_cpu.to(torch.int64) + bs - 1) // bs
+        if pages_cpu.numel() == 0 or int(pages_cpu.sum()) > workspace.num_pages:
+            return None
+        max_pages = int(pages_cpu.max())
+        offsets = workspace_offsets(seq_lens, bs)
+        table = offsets[:, None] + torch.arange(max_pages, dtype=torch.int32, device=offsets.device)[None, :]
+        return cls(workspace, offsets, table, max_pages, int(seq_lens_cpu.max()))
+
+
+@dataclass
 class PrefillPlan:
     """One batch's prefill launch data, shared by every layer (see :meth:`build`).
 
@@ -63,6 +124,7 @@ class PrefillPlan:
     row_start: int = 0  # first row of query/key/value/out that the plan covers
     all_rows: bool = False  # graph-safe: every request of the batch; q_len <= 1 and empty ones skipped
     has_context: bool = True  # False: no request has cached context (the context pass is skipped)
+    context_fill: ContextFillPlan | None = None  # fa3 path: FA3 over a 16-bit copy of each sequence
 
     @classmethod
     def build(
@@ -77,6 +139,8 @@ class PrefillPlan:
         num_decode_tokens: int = 0,
         all_rows: bool = False,
         has_context: bool = True,
+        workspace: ContextWorkspace | None = None,
+        seq_lens_cpu: torch.Tensor | None = None,
     ) -> "PrefillPlan":
         """Build once per batch, for all layers (at most one small device op, no host sync).
 
@@ -96,24 +160,33 @@ class PrefillPlan:
                 the decode kernel after ``run()``.
             has_context: pass False only when no covered request has cached context (known on
                 the host, e.g. from ``seq_lens_cpu_upper_bound``); never under CUDA graphs.
+            workspace, seq_lens_cpu: the fa3 path's :class:`ContextWorkspace` and host upper
+                bounds of the whole batch's ``seq_lens``; with both (and context, not
+                ``all_rows``) the plan fills the workspace when the sequences fit it.
         """
         if all_rows or (num_decodes == 0 and num_decode_tokens == 0):
-            return cls(
+            plan = cls(
                 query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=block_table,
                 num_reqs=query_start_loc.shape[0] - 1, num_tokens=num_tokens, max_query_len=max_query_len,
                 all_rows=all_rows, has_context=has_context,
             )  # fmt: skip
-        qsl = query_start_loc[num_decodes:]
-        return cls(
-            query_start_loc=qsl - num_decode_tokens if num_decode_tokens else qsl,
-            seq_lens=seq_lens[num_decodes:],
-            block_table=block_table[num_decodes:],
-            num_reqs=qsl.shape[0] - 1,
-            num_tokens=num_tokens - num_decode_tokens,
-            max_query_len=max_query_len,
-            row_start=num_decode_tokens,
-            has_context=has_context,
-        )
+        else:
+            qsl = query_start_loc[num_decodes:]
+            plan = cls(
+                query_start_loc=qsl - num_decode_tokens if num_decode_tokens else qsl,
+                seq_lens=seq_lens[num_decodes:],
+                block_table=block_table[num_decodes:],
+                num_reqs=qsl.shape[0] - 1,
+                num_tokens=num_tokens - num_decode_tokens,
+                max_query_len=max_query_len,
+                row_start=num_decode_tokens,
+                has_context=has_context,
+            )
+        if workspace is not None and seq_lens_cpu is not None and has_context and not all_rows:
+            n = plan.num_reqs
+            host = seq_lens_cpu[num_decodes : num_decodes + n]
+            plan.context_fill = ContextFillPlan.build(workspace, plan.seq_lens[:n], host)
+        return plan
 
     @property
     def context_lens(self) -> torch.Tensor:
@@ -255,6 +328,9 @@ class PrefillRunner:
         if self.path == "reference":
             return self._run_reference(query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan, out)
         lse = None
+        if self.path == "fa3" and plan.context_fill is not None:
+            return self._run_fa3_over_workspace(query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype,
+                                                plan, out)  # fmt: skip
         if self.path == "fa3":
             _, lse = self._fa(
                 q=query, k=key, v=value, out=out,
@@ -270,6 +346,26 @@ class PrefillRunner:
             plan.block_table, plan.query_start_loc, plan.seq_lens, k_scale, v_scale, kv_dtype == "int8",
             plan.num_tokens, plan.num_reqs, lens_are_seq=True, all_rows=plan.all_rows, lse=lse,
             launcher=self._launcher,
+        )  # fmt: skip
+        return None
+
+    def _run_fa3_over_workspace(
+        self, query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan: PrefillPlan, out
+    ) -> None:  # fmt: skip
+        """Each request's whole sequence into the 16-bit workspace, then one paged FA3 call."""
+        cf = plan.context_fill
+        ws = cf.workspace
+        n = plan.num_reqs
+        fill_context(
+            key, value, as_storage(key_cache, kv_dtype), as_storage(value_cache, kv_dtype), k_scale, v_scale,
+            ws.key, ws.value, plan.block_table, plan.query_start_loc, plan.seq_lens, cf.offsets, n, cf.max_pages,
+        )  # fmt: skip
+        self._fa(
+            q=query, k=ws.key, v=ws.value, out=out,
+            cu_seqlens_q=plan.query_start_loc, max_seqlen_q=plan.max_query_len,
+            seqused_k=plan.seq_lens[:n], max_seqlen_k=cf.max_seq_len, block_table=cf.block_table,
+            softmax_scale=self.scale, causal=True, window_size=self._fa_window, softcap=self._fa_softcap,
+            fa_version=3,
         )  # fmt: skip
         return None
 
