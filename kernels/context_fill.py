@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from .decode_config import next_pow2
+from .prefill_attention import _interpreting
+
 try:
     import triton
     import triton.language as tl
@@ -95,10 +98,6 @@ if HAVE_TRITON:
         tl.store(ws_v_ptr + ws_off, v.to(out_ty), mask=in_ctx | is_new)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
-
-
 def fill_context(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -138,16 +137,10 @@ def fill_context(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0),
-        NUM_KV_HEADS=hkv, HKV_PAD=_next_pow2(hkv), HEAD_SIZE=d, HEAD_PAD=max(16, _next_pow2(d)),
+        NUM_KV_HEADS=hkv, HKV_PAD=next_pow2(hkv), HEAD_SIZE=d, HEAD_PAD=max(16, next_pow2(d)),
         BLOCK_SIZE=block_size, K_PER_HEAD=k_scale.numel() > 1, V_PER_HEAD=v_scale.numel() > 1,
         num_warps=4,
     )  # fmt: skip
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fill_context_ref(

@@ -76,13 +76,13 @@ def _runner(case, mode, path, monkeypatch, window=None, cap=None):
     return runner
 
 
-def _plan(case, all_rows):
+def _plan(case, all_rows, **kw):
     qsl_cpu = case["query_start_loc"].cpu()
     qlens = (qsl_cpu[1:] - qsl_cpu[:-1])[NUM_DECODES:]
     return PrefillPlan.build(
         case["query_start_loc"], case["seq_lens"], case["block_table"], num_tokens=case["query"].shape[0],
         max_query_len=case["query"].shape[0] if all_rows else int(qlens.max()), all_rows=all_rows,
-        num_decodes=NUM_DECODES, num_decode_tokens=int(qsl_cpu[NUM_DECODES]),
+        num_decodes=NUM_DECODES, num_decode_tokens=int(qsl_cpu[NUM_DECODES]), **kw,
     )  # fmt: skip
 
 

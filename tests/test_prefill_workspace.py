@@ -14,6 +14,7 @@ import _triton_env  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is impo
 import pytest
 import torch
 from test_prefill_runner import NUM_DECODES, FakeFA3, _batch, _check
+from test_prefill_runner import _plan as runner_plan
 
 from vllm_kvquant import prefill as prefill_mod
 from vllm_kvquant.kernels.context_fill import fill_context, fill_context_ref, workspace_offsets
@@ -164,14 +165,7 @@ def _fa3_runner(case, monkeypatch, window=None, cap=None):
 
 
 def _plan(case, workspace, all_rows=False):
-    qsl_cpu = case["query_start_loc"].cpu()
-    qlens = (qsl_cpu[1:] - qsl_cpu[:-1])[NUM_DECODES:]
-    return PrefillPlan.build(
-        case["query_start_loc"], case["seq_lens"], case["block_table"], num_tokens=case["query"].shape[0],
-        max_query_len=case["query"].shape[0] if all_rows else int(qlens.max()), all_rows=all_rows,
-        num_decodes=NUM_DECODES, num_decode_tokens=int(qsl_cpu[NUM_DECODES]),
-        workspace=workspace, seq_lens_cpu=case["seq_lens"].cpu(),
-    )  # fmt: skip
+    return runner_plan(case, all_rows, workspace=workspace, seq_lens_cpu=case["seq_lens"].cpu())
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
