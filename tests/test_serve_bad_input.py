@@ -73,6 +73,7 @@ def test_disconnect_mid_stream_is_aborted_and_nothing_leaks(server) -> None:
     assert got["status"] == 200 and got["events_read"] == 3, got
     assert got["drained"]["ok"], got  # no running request and vllm:kv_cache_usage_perc back to 0
     assert got["drained"]["metric"] == "vllm:kv_cache_usage_perc", got
+    assert got["tokens_generated"] < got["max_tokens"], got  # aborted, not run to the end unseen
     assert serve_load.complete(url, MODEL_NAME, prompt, 8)["tokens"] == before["tokens"]
 
 

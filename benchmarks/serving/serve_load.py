@@ -311,6 +311,20 @@ def running_server(cmd: list[str], log_path: Path, timeout_s: float, env: dict[s
         logf.close()
 
 
+_STARTUP = re.compile(r"kvquant: |KV cache size|Maximum concurrency|[Uu]sing \S+ (attention )?backend|cudagraph_mode")
+
+
+def startup_lines(log_path: Path, limit: int = 12) -> list[str]:
+    """The server log's lines that say what runs: kvquant's layers and scales, the attention
+    backend, the KV-cache size (messages, without vLLM's prefix)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    keep = [re.sub(r"^\(\w+ pid=\d+\) \w+ \S+ \S+ \[[^]]*\] ", "", ln)[:300] for ln in lines if _STARTUP.search(ln)]
+    return keep[:limit]
+
+
 def served_model(url: str) -> dict:
     """The first model the server lists (``id``, ``max_model_len``)."""
     data = requests.get(url + "/v1/models", timeout=30).json()["data"][0]
@@ -345,6 +359,13 @@ def read_metrics(url: str) -> dict[str, float]:
 def kv_usage(metrics: dict[str, float]) -> float | None:
     # vllm:kv_cache_usage_perc (v1); older releases: vllm:gpu_cache_usage_perc
     for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+        if name in metrics:
+            return metrics[name]
+    return None
+
+
+def generated_tokens(metrics: dict[str, float]) -> float | None:
+    for name in ("vllm:generation_tokens_total", "vllm:generation_tokens"):
         if name in metrics:
             return metrics[name]
     return None
@@ -598,6 +619,7 @@ def check_disconnect_mid_stream(url: str, model: str, prompt, max_tokens: int, c
     """Stream a long completion, read ``chunks`` events, drop the connection; the server must
     abort it: no running request and KV-cache usage 0 again (``wait_drained``)."""
     u = urlparse(url)
+    generated_before = generated_tokens(read_metrics(url))
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "ignore_eos": True, "stream": True}).encode()  # fmt: skip
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
@@ -616,9 +638,13 @@ def check_disconnect_mid_stream(url: str, model: str, prompt, max_tokens: int, c
         pass
     conn.close()
     drained = wait_drained(url, drain_timeout)
+    # Aborted, not finished unseen: fewer tokens generated than asked for (nothing else runs now).
+    after = generated_tokens(read_metrics(url))
+    generated = None if after is None or generated_before is None else int(after - generated_before)
     return {"name": "client disconnects mid-stream", "status": status, "events_read": events,
-            "max_tokens": max_tokens, "drained": drained,
-            "ok": status == 200 and events == chunks and drained["ok"]}  # fmt: skip
+            "max_tokens": max_tokens, "tokens_generated": generated, "drained": drained,
+            "ok": status == 200 and events == chunks and drained["ok"] and generated is not None
+            and generated < max_tokens}  # fmt: skip
 
 
 class BackgroundLoad(threading.Thread):
@@ -714,6 +740,7 @@ def run_config(name: str, args, model_dir: Path, result: dict, out_path: Path, t
     try:
         with running_server(cmd, workdir / "server.log", timeout_s=max(60.0, min(args.server_timeout, remaining))) as url:
             record["start_s"] = round(time.time() - t0, 1)
+            record["log_lines"] = startup_lines(workdir / "server.log")
             info = served_model(url)
             model, max_len = info["id"], int(info["max_model_len"] or args.max_model_len)
             log(f"{name}: healthy in {record['start_s']} s at {url} ({model}, max_model_len {max_len})")
