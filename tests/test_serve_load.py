@@ -128,3 +128,13 @@ def test_smoke_arguments_and_configs(sl) -> None:
     kvq = json.loads(sl.CONFIGS["kvquant-fp8"][3])["kvquant"]
     assert sl.CONFIGS["kvquant-fp8"][:2] == ["--attention-backend", "kvquant"] and kvq["dtype"] == "fp8_e4m3"
     assert sl.CONFIGS["vllm-fp8"] == ["--kv-cache-dtype", "fp8"]
+
+
+def test_merge_command_names_the_measured_card(sl, tmp_path, monkeypatch) -> None:
+    part = {"device": {"name": "NVIDIA H200"}, "versions": {}, "command": "x", "copy_gbps": 1.0,
+            "rows": [{"name": "vllm-fp8", "failed": 0}], "no_leak": {"vllm-fp8": {"ok": True}}}  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps(part))
+    monkeypatch.setattr(sl, "REPO", tmp_path)
+    assert sl.main(["--merge", str(tmp_path / "a.json")]) == 0
+    merged = json.loads((tmp_path / "benchmarks" / "results" / "serve-load-nvidia-h200.json").read_text())
+    assert merged["rows"] == part["rows"] and merged["summary"]["no_leak_ok"] == {"vllm-fp8": True}

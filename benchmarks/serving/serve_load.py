@@ -833,15 +833,16 @@ def summarize(result: dict) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\nconfig        conc  rate  done  fail  req/s   out tok/s  TTFT p50/p99 ms    TPOT p50/p99 ms   ITL p50/p99 ms")
+    print("\nconfig        conc  rate  done  fail   req/s  out tok/s  TTFT p50/p99 ms   TPOT p50/p99 ms   ITL p50/p99 ms")
     for r in rows:
+        head = f"{r.get('name', '?'):<13} {str(r.get('max_concurrency')):>4} {str(r.get('request_rate')):>5}"
         if r.get("error"):
-            print(f"{r['name']:<13} {r['max_concurrency']:>4} {str(r['request_rate']):>5}  ERROR {r['error'][:120]}")
+            print(f"{head}  ERROR {r['error'][:120]}")
             continue
-        print(f"{r['name']:<13} {r['max_concurrency']:>4} {str(r['request_rate']):>5} {r['completed']:>5} {r['failed']:>5} "
-              f"{r['request_throughput']:>6.2f} {r['output_throughput']:>10.1f}  "
-              f"{r['p50_ttft_ms']}/{r['p99_ttft_ms']:<12} {r['p50_tpot_ms']}/{r['p99_tpot_ms']:<10} "
-              f"{r['p50_itl_ms']}/{r['p99_itl_ms']}")  # fmt: skip
+        g = r.get
+        print(f"{head} {str(g('completed')):>5} {str(g('failed')):>5} {str(g('request_throughput')):>7} "
+              f"{str(g('output_throughput')):>10}  {g('p50_ttft_ms')}/{g('p99_ttft_ms')}  "
+              f"{g('p50_tpot_ms')}/{g('p99_tpot_ms')}  {g('p50_itl_ms')}/{g('p99_itl_ms')}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -893,8 +894,9 @@ def main(argv=None) -> int:
     t_start = time.time()
     args = parse_args(argv)
     if args.merge:
-        out = args.out or REPO / "benchmarks" / "results" / f"serve-load-{device_slug()}.json"
         merged = merge_results([json.loads(p.read_text()) for p in args.merge])
+        name = str((merged.get("device") or {}).get("name", "unknown"))  # the measured card, not this machine
+        out = args.out or REPO / "benchmarks" / "results" / f"serve-load-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.json"
         write_result(out, merged)
         print_table(merged["rows"])
         print(json.dumps(merged["summary"], indent=1))
