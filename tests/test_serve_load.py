@@ -93,10 +93,18 @@ def test_compare_outputs(sl) -> None:
     a = {"tokens": ["a", "b", "c"], "logprobs": [-0.1, -0.2, -0.3]}
     b = {"tokens": ["a", "b", "d"], "logprobs": [-0.1, -0.25, -0.9]}
     got = sl.compare_outputs([a, a, a, None], [a, b, None, a])
-    assert got["equal"] == 1
+    assert got["equal"] == 1 and got["near_tie_flips"] == 0
     assert got["differ"][0] == {"prompt": 1, "position": 2, "of": 3}
     assert [d["prompt"] for d in got["differ"]] == [1, 2, 3]
     assert got["max_logprob_diff_agreeing"] == 0.05
+    # With top-2 logprobs: a flip between two tokens 0.01 apart is a near-tie, 0.5 apart is not.
+    top = [{"a": -0.1, "x": -3.0}, {"b": -0.2, "x": -3.0}, {"c": -0.70, "d": -0.71}]
+    seq = {**a, "top": top}
+    far = {**a, "top": [*top[:2], {"c": -0.2, "d": -0.7}]}
+    got = sl.compare_outputs([seq, far], [b, b])
+    assert got["near_tie_flips"] == 1
+    assert got["differ"] == [{"prompt": 0, "position": 2, "of": 3, "gap": 0.01, "near_tie": True},
+                             {"prompt": 1, "position": 2, "of": 3, "gap": 0.5, "near_tie": False}]  # fmt: skip
 
 
 def test_merge_and_summary(sl) -> None:

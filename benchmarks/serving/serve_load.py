@@ -522,18 +522,22 @@ def consistency_prompts(n: int, input_len: int, vocab: int, seed: int = 1) -> li
 
 def complete(url: str, model: str, prompt, max_tokens: int, *, timeout: float = 300, **extra) -> dict:
     """One greedy completion; returns its token strings and logprobs (raises on any error)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1, **extra}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 2, **extra}
     r = requests.post(url + "/v1/completions", json=body, timeout=timeout)
     r.raise_for_status()
     choice = r.json()["choices"][0]
     lp = choice.get("logprobs") or {}
-    return {"text": choice["text"], "tokens": lp.get("tokens"), "logprobs": lp.get("token_logprobs")}
+    return {"text": choice["text"], "tokens": lp.get("tokens"), "logprobs": lp.get("token_logprobs"),
+            "top": lp.get("top_logprobs")}  # fmt: skip
 
 
-def compare_outputs(sequential: list[dict | None], concurrent: list[dict | None]) -> dict:
-    """Equal token sequences, and for the others the first differing position and the largest
-    |logprob difference| over the agreeing prefix of all outputs."""
-    equal, first_diff, max_lp = 0, [], 0.0
+def compare_outputs(sequential: list[dict | None], concurrent: list[dict | None], near_tie: float = 0.02) -> dict:
+    """Equal token sequences; for the others the first differing position, and whether it is a
+    near-tie: the concurrent run's token is in the sequential run's top 2 there, within
+    ``near_tie`` of its top logprob (a rounding-level flip between batch shapes, which dummy
+    weights' nearly flat distributions make common, not a corrupted cache). Also the largest
+    |logprob difference| over the agreeing prefixes."""
+    equal, first_diff, max_lp, ties = 0, [], 0.0, 0
     for i, (a, b) in enumerate(zip(sequential, concurrent)):
         if a is None or b is None:
             first_diff.append({"prompt": i, "position": None, "why": "request failed"})
@@ -547,9 +551,16 @@ def compare_outputs(sequential: list[dict | None], concurrent: list[dict | None]
                 max_lp = max(max_lp, abs(x - y))
         if pos is None:
             equal += 1
-        else:
-            first_diff.append({"prompt": i, "position": pos, "of": len(ta)})
-    return {"equal": equal, "differ": first_diff, "max_logprob_diff_agreeing": round(max_lp, 5)}
+            continue
+        diff = {"prompt": i, "position": pos, "of": len(ta)}
+        top = (a.get("top") or [])[pos] if pos < len(a.get("top") or []) else None
+        if top and pos < len(ta) and pos < len(tb) and tb[pos] in top and ta[pos] in top:
+            diff["gap"] = round(top[ta[pos]] - top[tb[pos]], 5)
+            diff["near_tie"] = diff["gap"] <= near_tie
+            ties += diff["near_tie"]
+        first_diff.append(diff)
+    return {"equal": equal, "near_tie_flips": ties, "differ": first_diff, "near_tie_threshold": near_tie,
+            "max_logprob_diff_agreeing": round(max_lp, 5)}  # fmt: skip
 
 
 def consistency_check(url: str, model: str, prompts: list, max_tokens: int) -> dict:
@@ -570,8 +581,10 @@ def consistency_check(url: str, model: str, prompts: list, max_tokens: int) -> d
         concurrent = list(pool.map(ask, prompts))
     t2 = time.time()
     cmp = compare_outputs(sequential, concurrent)
+    # ok: the same outputs; ok_up_to_near_ties: every difference starts at a near-tie.
     return {"prompts": len(prompts), "max_tokens": max_tokens, "greedy": True, "errors": len(errors),
             "error_samples": errors[:3], **cmp, "ok": not errors and cmp["equal"] == len(prompts),
+            "ok_up_to_near_ties": not errors and cmp["equal"] + cmp["near_tie_flips"] == len(prompts),
             "sequential_s": round(t1 - t0, 1), "concurrent_s": round(t2 - t1, 1)}  # fmt: skip
 
 

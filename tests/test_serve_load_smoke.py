@@ -1,0 +1,36 @@
+"""benchmarks/serving/serve_load.py --smoke end to end on CPU (~1.5 min): a tiny dummy-weight
+model served with kvquant, vLLM's own ``vllm bench serve`` client over a small grid, then the
+consistency, no-leak and bad-input checks; the results JSON has what the GPU run must show."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "serving" / "serve_load.py"
+
+
+@pytest.mark.vllm
+def test_serve_load_smoke(tmp_path) -> None:
+    out = tmp_path / "serve-load.json"
+    proc = subprocess.run(
+        [sys.executable, str(HARNESS), "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {"device", "versions", "command", "copy_gbps", "rows", "consistency", "no_leak", "bad_input"} <= set(result)
+    assert [(r["max_concurrency"], r["request_rate"]) for r in result["rows"]] == [(4, "inf"), (8, 4.0)]
+    for row in result["rows"]:
+        assert row["completed"] == 12 and row["failed"] == 0, row
+        assert row["output_throughput"] > 0 and row["p99_tpot_ms"] >= row["p50_tpot_ms"] > 0, row
+    assert result["consistency"]["kvquant-fp8"]["ok"], result["consistency"]
+    assert result["no_leak"]["kvquant-fp8"]["ok"], result["no_leak"]
+    assert result["bad_input"]["kvquant-fp8"]["ok"], result["bad_input"]
+    assert any("store fp8_e4m3 K/V" in line for line in result["servers"]["kvquant-fp8"]["log_lines"])
+    assert result["summary"]["all_failed_zero"]
