@@ -5,8 +5,9 @@
 #
 # Every stage fits one <= 10 min call on ONE GPU (the lent single-H200 machines). Lanes of a
 # stage run side by side; lane i gets GPU i mod (number of GPUs), so on one GPU they share it.
-#   check       all GPU tests, two lanes on the same GPU (~6-8 min on an H200):
-#                 kernels: pytest -m gpu over the kernel / graph-capture test files;
+#   check       all GPU tests, three lanes on the same GPU (target <= 8 min on an H200):
+#                 kernels-a, kernels-b: pytest -m gpu over the kernel / graph-capture test files
+#                 (carry .gpu/fi: FlashInfer's JIT cache, else its decode kernels compile for minutes);
 #                 engines: tests/test_backend_gpu.py (nine engines side by side, fixed KV bytes),
 #                          tests/test_serve.py + tests/test_serve_bad_input.py (one shared server);
 #                 a skipped engine test fails the lane (KVQUANT_FAIL_ON_SKIP=1)
@@ -56,14 +57,16 @@ lane() {
   ) &
 }
 
-KERNEL_TESTS="tests/test_quantize_cache.py tests/test_decode_attention.py tests/test_prefill_attention.py \
-  tests/test_prefill_runner.py tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests/test_online_scales.py"
+# Two kernel lanes: most of their time is Triton / FlashInfer compiling on the host (16 cores).
+KERNEL_TESTS_A="tests/test_quantize_cache.py tests/test_decode_attention.py tests/test_prefill_attention.py"
+KERNEL_TESTS_B="tests/test_prefill_runner.py tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests/test_online_scales.py"
 ENGINE_TESTS="tests/test_backend_gpu.py tests/test_serve.py tests/test_serve_bad_input.py"
 PYTEST="python3 -P -m pytest -q -p no:cacheprovider -rs --durations=30"
 
 case $stage in
 check)
-  lane kernels 550 "$PYTEST -m gpu --junitxml=$LOGS/kernels.xml $KERNEL_TESTS ${KVQ_EXTRA_TESTS:-}"
+  lane kernels-a 550 "$PYTEST -m gpu --junitxml=$LOGS/kernels-a.xml $KERNEL_TESTS_A ${KVQ_EXTRA_TESTS:-}"
+  lane kernels-b 550 "$PYTEST -m gpu --junitxml=$LOGS/kernels-b.xml $KERNEL_TESTS_B"
   lane engines 550 "KVQUANT_FAIL_ON_SKIP=1 $PYTEST --junitxml=$LOGS/engines.xml $ENGINE_TESTS"
   ;;
 bench)

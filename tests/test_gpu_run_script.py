@@ -29,16 +29,19 @@ def plan(stage: str, ngpu: int, tmp_path: Path, **env: str) -> tuple[int, list[d
 
 def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
     rc, lanes = plan("check", 1, tmp_path)
-    assert rc == 0 and [lane["name"] for lane in lanes] == ["kernels", "engines"]
+    assert rc == 0 and [lane["name"] for lane in lanes] == ["kernels-a", "kernels-b", "engines"]
     assert all(lane["gpu"] == 0 and lane["limit"] <= 570 for lane in lanes)
-    listed = {f for lane in lanes for f in re.findall(r"tests/\S+\.py", lane["cmd"])}
+    files = [f for lane in lanes for f in re.findall(r"tests/\S+\.py", lane["cmd"])]
+    listed = set(files)
+    assert len(files) == len(listed), "a test file runs in two lanes"
     assert all((REPO / f).is_file() for f in listed), listed
     with_gpu_tests = {
         f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
         if re.search(r"pytest\.mark\.gpu|pytestmark = pytest\.mark\.gpu", p.read_text())
     }  # fmt: skip
     assert with_gpu_tests <= listed, with_gpu_tests - listed
-    engines = lanes[1]["cmd"]
+    assert all("-m gpu" in lane["cmd"] for lane in lanes[:2])
+    engines = lanes[2]["cmd"]
     for f in ("tests/test_backend_gpu.py", "tests/test_serve.py", "tests/test_serve_bad_input.py"):
         assert f in engines  # test_serve*.py carry no gpu mark: not behind -m gpu
     assert "-m gpu" not in engines and "KVQUANT_FAIL_ON_SKIP=1" in engines
