@@ -11,25 +11,33 @@ downloaded), then, against that one server:
    ``--ignore-eos``; each run's ``--save-result`` JSON gives a row: completed and failed
    requests, request throughput, output tok/s, TTFT / TPOT / ITL mean, p50 and p99. While the
    grid runs, ``/metrics`` is sampled (peak ``vllm:kv_cache_usage_perc``, running requests);
-2. ``consistency``: ``--consistency-prompts`` (32) greedy completions one at a time, then all
-   at once: how many equal (tokens), and where the others first differ;
+2. ``consistency_dummy``: ``--consistency-prompts`` (32) greedy completions one at a time, then
+   all at once: how many equal (token ids), where the others first differ and whether that is a
+   near-tie. With dummy weights the next-token distribution is nearly flat (``flat_fraction``:
+   positions whose top two logprobs are equal), so this says little;
 3. ``no_leak``: the server idles back to ``vllm:kv_cache_usage_perc`` 0 and no running or
    waiting requests (no leaked blocks), within ``--drain-timeout`` seconds;
 4. ``bad_input`` while a background load runs: a prompt longer than ``max_model_len`` (400
    naming the limit), malformed JSON (4xx), an unknown model (404), a client that disconnects
-   mid-stream (the server aborts it: running requests and KV usage back to 0); then the
-   background requests all succeeded and a greedy request answers as before the bad input.
+   mid-stream (the server aborts it: fewer tokens generated than asked, running requests and KV
+   usage back to 0); then the background requests all succeeded and a greedy request answers
+   as before the bad input;
+5. ``consistency``: item 3 where greedy outputs mean something: the same config on the trained
+   tiny model of the tests (real K/V, peaked distributions; kvquant with online scales), loaded
+   by ``vllm bench serve`` (``--trained-load``, default 500 prompts 256 in / 128 out at max
+   concurrency 64), then 32 text prompts one at a time vs all at once, and no leaked blocks.
 
 Results: ``benchmarks/results/serve-load-<device>.json`` (``--out``): ``device``, ``versions``,
 ``command``, ``copy_gbps`` (device-to-device copy GB/s, read + write, measured in this run; null
 without CUDA), ``rows`` (one per config and grid point: ``name``, ``max_concurrency``,
-``request_rate``, ``completed``, ``failed``, ...), and per config ``consistency``, ``no_leak``,
-``bad_input``, ``server`` (start-up seconds, arguments). Rewritten after every step.
+``request_rate``, ``completed``, ``failed``, ...), and per config ``consistency``,
+``consistency_dummy``, ``no_leak``, ``bad_input``, ``servers`` (start-up seconds, arguments, the
+start-up log lines naming the backend). Rewritten after every step.
 
 Time: ``--time-budget`` seconds in all (default 540, for one <= 10 min device call); a grid run
 that would not fit (estimated from the previous runs) is recorded as skipped, and
-``--reserve`` seconds are kept for the checks. One config per call on an H200 (server start
-~1-2 min, the grid ~4-5 min): ``--configs kvquant-fp8 --out A.json``, ``--configs vllm-fp8
+``--reserve`` seconds are kept for the checks and the trained-model phase. One config per call on
+an H200 (server start ~1-2 min, the grid ~3-4 min, checks and trained phase ~2 min): ``--configs kvquant-fp8 --out A.json``, ``--configs vllm-fp8
 --out B.json``, then ``--merge A.json B.json --out serve-load-nvidia-h200.json`` (anywhere).
 
 ``--smoke``: a tiny model (2 layers), 12 prompts of 64 / 16 tokens, a small grid and checks, on
@@ -87,6 +95,14 @@ CONFIGS: dict[str, list[str]] = {
     "kvquant-int8": ["--attention-backend", "kvquant", "--additional-config",
                      json.dumps({"kvquant": {"dtype": "int8", "scales": "{model}/scales-int8.json", "fallback": "error"}})],
     # vLLM's own fp8 cache (scale 1.0) on its default backend (FLASH_ATTN / FA3 on Hopper).
+    "vllm-fp8": ["--kv-cache-dtype", "fp8"],
+    "vllm-bf16": [],
+}
+#: The same configs on the trained tiny model of the tests (real K/V, peaked next-token
+#: distributions): kvquant without a sidecar measures its scales online (the default fallback).
+TINY_CONFIGS: dict[str, list[str]] = {
+    "kvquant-fp8": ["--attention-backend", "kvquant", "--additional-config", json.dumps({"kvquant": {"dtype": "fp8_e4m3"}})],
+    "kvquant-int8": ["--attention-backend", "kvquant", "--additional-config", json.dumps({"kvquant": {"dtype": "int8"}})],
     "vllm-fp8": ["--kv-cache-dtype", "fp8"],
     "vllm-bf16": [],
 }
@@ -483,14 +499,16 @@ def row_from_bench(name: str, max_concurrency: int, request_rate: float, bench: 
 
 
 def run_bench(url: str, model: str, tokenizer: str, name: str, conc: int, rate: float, args, workdir: Path,
-              timeout: float) -> dict:  # fmt: skip
-    tag = f"{name}-c{conc}-r{'inf' if math.isinf(rate) else f'{rate:g}'}"
+              timeout: float, workload: tuple[int, int, int] | None = None) -> dict:  # fmt: skip
+    """One ``vllm bench serve`` run -> a row; ``workload``: (prompts, input len, output len), default the args'."""
+    num_prompts, input_len, output_len = workload or (args.num_prompts, args.input_len, args.output_len)
+    tag = f"{name}-c{conc}-r{'inf' if math.isinf(rate) else f'{rate:g}'}-{input_len}x{output_len}"
     result_dir = workdir / "bench"
     result_dir.mkdir(parents=True, exist_ok=True)
     result_file = f"{tag}.json"
     (result_dir / result_file).unlink(missing_ok=True)
-    cmd = [*bench_command(), *bench_args(url, model, tokenizer, num_prompts=args.num_prompts, input_len=args.input_len,
-                                         output_len=args.output_len, max_concurrency=conc, request_rate=rate,
+    cmd = [*bench_command(), *bench_args(url, model, tokenizer, num_prompts=num_prompts, input_len=input_len,
+                                         output_len=output_len, max_concurrency=conc, request_rate=rate,
                                          result_dir=result_dir, result_file=result_file, seed=args.seed)]  # fmt: skip
     t0 = time.time()
     log_path = workdir / f"{tag}.log"
@@ -504,11 +522,12 @@ def run_bench(url: str, model: str, tokenizer: str, name: str, conc: int, rate: 
     wall = round(time.time() - t0, 1)
     path = result_dir / result_file
     if path.exists():
-        row = row_from_bench(name, conc, rate, json.loads(path.read_text()), args.num_prompts)
+        row = row_from_bench(name, conc, rate, json.loads(path.read_text()), num_prompts)
     else:
         why = f"timed out after {timeout:.0f} s" if rc is None else f"vllm bench serve exited {rc}"
         row = {"name": name, "max_concurrency": conc, "request_rate": "inf" if math.isinf(rate) else rate,
-               "completed": 0, "failed": args.num_prompts, "error": f"{why}: {log_path.read_text()[-1500:]}"}  # fmt: skip
+               "completed": 0, "failed": num_prompts, "error": f"{why}: {log_path.read_text()[-1500:]}"}  # fmt: skip
+    row["input_len"], row["output_len"] = input_len, output_len
     row["bench_wall_s"] = wall
     return row
 
@@ -522,7 +541,9 @@ def consistency_prompts(n: int, input_len: int, vocab: int, seed: int = 1) -> li
 
 def complete(url: str, model: str, prompt, max_tokens: int, *, timeout: float = 300, **extra) -> dict:
     """One greedy completion; returns its token strings and logprobs (raises on any error)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 2, **extra}
+    # Tokens as "token_id:N": the dummy model's ids beyond its 512-token tokenizer detokenize to "".
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 2,
+            "return_tokens_as_token_ids": True, **extra}  # fmt: skip
     r = requests.post(url + "/v1/completions", json=body, timeout=timeout)
     r.raise_for_status()
     choice = r.json()["choices"][0]
@@ -538,6 +559,13 @@ def compare_outputs(sequential: list[dict | None], concurrent: list[dict | None]
     weights' nearly flat distributions make common, not a corrupted cache). Also the largest
     |logprob difference| over the agreeing prefixes."""
     equal, first_diff, max_lp, ties = 0, [], 0.0, 0
+    positions = flat = 0
+    for a in sequential:
+        for top in (a or {}).get("top") or []:
+            if top and len(top) >= 2:
+                best = sorted(top.values(), reverse=True)
+                positions += 1
+                flat += best[0] - best[1] < 1e-6
     for i, (a, b) in enumerate(zip(sequential, concurrent)):
         if a is None or b is None:
             first_diff.append({"prompt": i, "position": None, "why": "request failed"})
@@ -559,8 +587,11 @@ def compare_outputs(sequential: list[dict | None], concurrent: list[dict | None]
             diff["near_tie"] = diff["gap"] <= near_tie
             ties += diff["near_tie"]
         first_diff.append(diff)
+    # flat_fraction: positions whose top two logprobs are equal (a flat distribution: greedy is then
+    # decided by tie-breaking and says little about the cache, e.g. with dummy weights).
     return {"equal": equal, "near_tie_flips": ties, "differ": first_diff, "near_tie_threshold": near_tie,
-            "max_logprob_diff_agreeing": round(max_lp, 5)}  # fmt: skip
+            "max_logprob_diff_agreeing": round(max_lp, 5),
+            "flat_fraction": round(flat / positions, 4) if positions else None}  # fmt: skip
 
 
 def consistency_check(url: str, model: str, prompts: list, max_tokens: int) -> dict:
@@ -782,11 +813,12 @@ def run_config(name: str, args, model_dir: Path, result: dict, out_path: Path, t
                 write_result(out_path, result)
                 log(json.dumps(row)[:600])
             record["load_metrics"] = sampler.stop()
-            # 2. consistency after the load; 3. no leaked blocks; 4. bad input while loaded.
+            # After the load, on this server: greedy consistency (weak with dummy weights: see
+            # flat_fraction), no leaked blocks, bad input under a background load.
             prompts = consistency_prompts(args.consistency_prompts, args.consistency_input_len, vocab)
-            result.setdefault("consistency", {})[name] = consistency_check(url, model, prompts, args.consistency_tokens)
+            result.setdefault("consistency_dummy", {})[name] = consistency_check(url, model, prompts, args.consistency_tokens)
             write_result(out_path, result)
-            log(f"{name}: consistency", json.dumps(result["consistency"][name])[:400])
+            log(f"{name}: consistency (dummy weights)", json.dumps(result["consistency_dummy"][name])[:400])
             result.setdefault("no_leak", {})[name] = wait_drained(url, args.drain_timeout)
             write_result(out_path, result)
             log(f"{name}: no_leak", json.dumps(result["no_leak"][name]))
@@ -800,6 +832,63 @@ def run_config(name: str, args, model_dir: Path, result: dict, out_path: Path, t
         log(f"{name}: ERROR {record['error'][:1500]}")
     record["total_s"] = round(time.time() - t0, 1)
     write_result(out_path, result)
+    if args.trained_check:
+        result.setdefault("consistency", {})[name] = trained_consistency(name, args, result, out_path, t_start)
+        write_result(out_path, result)
+        log(f"{name}: consistency (trained tiny model)", json.dumps(result["consistency"][name])[:600])
+
+
+def text_prompts(n: int) -> list[str]:
+    """``n`` prompts from the trained tiny model's corpus (as tests/serve_client.py)."""
+    from vllm_kvquant.tiny_model import corpus_text
+
+    lines = corpus_text().splitlines()
+    return [lines[i % len(lines)] + " " + lines[(i * 7 + 3) % len(lines)] for i in range(n)]
+
+
+def trained_consistency(name: str, args, result: dict, out_path: Path, t_start: float) -> dict:
+    """Item 3 where greedy outputs mean something: the config on the trained tiny model (peaked
+    distributions, real K/V), loaded by ``vllm bench serve`` (``--trained-load``), then
+    ``--consistency-prompts`` text prompts one at a time vs all at once, then no leaked blocks."""
+    left = args.time_budget - (time.time() - t_start)
+    if left < args.trained_min_s:
+        return {"ok": False, "error": f"skipped: time budget ({left:.0f} s left, needs {args.trained_min_s:.0f} s)"}
+    from vllm_kvquant.tiny_model import TRAINED_TINY_LLAMA, make_tiny_llama
+
+    workdir = args.workdir / f"{name}-trained"
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = args.workdir / "trained-tiny"
+    t0 = time.time()
+    if not (model_dir / "config.json").exists():
+        make_tiny_llama(model_dir, TRAINED_TINY_LLAMA)
+    record: dict = {"model": "trained tiny Llama (vllm_kvquant.tiny_model.TRAINED_TINY_LLAMA)",
+                    "model_s": round(time.time() - t0, 1)}  # fmt: skip
+    server_args = [*TINY_CONFIGS[name], "--dtype", "bfloat16", "--max-model-len", "1024", "--seed", "0",
+                   "--no-enable-prefix-caching"]  # fmt: skip
+    if has_cuda():
+        server_args += ["--gpu-memory-utilization", "0.3"]
+    if args.eager:
+        server_args.append("--enforce-eager")
+    cmd = serve_command(model_dir) + server_args
+    record["command"] = " ".join(cmd)
+    try:
+        with running_server(cmd, workdir / "server.log", timeout_s=max(60.0, min(args.server_timeout, left - 30))) as url:
+            record["start_s"] = round(time.time() - t0 - record["model_s"], 1)
+            record["log_lines"] = startup_lines(workdir / "server.log")
+            model = served_model(url)["id"]
+            n, inp, out = args.trained_load
+            conc = min(64, n)
+            record["load"] = run_bench(url, model, str(model_dir), name, conc, math.inf, args, workdir,
+                                       timeout=max(30.0, args.time_budget - (time.time() - t_start) - 30),
+                                       workload=(n, inp, out))  # fmt: skip
+            record.update(consistency_check(url, model, text_prompts(args.consistency_prompts), args.consistency_tokens))
+            record["no_leak"] = wait_drained(url, args.drain_timeout)
+            record["ok"] = bool(record["ok"] and record["no_leak"]["ok"] and not record["load"].get("error")
+                                and record["load"].get("failed") == 0)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - recorded
+        record.update(ok=False, error=f"{type(e).__name__}: {e}"[:3000])
+    record["total_s"] = round(time.time() - t0, 1)
+    return record
 
 
 # ----------------------------------------------------------------------------- results
@@ -817,11 +906,12 @@ def write_result(path: Path, result: dict) -> None:
 def merge_results(parts: list[dict]) -> dict:
     """Several runs' results (e.g. one config per device call) as one: rows in order, the
     per-config records united; device, versions, copy_gbps from the first, each command kept."""
-    merged = {k: v for k, v in parts[0].items() if k not in ("rows", "consistency", "no_leak", "bad_input", "servers")}
+    records = ("consistency", "consistency_dummy", "no_leak", "bad_input", "servers")
+    merged = {k: v for k, v in parts[0].items() if k not in ("rows", *records)}
     merged["command"] = [p.get("command") for p in parts]
     merged["copy_gbps_per_part"] = [p.get("copy_gbps") for p in parts]
     merged["rows"] = [row for p in parts for row in p.get("rows", [])]
-    for key in ("consistency", "no_leak", "bad_input", "servers"):
+    for key in records:
         merged[key] = {}
         for p in parts:
             merged[key].update(p.get(key) or {})
@@ -840,6 +930,7 @@ def summarize(result: dict) -> dict:
         "rows_with_errors": sum(1 for r in rows if r.get("error")),
         "all_failed_zero": bool(rows) and all(r.get("failed") == 0 and not r.get("error") for r in rows),
         "consistency_ok": {k: v.get("ok") for k, v in (result.get("consistency") or {}).items()},
+        "consistency_dummy_ok": {k: v.get("ok") for k, v in (result.get("consistency_dummy") or {}).items()},
         "no_leak_ok": {k: v.get("ok") for k, v in (result.get("no_leak") or {}).items()},
         "bad_input_ok": {k: v.get("ok") for k, v in (result.get("bad_input") or {}).items()},
     }
@@ -877,9 +968,15 @@ def parse_args(argv=None):
     ap.add_argument("--consistency-prompts", type=int, default=32)
     ap.add_argument("--consistency-input-len", type=int, default=128)
     ap.add_argument("--consistency-tokens", type=int, default=32)
+    ap.add_argument("--no-trained-check", dest="trained_check", action="store_false",
+                    help="skip the consistency check on the trained tiny model (after its own load)")
+    ap.add_argument("--trained-load", type=lambda t: tuple(int(x) for x in t.split("x")), default=(500, 256, 128),
+                    help="PROMPTSxINxOUT of the load before the trained model's consistency check (default 500x256x128)")
+    ap.add_argument("--trained-min-s", type=float, default=90.0, help="seconds that phase needs; skipped with less left")
     ap.add_argument("--drain-timeout", type=float, default=60.0, help="seconds for KV usage to return to 0")
     ap.add_argument("--time-budget", type=float, default=540.0, help="seconds in all; grid runs that would not fit are skipped")
-    ap.add_argument("--reserve", type=float, default=60.0, help="seconds of the budget kept for the checks after the grid")
+    ap.add_argument("--reserve", type=float, default=150.0,
+                    help="seconds of the budget kept after the grid for the checks and the trained-model phase")
     ap.add_argument("--server-timeout", type=float, default=300.0, help="seconds for a server to become healthy")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kvquant-serve-load")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/serve-load-<device>.json")
@@ -890,6 +987,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.num_prompts, args.input_len, args.output_len, args.max_model_len = 12, 64, 16, 256
         args.warmup_prompts, args.consistency_prompts, args.consistency_input_len, args.consistency_tokens = 2, 8, 32, 8
+        args.trained_load = (16, 32, 8)
         args.grid = args.grid or SMOKE_GRID
         args.workdir = args.workdir.with_name(args.workdir.name + "-smoke")
         args.time_budget = max(args.time_budget, 1800.0)
