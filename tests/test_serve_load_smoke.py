@@ -1,6 +1,8 @@
-"""benchmarks/serving/serve_load.py --smoke end to end on CPU (~1.5 min): a tiny dummy-weight
+"""benchmarks/serving/serve_load.py --smoke end to end on CPU (~2-3 min): a tiny dummy-weight
 model served with kvquant, vLLM's own ``vllm bench serve`` client over a small grid, then the
-consistency, no-leak and bad-input checks; the results JSON has what the GPU run must show."""
+consistency, no-leak and bad-input checks, then the trained tiny model (the session's, see
+tests/conftest.py) loaded and checked for consistency; the results JSON has what the GPU run
+must show."""
 
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "serving" / "serv
 
 
 @pytest.mark.vllm
-def test_serve_load_smoke(tmp_path) -> None:
+def test_serve_load_smoke(calibrated_tiny_model, tmp_path) -> None:
     out = tmp_path / "serve-load.json"
+    trained = calibrated_tiny_model[0]  # the session's trained tiny model: not trained again
     proc = subprocess.run(
-        [sys.executable, str(HARNESS), "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+        [sys.executable, str(HARNESS), "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out),
+         "--trained-model", str(trained)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

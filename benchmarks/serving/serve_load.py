@@ -203,7 +203,7 @@ def measure_copy_gbps() -> float | None:
 def server_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if not has_cuda():
-        env.update(VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "2"), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        env.update(VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     return env
 
 
@@ -857,10 +857,10 @@ def trained_consistency(name: str, args, result: dict, out_path: Path, t_start: 
 
     workdir = args.workdir / f"{name}-trained"
     workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = args.workdir / "trained-tiny"
+    model_dir = args.trained_model or args.workdir / "trained-tiny"
     t0 = time.time()
     if not (model_dir / "config.json").exists():
-        make_tiny_llama(model_dir, TRAINED_TINY_LLAMA)
+        make_tiny_llama(model_dir, TRAINED_TINY_LLAMA)  # trains on the host CPU (~0.5-1 min)
     record: dict = {"model": "trained tiny Llama (vllm_kvquant.tiny_model.TRAINED_TINY_LLAMA)",
                     "model_s": round(time.time() - t0, 1)}  # fmt: skip
     server_args = [*TINY_CONFIGS[name], "--dtype", "bfloat16", "--max-model-len", "1024", "--seed", "0",
@@ -972,10 +972,12 @@ def parse_args(argv=None):
                     help="skip the consistency check on the trained tiny model (after its own load)")
     ap.add_argument("--trained-load", type=lambda t: tuple(int(x) for x in t.split("x")), default=(500, 256, 128),
                     help="PROMPTSxINxOUT of the load before the trained model's consistency check (default 500x256x128)")
+    ap.add_argument("--trained-model", type=Path, default=None,
+                    help="an existing trained tiny model directory (default: made in --workdir, once)")
     ap.add_argument("--trained-min-s", type=float, default=90.0, help="seconds that phase needs; skipped with less left")
     ap.add_argument("--drain-timeout", type=float, default=60.0, help="seconds for KV usage to return to 0")
     ap.add_argument("--time-budget", type=float, default=540.0, help="seconds in all; grid runs that would not fit are skipped")
-    ap.add_argument("--reserve", type=float, default=150.0,
+    ap.add_argument("--reserve", type=float, default=200.0,
                     help="seconds of the budget kept after the grid for the checks and the trained-model phase")
     ap.add_argument("--server-timeout", type=float, default=300.0, help="seconds for a server to become healthy")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kvquant-serve-load")
