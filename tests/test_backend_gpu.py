@@ -70,10 +70,12 @@ def run_engine(engine: dict, out: Path, timeout: float = 480) -> dict:
     so that the other runs still serve their tests: ``{"error": ..., "log": ...}``."""
     round1, round2 = _prompts()
     spec = {"engine": engine, "rounds": [round1, round2], "max_tokens": MAX_TOKENS}
+    # Engines start side by side: no shared torch.compile cache to race on (a fresh machine has none).
+    env = {**os.environ, "VLLM_DISABLE_COMPILE_CACHE": "1"}
     try:
         proc = subprocess.run(
             [sys.executable, str(HERE / "engine_runner.py"), json.dumps(spec), str(out)],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=timeout, env=env,
         )  # fmt: skip
     except subprocess.TimeoutExpired as e:
         return {"error": f"timed out after {timeout:.0f} s", "log": str(e.stderr or "")[-6000:]}
