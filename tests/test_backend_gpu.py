@@ -3,8 +3,8 @@ prefill on, FP8 and INT8, against vLLM's BF16 FLASH_ATTN run; KV capacity ~2x. F
 for mixed prefill/decode steps (``cudagraph_mode=FULL``) against eager.
 
 Every engine of this file (nine: one BF16, four per 8-bit format) runs once, in its own
-subprocess, all of them side by side on the one GPU (``KVQ_GPU_TEST_PARALLEL`` at a time,
-default 8), started by the module fixture ``runs``; each test reads the runs it compares. The
+subprocess, all of them side by side on the one GPU (at most ``KVQ_GPU_TEST_PARALLEL`` at a
+time, default all nine), started by the module fixture ``runs``; each test reads the runs it compares. The
 KV cache is a fixed ``kv_cache_memory_bytes`` per engine instead of a share of the GPU found by
 profiling (which other processes on the same GPU would disturb), so capacities compare exactly.
 What ran is read from the engines, not their logs: the backend per layer, the CUDA-graph mode
@@ -92,7 +92,7 @@ def runs(calibrated_tiny_model, tmp_path_factory) -> dict[str, dict]:
     model_dir = calibrated_tiny_model[0]  # its default sidecar: int8 per head; dtype fp8_e4m3 converts it
     root = tmp_path_factory.mktemp("engines")
     specs = engine_specs(model_dir)
-    workers = int(os.environ.get("KVQ_GPU_TEST_PARALLEL", "8"))
+    workers = int(os.environ.get("KVQ_GPU_TEST_PARALLEL", str(len(specs))))
     with ThreadPoolExecutor(max(1, workers)) as pool:
         futures = {name: pool.submit(run_engine, spec, root / f"{name}.json") for name, spec in specs.items()}
         return {name: f.result() for name, f in futures.items()}
