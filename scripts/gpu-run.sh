@@ -3,65 +3,113 @@
 #
 #   source .gpu/p2/setup.sh && bash scripts/gpu-run.sh STAGE
 #
-# Stages (each fits one <= 10 min call on a 2-GPU H100 host; lanes run side by side, one GPU each):
-#   check       GPU tests, host-overhead / prefill benchmarks (GPU 0); accuracy harness (GPU 1);
-#               carry .benchdata (benchmarks/prepare_text.py --compress) and .gpu/fi
-#   throughput  benchmarks/throughput.py, both workloads, vLLM's default compilation
+# Every stage fits one <= 10 min call on ONE GPU (the lent single-H200 machines). Lanes of a
+# stage run side by side; lane i gets GPU i mod (number of GPUs), so on one GPU they share it.
+#   check       all GPU tests, three lanes on the same GPU (target <= 8 min on an H200):
+#                 kernels-a, kernels-b: pytest -m gpu over the kernel / graph-capture test files
+#                 (carry .gpu/fi: FlashInfer's JIT cache, else its decode kernels compile for minutes);
+#                 engines: tests/test_backend_gpu.py (nine engines side by side, fixed KV bytes),
+#                          tests/test_serve.py + tests/test_serve_bad_input.py (one shared server);
+#                 a skipped engine test fails the lane (KVQUANT_FAIL_ON_SKIP=1)
+#   bench       benchmarks/host_overhead.py, benchmarks/prefill.py; KVQ_DECODE=1 adds
+#               benchmarks/decode.py (~2.5 min with FlashInfer's JIT; carry .gpu/fi)
+#   accuracy    benchmarks/accuracy.py (--time-budget, default 390 s; carry .benchdata)
+#   serve-load  benchmarks/serving/serve_load.py for KVQ_SERVE_CONFIGS (default kvquant-fp8; the
+#               second call: KVQ_SERVE_CONFIGS=vllm-fp8), KVQ_SERVE_ARGS extra flags; writes
+#               benchmarks/results/serve-load-<device>-<configs>.json. Merge the parts anywhere:
+#               python3 benchmarks/serving/serve_load.py --merge A.json B.json --out benchmarks/results/serve-load-nvidia-h200.json
+#   throughput  benchmarks/throughput.py, one workload; part a (kvquant and vLLM fp8 FLASH_ATTN
+#               on one card) on GPU 0, part b on GPU 1 when there is one, else KVQ_THR_PART=b
+#               runs part b instead of a (never both on one GPU: they would share it)
 #   tp          benchmarks/tp_check.py (needs 2 GPUs)
 # Every lane's log and every results JSON come back in $OUT/results.tgz (the device returns at most 8 files);
 # $OUT/summary.txt lists each lane's exit code and duration.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: scripts/gpu-run.sh check|throughput|tp}
+stage=${1:?usage: scripts/gpu-run.sh check|bench|accuracy|serve-load|throughput|tp}
 OUT=${OUT:-/tmp/kvquant-gpu-out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 export VLLM_WORKER_MULTIPROC_METHOD=spawn NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+# KVQ_NGPU / KVQ_DRY_RUN=1 (print each lane's GPU and command, run nothing): tests/test_gpu_run_script.py.
+NGPU=${KVQ_NGPU:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
+[ "$NGPU" -ge 1 ] || { echo "no GPU visible" >&2; exit 2; }
 t0=$(date +%s)
+nlanes=0
 
-# lane NAME GPUS SECONDS CMD...: run CMD in the background on GPUS, killed after SECONDS.
+# lane NAME SECONDS CMD...: run CMD in the background on the next GPU (round robin), killed after SECONDS.
 lane() {
-  local name=$1 gpus=$2 limit=$3
-  shift 3
+  local name=$1 limit=$2 gpu=$((nlanes % NGPU))
+  shift 2
+  nlanes=$((nlanes + 1))
+  if [ "${KVQ_DRY_RUN:-0}" = 1 ]; then
+    echo "lane $name gpu=$gpu limit=$limit: $*"
+    return
+  fi
   (
     summary=$OUT/summary.txt
     # Results stay in benchmarks/results (tarred below): no per-file copies into $OUT (8 files come back).
     unset OUT
-    export CUDA_VISIBLE_DEVICES=$gpus
+    export CUDA_VISIBLE_DEVICES=$gpu
     s=$(date +%s)
     timeout -k 10 "$limit" bash -c "$*" >"$LOGS/$name.log" 2>&1
-    echo "lane $name (gpu $gpus): rc=$? in $(($(date +%s) - s)) s" >>"$summary"
+    echo "lane $name (gpu $gpu): rc=$? in $(($(date +%s) - s)) s" >>"$summary"
   ) &
 }
-second_gpu() { if [ "$NGPU" -ge 2 ]; then echo 1; else echo 0; fi; }
+
+# Two kernel lanes: most of their time is Triton / FlashInfer compiling on the host (16 cores).
+KERNEL_TESTS_A="tests/test_quantize_cache.py tests/test_decode_attention.py tests/test_prefill_attention.py"
+KERNEL_TESTS_B="tests/test_prefill_runner.py tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests/test_online_scales.py"
+ENGINE_TESTS="tests/test_backend_gpu.py tests/test_serve.py tests/test_serve_bad_input.py"
+PYTEST="python3 -P -m pytest -q -p no:cacheprovider -rs --durations=30"
 
 case $stage in
 check)
-  lane tests 0 570 "python3 -P -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_quantize_cache.py tests/test_decode_attention.py tests/test_prefill_attention.py \
-      tests/test_prefill_runner.py tests/test_decode_kernels_gpu.py tests/test_full_graphs.py \
-      tests/test_online_scales.py tests/test_backend_gpu.py tests/test_serve.py ${KVQ_EXTRA_TESTS:-}; \
-    python3 benchmarks/host_overhead.py; python3 benchmarks/prefill.py"
-  [ "$NGPU" -ge 2 ] || wait
-  # The accuracy harness alone on the second GPU (it budgets itself: --time-budget, default 390 s);
-  # KVQ_DECODE=1 also runs the decode benchmark (~2.5 min with FlashInfer's JIT) after it.
-  lane bench "$(second_gpu)" 570 "python3 benchmarks/accuracy.py ${KVQ_ACCURACY_ARGS:-}; \
+  lane kernels-a 550 "$PYTEST -m gpu --junitxml=$LOGS/kernels-a.xml $KERNEL_TESTS_A ${KVQ_EXTRA_TESTS:-}"
+  lane kernels-b 550 "$PYTEST -m gpu --junitxml=$LOGS/kernels-b.xml $KERNEL_TESTS_B"
+  lane engines 550 "KVQUANT_FAIL_ON_SKIP=1 $PYTEST --junitxml=$LOGS/engines.xml $ENGINE_TESTS"
+  ;;
+bench)
+  lane bench 560 "python3 benchmarks/host_overhead.py; python3 benchmarks/prefill.py; \
     if [ \"${KVQ_DECODE:-0}\" = 1 ]; then python3 benchmarks/decode.py ${KVQ_DECODE_ARGS:-}; fi"
   ;;
+accuracy)
+  lane accuracy 570 "python3 benchmarks/accuracy.py ${KVQ_ACCURACY_ARGS:-}"
+  ;;
+serve-load)
+  configs=${KVQ_SERVE_CONFIGS:-kvquant-fp8}
+  slug=${KVQ_DEVICE_SLUG:-$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")}
+  lane "serve-load-${configs//,/+}" 575 "python3 benchmarks/serving/serve_load.py --configs $configs \
+      --time-budget ${KVQ_SERVE_BUDGET:-540} --out benchmarks/results/serve-load-$slug-${configs//,/+}.json ${KVQ_SERVE_ARGS:-}"
+  ;;
 throughput)
-  # Rows of one workload split over the two GPUs of this host, run at the same time; kvquant and
-  # vLLM's fp8 FLASH_ATTN share GPU 0 so that their ratio is measured on one card.
+  # Rows of one workload; kvquant and vLLM's fp8 FLASH_ATTN share part a, so that their ratio is
+  # measured on one card. Parts never share a GPU (throughput would be split between them).
   wl=${KVQ_WORKLOAD:-1024x512}
   n=${KVQ_REQUESTS:-256}
   common="--compile --input-len ${wl%x*} --output-len ${wl#*x} --num-requests $n --time-budget 540 --child-timeout 300"
-  lane "thr-$wl-a" 0 570 "python3 benchmarks/throughput.py $common \
-      --configs vllm-fp8-flash,kvquant-fp8,kvquant-int8 --out benchmarks/results/throughput-part-a-$wl.json"
-  lane "thr-$wl-b" "$(second_gpu)" 570 "python3 benchmarks/throughput.py $common \
-      --configs vllm-bf16,vllm-int8-per-token-head,vllm-fp8-triton --out benchmarks/results/throughput-part-b-$wl.json"
+  part_a="--configs vllm-fp8-flash,kvquant-fp8,kvquant-int8 --out benchmarks/results/throughput-part-a-$wl.json"
+  part_b="--configs vllm-bf16,vllm-int8-per-token-head,vllm-fp8-triton --out benchmarks/results/throughput-part-b-$wl.json"
+  if [ "$NGPU" -ge 2 ]; then
+    lane "thr-$wl-a" 570 "python3 benchmarks/throughput.py $common $part_a"
+    lane "thr-$wl-b" 570 "python3 benchmarks/throughput.py $common $part_b"
+  elif [ "${KVQ_THR_PART:-a}" = b ]; then
+    lane "thr-$wl-b" 570 "python3 benchmarks/throughput.py $common $part_b"
+  else
+    lane "thr-$wl-a" 570 "python3 benchmarks/throughput.py $common $part_a"
+  fi
   ;;
 tp)
-  lane tp "$(seq -s, 0 $((NGPU - 1)))" 560 "python3 benchmarks/tp_check.py ${KVQ_TP_ARGS:-}"
+  [ "$NGPU" -ge 2 ] || { echo "tp needs 2 GPUs, $NGPU visible" >&2; exit 2; }
+  nlanes=0
+  (
+    summary=$OUT/summary.txt
+    unset OUT
+    export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((NGPU - 1)))
+    s=$(date +%s)
+    timeout -k 10 560 python3 benchmarks/tp_check.py ${KVQ_TP_ARGS:-} >"$LOGS/tp.log" 2>&1
+    echo "lane tp (gpus $CUDA_VISIBLE_DEVICES): rc=$? in $(($(date +%s) - s)) s" >>"$summary"
+  ) &
   ;;
 *)
   echo "unknown stage $stage" >&2
@@ -69,6 +117,7 @@ tp)
   ;;
 esac
 wait
+[ "${KVQ_DRY_RUN:-0}" = 1 ] && exit 0
 echo "stage $stage: $(($(date +%s) - t0)) s on $NGPU GPU(s)" >>"$OUT/summary.txt"
 tar -czf "$OUT/results.tgz" benchmarks/results "$LOGS" 2>/dev/null
 cat "$OUT/summary.txt"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,3 +60,54 @@ def kvquant_caplog(caplog: pytest.LogCaptureFixture):
     finally:
         logger.removeHandler(caplog.handler)
         logger.propagate = propagate
+
+
+@pytest.fixture(scope="session")
+def calibrated_tiny_model(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The trained tiny Llama calibrated once per session, shared by the engine and server tests
+    (tests/test_backend_gpu.py, tests/test_serve.py, tests/test_serve_bad_input.py):
+    ``(model_dir, int8 sidecar, fp8 sidecar)``. The int8 per-head sidecar is the model's default
+    (``model_dir/kvquant_scales.json``); the fp8_e4m3 one is the same scales retargeted by qmax ratio."""
+    from serve_client import server_env
+
+    from vllm_kvquant.scales import load_scales, save_scales
+    from vllm_kvquant.tiny_model import TRAINED_TINY_LLAMA, corpus_text, make_tiny_llama
+
+    root = tmp_path_factory.mktemp("calibrated")
+    model_dir = make_tiny_llama(root / "tiny", TRAINED_TINY_LLAMA)
+    data = root / "calib.txt"
+    data.write_text(corpus_text())
+    cmd = [sys.executable, "-m", "vllm_kvquant.cli", "calibrate", str(model_dir), "--data", str(data),
+           "--num-samples", "16", "--seq-len", "128", "--dtype", "int8", "--granularity", "per_head",
+           "--model-dtype", "bfloat16", "--gpu-memory-utilization", "0.2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root, env=server_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    int8_path = model_dir / "kvquant_scales.json"
+    fp8_path = root / "scales-fp8_e4m3.json"
+    save_scales(load_scales(int8_path).retarget("fp8_e4m3"), fp8_path)
+    return model_dir, int8_path, fp8_path
+
+
+@pytest.fixture(scope="session")
+def kvquant_server(calibrated_tiny_model, tmp_path_factory):
+    """``vllm serve`` on the calibrated tiny model with ``--attention-backend kvquant`` (fp8_e4m3
+    scales, prefill ``quantized``), shared by tests/test_serve.py and tests/test_serve_bad_input.py
+    so that one server start serves both: ``(url, log path, max_model_len)``. Listens on 127.0.0.1
+    only and is always stopped. On a GPU its KV cache is a fixed 2 GiB (``--kv-cache-memory-bytes``)
+    rather than a profiled share, so other processes on the same GPU cannot change it."""
+    import json
+
+    from serve_client import on_gpu, running_server
+
+    model_dir, _, fp8_sidecar = calibrated_tiny_model
+    root = tmp_path_factory.mktemp("serve")
+    max_model_len = 1024
+    # prefill "quantized": a repeated greedy request (the streamed one in test_serve.py, which hits
+    # the prefix cache) attends to the same 8-bit values as the first, so it must give the same text.
+    args = ["--attention-backend", "kvquant", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.2",
+            "--max-model-len", str(max_model_len), "--enable-prefix-caching", "--enable-chunked-prefill",
+            "--additional-config", json.dumps({"kvquant": {"prefill": "quantized", "scales": str(fp8_sidecar)}})]  # fmt: skip
+    if on_gpu():
+        args += ["--kv-cache-memory-bytes", str(2 << 30)]
+    with running_server(model_dir, root / "server.log", args) as url:
+        yield url, root / "server.log", max_model_len

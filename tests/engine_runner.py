@@ -22,6 +22,7 @@ def run(spec: dict) -> dict:
     t0 = time.time()
     llm = LLM(**engine)
     startup_s = time.time() - t0
+    steps_at_start = llm.collective_rpc("kvquant_step_report")  # start-up's dummy and capture runs
     params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0, logprobs=1)
     results = []
     # Each round runs after the previous one finished, so later rounds can hit the prefix cache.
@@ -40,12 +41,19 @@ def run(spec: dict) -> dict:
             )
     cache_config = llm.llm_engine.vllm_config.cache_config
     report = llm.collective_rpc("kvquant_backend_report")
+    # Per rank: the CUDA-graph mode vLLM settled on, its capture sizes, and the backend's mixed
+    # decode+prefill steps while serving the rounds, of which how many were replayed from full CUDA graphs.
+    step_report = [
+        {**end, **{k: end[k] - start[k] for k in ("mixed_steps", "mixed_steps_full_graph")}}
+        for start, end in zip(steps_at_start, llm.collective_rpc("kvquant_step_report"))
+    ]
     return {
         "results": results,
         "kv_capacity_tokens": int(cache_config.num_gpu_blocks or 0) * int(cache_config.block_size),
         "block_size": int(cache_config.block_size),
         "cache_dtype": str(cache_config.cache_dtype),
         "backend_report": report,
+        "step_report": step_report,
         "startup_s": startup_s,
     }
 

@@ -143,6 +143,10 @@ def _check_backend_ran(run: dict, bf16_run: dict, kv_dtype: str, sidecar: Path) 
     assert 1.9 <= ratio <= 2.1, ratio
     # The round-2 prompt reused cached (quantized) blocks.
     assert run["results"][-1]["num_cached_tokens"] >= 32
+    # Chunked prefill mixed decodes and prefills in some steps; no CUDA graphs here, so every one
+    # of them ran forward (the counter tests/test_backend_gpu.py reads for full-graph replays).
+    (steps,) = run["step_report"]
+    assert steps["mixed_steps"] > 0 and steps["mixed_steps_full_graph"] == 0, steps
 
 
 def _assert_close_to_bf16(run: dict, bf16_run: dict) -> None:

@@ -1,6 +1,15 @@
-"""The kvquant backend on a GPU (vLLM 0.26 on the H100): CUDA graphs on and off, prefix caching
-and chunked prefill on, FP8 and INT8, against vLLM's BF16 FLASH_ATTN run; KV capacity ~2x.
-Full CUDA graphs for mixed prefill/decode steps (``cudagraph_mode=FULL``) against eager.
+"""The kvquant backend on a GPU (vLLM 0.26): CUDA graphs on and off, prefix caching and chunked
+prefill on, FP8 and INT8, against vLLM's BF16 FLASH_ATTN run; KV capacity ~2x. Full CUDA graphs
+for mixed prefill/decode steps (``cudagraph_mode=FULL``) against eager.
+
+Every engine of this file (nine: one BF16, four per 8-bit format) runs once, in its own
+subprocess, all of them side by side on the one GPU (at most ``KVQ_GPU_TEST_PARALLEL`` at a
+time, default all nine), started by the module fixture ``runs``; each test reads the runs it compares. The
+KV cache is a fixed ``kv_cache_memory_bytes`` per engine instead of a share of the GPU found by
+profiling (which other processes on the same GPU would disturb), so capacities compare exactly.
+What ran is read from the engines, not their logs: the backend per layer, the CUDA-graph mode
+vLLM settled on and the backend's count of mixed steps replayed from full CUDA graphs
+(``kvquant_step_report``).
 
 Run on the GPU machine: ``python -m pytest tests/test_backend_gpu.py tests/test_serve.py``.
 """
@@ -8,8 +17,10 @@ Run on the GPU machine: ``python -m pytest tests/test_backend_gpu.py tests/test_
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +28,8 @@ import pytest
 pytestmark = pytest.mark.gpu
 HERE = Path(__file__).resolve().parent
 MAX_TOKENS = 8  # as in the CPU test: fp8 (3 mantissa bits) drifts from BF16 over long greedy runs
+KV_CACHE_BYTES = 1 << 28  # per engine: 262144 tokens of the tiny model at BF16 (1 KiB per token), twice that at one byte
+KV_DTYPES = ("int8", "fp8_e4m3")
 
 
 def _prompts() -> tuple[list[str], list[str]]:
@@ -28,47 +41,67 @@ def _prompts() -> tuple[list[str], list[str]]:
     return round1, [long_prefix + " " + lines[9]]
 
 
-def run_engine(engine: dict, out: Path) -> dict:
-    round1, round2 = _prompts()
-    spec = {"engine": engine, "rounds": [round1, round2], "max_tokens": MAX_TOKENS}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "engine_runner.py"), json.dumps(spec), str(out)],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    result = json.loads(out.read_text())
-    result["log"] = proc.stdout[-20000:] + proc.stderr[-60000:]
-    return result
-
-
 def _engine(model_dir: Path, **extra) -> dict:
     engine = dict(
-        model=str(model_dir), dtype="bfloat16", gpu_memory_utilization=0.2, max_model_len=1024, block_size=16,
-        enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=True, seed=0,
-    )
+        model=str(model_dir), dtype="bfloat16", gpu_memory_utilization=0.1, kv_cache_memory_bytes=KV_CACHE_BYTES,
+        max_model_len=1024, block_size=16, enable_chunked_prefill=True, max_num_batched_tokens=64,
+        enable_prefix_caching=True, seed=0,
+    )  # fmt: skip
     engine.update(extra)
     return engine
 
 
+def engine_specs(model_dir: Path) -> dict[str, dict]:
+    """Every engine this file compares, by name."""
+    specs = {"bf16": _engine(model_dir, attention_backend="FLASH_ATTN")}
+    for kv_dtype in KV_DTYPES:
+        kvq = dict(attention_backend="kvquant", additional_config={"kvquant": {"dtype": kv_dtype}})
+        specs[f"{kv_dtype}-graph"] = _engine(model_dir, **kvq)  # vLLM's default: FULL_AND_PIECEWISE, compiled
+        specs[f"{kv_dtype}-eager"] = _engine(model_dir, enforce_eager=True, **kvq)
+        # No torch.compile in either (mode 0 vs enforce_eager): only the full graphs differ.
+        specs[f"{kv_dtype}-full"] = _engine(model_dir, compilation_config={"mode": 0, "cudagraph_mode": "FULL"},
+                                            enable_prefix_caching=False, **kvq)  # fmt: skip
+        specs[f"{kv_dtype}-full-eager"] = _engine(model_dir, enforce_eager=True, enable_prefix_caching=False, **kvq)
+    return specs
+
+
+def run_engine(engine: dict, out: Path, timeout: float = 480) -> dict:
+    """One engine in a subprocess (tests/engine_runner.py); a failure is returned, not raised,
+    so that the other runs still serve their tests: ``{"error": ..., "log": ...}``."""
+    round1, round2 = _prompts()
+    spec = {"engine": engine, "rounds": [round1, round2], "max_tokens": MAX_TOKENS}
+    # Engines start side by side: no shared torch.compile cache to race on (a fresh machine has none).
+    env = {**os.environ, "VLLM_DISABLE_COMPILE_CACHE": "1"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "engine_runner.py"), json.dumps(spec), str(out)],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {timeout:.0f} s", "log": str(e.stderr or "")[-6000:]}
+    log = proc.stdout[-4000:] + proc.stderr[-12000:]
+    if proc.returncode != 0:
+        return {"error": f"engine_runner exited {proc.returncode}", "log": log}
+    result = json.loads(out.read_text())
+    result["log"] = log
+    return result
+
+
 @pytest.fixture(scope="module")
-def gpu_model(tmp_path_factory) -> tuple[Path, Path]:
-    from vllm_kvquant.tiny_model import TRAINED_TINY_LLAMA, corpus_text, make_tiny_llama
-
-    root = tmp_path_factory.mktemp("gpu")
-    model_dir = make_tiny_llama(root / "tiny", TRAINED_TINY_LLAMA)
-    data = root / "calib.txt"
-    data.write_text(corpus_text())
-    cmd = [sys.executable, "-m", "vllm_kvquant.cli", "calibrate", str(model_dir), "--data", str(data),
-           "--num-samples", "16", "--seq-len", "128", "--dtype", "int8", "--granularity", "per_head",
-           "--model-dtype", "bfloat16", "--gpu-memory-utilization", "0.2"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return model_dir, model_dir / "kvquant_scales.json"
+def runs(calibrated_tiny_model, tmp_path_factory) -> dict[str, dict]:
+    model_dir = calibrated_tiny_model[0]  # its default sidecar: int8 per head; dtype fp8_e4m3 converts it
+    root = tmp_path_factory.mktemp("engines")
+    specs = engine_specs(model_dir)
+    workers = int(os.environ.get("KVQ_GPU_TEST_PARALLEL", str(len(specs))))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = {name: pool.submit(run_engine, spec, root / f"{name}.json") for name, spec in specs.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
-@pytest.fixture(scope="module")
-def bf16_run(gpu_model, tmp_path_factory) -> dict:
-    return run_engine(_engine(gpu_model[0], attention_backend="FLASH_ATTN"), tmp_path_factory.mktemp("bf16") / "o.json")
+def _get(runs: dict, name: str) -> dict:
+    run = runs[name]
+    assert "error" not in run, f"{name}: {run['error']}\n{run['log']}"
+    return run
 
 
 def _agreement(run: dict, ref: dict) -> tuple[int, float]:
@@ -82,25 +115,35 @@ def _agreement(run: dict, ref: dict) -> tuple[int, float]:
     return identical, sum(diffs) / max(len(diffs), 1)
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
-def test_cuda_graphs_and_eager_agree_and_match_bf16(kv_dtype, gpu_model, bf16_run, tmp_path) -> None:
-    model_dir, sidecar = gpu_model
-    extra = dict(attention_backend="kvquant", additional_config={"kvquant": {"dtype": kv_dtype}})
-    graph = run_engine(_engine(model_dir, **extra), tmp_path / "graph.json")
-    eager = run_engine(_engine(model_dir, enforce_eager=True, **extra), tmp_path / "eager.json")
+def _check_kvquant_ran(run: dict, kv_dtype: str) -> None:
+    (report,) = run["backend_report"]
+    assert {layer["backend"] for layer in report.values()} == {"KVQUANT"}
+    assert {layer["kv_dtype"] for layer in report.values()} == {kv_dtype}
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_cuda_graphs_and_eager_agree_and_match_bf16(kv_dtype, runs) -> None:
+    bf16_run = _get(runs, "bf16")
+    graph, eager = _get(runs, f"{kv_dtype}-graph"), _get(runs, f"{kv_dtype}-eager")
     summary = {"kv_dtype": kv_dtype}
     for name, run in (("graph", graph), ("eager", eager)):
-        (report,) = run["backend_report"]
-        assert {layer["backend"] for layer in report.values()} == {"KVQUANT"}
-        assert {layer["kv_dtype"] for layer in report.values()} == {kv_dtype}
+        _check_kvquant_ran(run, kv_dtype)
         assert run["results"][-1]["num_cached_tokens"] >= 16  # prefix-cache hit on quantized blocks
         ratio = run["kv_capacity_tokens"] / bf16_run["kv_capacity_tokens"]
         identical, mean_diff = _agreement(run, bf16_run)
         summary[name] = dict(capacity_ratio=round(ratio, 3), identical=identical, mean_logprob_diff=round(mean_diff, 4),
-                             capacity=run["kv_capacity_tokens"], bf16_capacity=bf16_run["kv_capacity_tokens"])
-        assert 1.85 <= ratio <= 2.15, ratio
+                             capacity=run["kv_capacity_tokens"], bf16_capacity=bf16_run["kv_capacity_tokens"],
+                             steps=run["step_report"][0])  # fmt: skip
+        assert 1.85 <= ratio <= 2.15, ratio  # one byte per element in the same KV memory
         assert identical > len(run["results"]) / 2
         assert mean_diff <= 0.15
+    # vLLM's default with ALWAYS support: decode-only steps replay full graphs, mixed steps run
+    # piecewise (attention outside the graphs, so every mixed step reached forward); eager: no graphs.
+    (graph_steps,), (eager_steps,) = graph["step_report"], eager["step_report"]
+    assert graph_steps["cudagraph_mode"] == "FULL_AND_PIECEWISE" and graph_steps["capture_sizes"], graph_steps
+    assert eager_steps["cudagraph_mode"] == "NONE", eager_steps
+    for steps in (graph_steps, eager_steps):
+        assert steps["mixed_steps"] > 0 and steps["mixed_steps_full_graph"] == 0, steps
     identical, mean_diff = _agreement(graph, eager)
     summary["graph_vs_eager"] = dict(identical=identical, mean_logprob_diff=round(mean_diff, 5))
     print("GPU-E2E", json.dumps(summary))
@@ -110,30 +153,33 @@ def test_cuda_graphs_and_eager_agree_and_match_bf16(kv_dtype, gpu_model, bf16_ru
     assert mean_diff <= 0.05
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
-def test_full_cuda_graphs_for_mixed_batches_match_eager(kv_dtype, gpu_model, tmp_path) -> None:
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_full_cuda_graphs_for_mixed_batches_match_eager(kv_dtype, runs) -> None:
     """``cudagraph_mode=FULL`` captures mixed prefill+decode steps whole (the backend declares
     ``AttentionCGSupport.ALWAYS``) and replays them with other decode/prefill mixes: chunked
     prefill at 64 tokens per step makes the short prompts decode while the long ones prefill.
+    That mixed steps really were replayed from full graphs is read from the engine: vLLM kept
+    ``FULL`` (it would downgrade a backend without that support) and the backend counted mixed
+    steps whose metadata never reached ``forward`` (a replay runs no Python); the eager run,
+    the control, counts mixed steps and no replays.
 
     No torch.compile in either run (``mode`` 0 vs ``enforce_eager``), so only the graphs differ;
     the two plans split decode attention differently (a grid over the padded requests vs over
     the decodes), a rounding-level difference: same greedy tokens for all prompts but at most
     one, mean |logprob difference| <= 0.02 while tokens agree.
     """
-    model_dir, _ = gpu_model
-    extra = dict(attention_backend="kvquant", additional_config={"kvquant": {"dtype": kv_dtype}},
-                 enable_prefix_caching=False)  # fmt: skip
-    full = run_engine(_engine(model_dir, compilation_config={"mode": 0, "cudagraph_mode": "FULL"}, **extra),
-                      tmp_path / "full.json")  # fmt: skip
-    eager = run_engine(_engine(model_dir, enforce_eager=True, **extra), tmp_path / "eager.json")
-    assert "Capturing CUDA graphs (mixed prefill-decode, FULL)" in full["log"], full["log"][-3000:]
-    (report,) = full["backend_report"]
-    assert {layer["backend"] for layer in report.values()} == {"KVQUANT"}
+    full, eager = _get(runs, f"{kv_dtype}-full"), _get(runs, f"{kv_dtype}-full-eager")
+    _check_kvquant_ran(full, kv_dtype)
+    (steps,), (eager_steps,) = full["step_report"], eager["step_report"]
     identical, mean_diff = _agreement(full, eager)
     firsts = [abs(a["logprobs"][0] - b["logprobs"][0]) for a, b in zip(full["results"], eager["results"])]
     print("GPU-FULL-GRAPHS", json.dumps({"kv_dtype": kv_dtype, "identical": identical, "mean_logprob_diff": mean_diff,
-                                         "max_first_logprob_diff": max(firsts)}))  # fmt: skip
+                                         "max_first_logprob_diff": max(firsts), "steps": steps,
+                                         "eager_steps": eager_steps}))  # fmt: skip
+    assert steps["cudagraph_mode"] == "FULL" and steps["capture_sizes"], steps
+    assert steps["mixed_steps_full_graph"] > 0, steps
+    assert eager_steps["cudagraph_mode"] == "NONE", eager_steps
+    assert eager_steps["mixed_steps"] > 0 and eager_steps["mixed_steps_full_graph"] == 0, eager_steps
     assert identical >= len(full["results"]) - 1
     assert mean_diff <= 0.02
     assert max(firsts) <= 0.02

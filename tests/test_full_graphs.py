@@ -120,6 +120,29 @@ def test_graph_replay_of_any_mix_matches_eager(path, capture_tokens):
             torch.testing.assert_close(out[:n].float(), eager.float(), **TOL)
 
 
+def test_step_counts_tell_full_graph_replays_of_mixed_steps(monkeypatch):
+    """``metadata.step_counts``: a mixed step built by ``build`` whose metadata never reaches
+    ``forward`` was replayed from a full CUDA graph; one that ran ``forward`` was not. Decode-only
+    steps and capture builds are not mixed steps. (tests/test_backend_gpu.py reads these counts
+    from a real engine with ``cudagraph_mode=FULL``.)"""
+    from vllm_kvquant.metadata import step_counts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the reference path: only the bookkeeping matters here
+    setup = make_setup(kv_dtype="int8", max_num_seqs=MAX_REQS, num_blocks=160)
+    before = step_counts()
+    _eager(setup, *BATCHES["mixed"])  # 1: mixed, forward ran (eager or piecewise)
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    md = setup.builder.build(0, bufs.fill(setup, *BATCHES["mixed"]))  # 2: mixed, no forward: replayed
+    assert md.num_decodes and md.num_prefills and not md.ran_forward
+    _eager(setup, *BATCHES["decodes"])  # not mixed
+    _eager(setup, *BATCHES["prefills"])  # not mixed
+    setup.builder.build_for_cudagraph_capture(bufs.fill(setup, *_capture_batch(24), max_query_len=24))
+    _eager(setup, *BATCHES["mixed"])  # 3: mixed, forward ran; still pending until counted below
+    after = step_counts()
+    assert {k: after[k] - before[k] for k in after} == {"mixed_steps": 3, "mixed_steps_full_graph": 1}
+    assert step_counts() == after  # counting twice changes nothing
+
+
 def test_uniform_decode_capture_plans_no_prefill(path):
     """FULL_AND_PIECEWISE decode graphs (max_query_len 1) replay one-token batches only."""
     setup = make_setup(max_num_seqs=MAX_REQS)

@@ -9,8 +9,6 @@ reference path): the same server, requests and checks.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -19,34 +17,16 @@ from serve_client import (  # noqa: E402 - tests/ is on sys.path under pytest
     completions_and_chat,
     concurrent_vs_sequential,
     on_gpu,
-    running_server,
-    server_env,
 )
 
 NUM_CONCURRENT = 64
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from vllm_kvquant.tiny_model import TRAINED_TINY_LLAMA, corpus_text, make_tiny_llama
-
-    root = tmp_path_factory.mktemp("serve")
-    model_dir = make_tiny_llama(root / "tiny", TRAINED_TINY_LLAMA)
-    data = root / "calib.txt"
-    data.write_text(corpus_text())
-    subprocess.run(
-        [sys.executable, "-m", "vllm_kvquant.cli", "calibrate", str(model_dir), "--data", str(data),
-         "--num-samples", "16", "--seq-len", "128", "--dtype", "fp8_e4m3", "--model-dtype", "bfloat16",
-         "--gpu-memory-utilization", "0.2"],
-        check=True, capture_output=True, timeout=900, cwd=root, env=server_env(),
-    )  # fmt: skip
-    # prefill "quantized": a repeated greedy request (the streamed one below, which hits the prefix
-    # cache) attends to the same 8-bit values as the first, so it must give the same text.
-    args = ["--attention-backend", "kvquant", "--dtype", "bfloat16", "--gpu-memory-utilization", "0.2",
-            "--max-model-len", "1024", "--enable-prefix-caching", "--enable-chunked-prefill",
-            "--additional-config", json.dumps({"kvquant": {"prefill": "quantized"}})]  # fmt: skip
-    with running_server(model_dir, root / "server.log", args) as url:
-        yield url, root / "server.log"
+def server(kvquant_server):
+    """The session's kvquant server (tests/conftest.py), also used by tests/test_serve_bad_input.py."""
+    url, log, _ = kvquant_server
+    return url, log
 
 
 def test_completions_and_chat(server) -> None:

@@ -159,6 +159,7 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         lk = self._layer_kernels(layer, kv_cache)
         out = output if output.dim() == 3 else output.view(-1, self.num_heads, self.head_size)
         m = attn_metadata
+        m.ran_forward = True  # not replayed from a full CUDA graph (metadata.step_counts)
         # Prefill first: under CUDA graphs its FA3 part also writes decode rows, which the
         # decode kernel then overwrites.
         if m.prefill is not None:

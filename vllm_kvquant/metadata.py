@@ -21,6 +21,7 @@ Two kinds of build:
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,7 +35,7 @@ from .kernels.decode_config import device_num_sms
 from .layer_scales import attach_layer_scales, layer_state
 from .prefill import ContextWorkspace, PrefillPlan, fa3_unavailable_reason
 
-__all__ = ["KVQuantMetadata", "KVQuantMetadataBuilder", "decode_kernel", "prefill_workspace_tokens"]
+__all__ = ["KVQuantMetadata", "KVQuantMetadataBuilder", "decode_kernel", "prefill_workspace_tokens", "step_counts"]
 
 logger = logging.getLogger("vllm.kvquant")
 
@@ -72,6 +73,25 @@ class KVQuantMetadata:
     prefill: PrefillPlan | None = None
     #: Built for CUDA-graph capture: both plans cover every (padded) request.
     graph_safe: bool = False
+    #: Set by the layers' ``forward``. A step built by ``build`` whose metadata never reached
+    #: ``forward`` was replayed from a full CUDA graph (a replay runs no Python): see :func:`step_counts`.
+    ran_forward: bool = False
+
+
+#: Every builder of this process, for :func:`step_counts`.
+_BUILDERS: "weakref.WeakSet[KVQuantMetadataBuilder]" = weakref.WeakSet()
+
+
+def step_counts() -> dict[str, int]:
+    """This process's mixed steps (decodes and prefills in one batch) built by ``build``, and how
+    many of them were replayed from a full CUDA graph instead of running ``forward``: behaviour,
+    whatever vLLM's logs say. Summed over builders (one per KV-cache group)."""
+    total = {"mixed_steps": 0, "mixed_steps_full_graph": 0}
+    for builder in list(_BUILDERS):
+        builder._settle_mixed()
+        for key in total:
+            total[key] += builder.counts[key]
+    return total
 
 
 class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
@@ -99,6 +119,9 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         )
 
         self.prefill_workspace = self._init_prefill_workspace(vllm_config, kv_cache_spec)
+        self.counts = {"mixed_steps": 0, "mixed_steps_full_graph": 0}
+        self._pending_mixed: KVQuantMetadata | None = None  # the last mixed step, until the next build
+        _BUILDERS.add(self)
 
         self.decode_planner = None
         if decode_kernel(vllm_config) != "triton":
@@ -171,7 +194,19 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> KVQuantMetadata:
-        return self._build(common_attn_metadata, graph_safe=False)
+        if self._pending_mixed is not None:
+            self._settle_mixed()
+        metadata = self._build(common_attn_metadata, graph_safe=False)
+        if metadata.num_decodes and metadata.num_prefills:
+            self._pending_mixed = metadata
+        return metadata
+
+    def _settle_mixed(self) -> None:
+        """Count the last mixed step: by now its layers ran ``forward`` unless a graph replayed it."""
+        m, self._pending_mixed = self._pending_mixed, None
+        if m is not None:
+            self.counts["mixed_steps"] += 1
+            self.counts["mixed_steps_full_graph"] += not m.ran_forward
 
     def _decode_plans(self, num_seqs: int, m: CommonAttentionMetadata) -> dict[int, DecodePlan]:
         return {

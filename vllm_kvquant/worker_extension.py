@@ -36,6 +36,20 @@ class KVQuantWorkerExtension:
             }
         return report
 
+    def kvquant_step_report(self) -> dict:
+        """This rank's resolved CUDA-graph mode and capture sizes (after vLLM checked the backends'
+        support) and the kvquant steps so far: mixed decode+prefill steps and how many of them
+        were replayed from full CUDA graphs (``metadata.step_counts``)."""
+        from .metadata import step_counts
+
+        comp = self.vllm_config.compilation_config
+        mode = getattr(comp, "cudagraph_mode", None)
+        return {
+            "cudagraph_mode": getattr(mode, "name", None if mode is None else str(mode)),
+            "capture_sizes": sorted(int(s) for s in (getattr(comp, "cudagraph_capture_sizes", None) or [])),
+            **step_counts(),
+        }
+
     def kvquant_start_recording(self, method: str, percentile: float, seed: int) -> int:
         from . import calibration_hooks
         from .scales import AmaxRecorder

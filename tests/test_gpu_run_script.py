@@ -1,0 +1,67 @@
+"""scripts/gpu-run.sh planned without a GPU (``KVQ_DRY_RUN=1``, ``KVQ_NGPU``): every stage fits one
+GPU, the check stage runs every test file with GPU tests, and nothing assumes two GPUs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plan(stage: str, ngpu: int, tmp_path: Path, **env: str) -> tuple[int, list[dict]]:
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu-run.sh"), stage], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "KVQ_DRY_RUN": "1", "KVQ_NGPU": str(ngpu), "OUT": str(tmp_path),
+             "KVQ_DEVICE_SLUG": "nvidia-h200", **env},
+    )  # fmt: skip
+    lanes = []
+    for line in proc.stdout.splitlines():
+        m = re.match(r"lane (\S+) gpu=(\d+) limit=(\d+): (.*)", line)
+        if m:
+            lanes.append({"name": m[1], "gpu": int(m[2]), "limit": int(m[3]), "cmd": m[4]})
+    return proc.returncode, lanes
+
+
+def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
+    rc, lanes = plan("check", 1, tmp_path)
+    assert rc == 0 and [lane["name"] for lane in lanes] == ["kernels-a", "kernels-b", "engines"]
+    assert all(lane["gpu"] == 0 and lane["limit"] <= 570 for lane in lanes)
+    files = [f for lane in lanes for f in re.findall(r"tests/\S+\.py", lane["cmd"])]
+    listed = set(files)
+    assert len(files) == len(listed), "a test file runs in two lanes"
+    assert all((REPO / f).is_file() for f in listed), listed
+    with_gpu_tests = {
+        f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
+        if re.search(r"pytest\.mark\.gpu|pytestmark = pytest\.mark\.gpu", p.read_text())
+    }  # fmt: skip
+    assert with_gpu_tests <= listed, with_gpu_tests - listed
+    assert all("-m gpu" in lane["cmd"] for lane in lanes[:2])
+    engines = lanes[2]["cmd"]
+    for f in ("tests/test_backend_gpu.py", "tests/test_serve.py", "tests/test_serve_bad_input.py"):
+        assert f in engines  # test_serve*.py carry no gpu mark: not behind -m gpu
+    assert "-m gpu" not in engines and "KVQUANT_FAIL_ON_SKIP=1" in engines
+
+
+@pytest.mark.parametrize("stage", ["bench", "accuracy", "serve-load", "throughput"])
+def test_other_stages_use_one_lane_on_one_gpu(stage, tmp_path) -> None:
+    rc, lanes = plan(stage, 1, tmp_path)
+    assert rc == 0 and len(lanes) == 1 and lanes[0]["gpu"] == 0 and lanes[0]["limit"] <= 575, lanes
+
+
+def test_serve_load_parts_and_throughput_parts(tmp_path) -> None:
+    _, (lane,) = plan("serve-load", 1, tmp_path, KVQ_SERVE_CONFIGS="vllm-fp8")
+    assert "--configs vllm-fp8" in lane["cmd"] and "serve-load-nvidia-h200-vllm-fp8.json" in lane["cmd"]
+    _, lanes = plan("throughput", 2, tmp_path)
+    assert [(x["name"], x["gpu"]) for x in lanes] == [("thr-1024x512-a", 0), ("thr-1024x512-b", 1)]
+    _, (lane,) = plan("throughput", 1, tmp_path, KVQ_THR_PART="b")
+    assert lane["name"] == "thr-1024x512-b"
+
+
+def test_tp_refuses_one_gpu(tmp_path) -> None:
+    rc, lanes = plan("tp", 1, tmp_path)
+    assert rc == 2 and not lanes
