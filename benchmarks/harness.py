@@ -1,4 +1,4 @@
-"""Helpers shared by the vLLM-level benchmarks (accuracy.py, throughput.py).
+"""Helpers shared by the benchmarks (results files) and by the vLLM-level ones (accuracy, serving, tp).
 
 - :func:`device_slug`, :func:`write_result`: result file naming and writing (plus a copy into
   ``$OUT`` when that variable is set, as on the GPU machine).
@@ -19,24 +19,27 @@ import threading
 from pathlib import Path
 from typing import Any
 
-try:
-    from vllm_kvquant.worker_extension import KVQuantWorkerExtension
-except ImportError:  # pragma: no cover - running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vllm_kvquant.worker_extension import KVQuantWorkerExtension
+from vllm_kvquant.worker_extension import KVQuantWorkerExtension
 
-#: Import path of :class:`BenchWorkerExtension` (the benchmarks folder is put on PYTHONPATH).
-BENCH_EXTENSION_PATH = "harness.BenchWorkerExtension"
+#: The repository root: ``benchmarks`` is imported from there (``python -m benchmarks....``).
+REPO = Path(__file__).resolve().parents[1]
+#: Import path of :class:`BenchWorkerExtension` (the repository root is put on PYTHONPATH).
+BENCH_EXTENSION_PATH = "benchmarks.harness.BenchWorkerExtension"
 
 
-def expose_benchmarks_dir() -> None:
-    """Make ``import harness`` work in vLLM's engine/worker processes too."""
-    here = str(Path(__file__).resolve().parent)
+def expose_repo_root() -> None:
+    """Make ``import benchmarks.harness`` work in vLLM's engine/worker processes too."""
+    here = str(REPO)
     if here not in sys.path:
         sys.path.insert(0, here)
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if here not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([here, *parts])
+
+
+def command(module: str, argv: list[str] | None) -> str:
+    """The ``command`` field of a results file: how to run ``module`` again from the repository root."""
+    return " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def device_slug() -> str:

@@ -5,9 +5,9 @@
 #
 # Stages (each fits one <= 10 min call on a 2-GPU H100 host; lanes run side by side, one GPU each):
 #   check       GPU tests, host-overhead / prefill benchmarks (GPU 0); accuracy harness (GPU 1);
-#               carry .benchdata (benchmarks/prepare_text.py --compress) and .gpu/fi
-#   throughput  benchmarks/throughput.py, both workloads, vLLM's default compilation
-#   tp          benchmarks/tp_check.py (needs 2 GPUs)
+#               carry .benchdata (python3 -m benchmarks.prepare_text --compress) and .gpu/fi
+#   throughput  benchmarks/serving/throughput.py, both workloads, vLLM's default compilation
+#   tp          benchmarks/tp/check.py (needs 2 GPUs)
 # Every lane's log and every results JSON come back in $OUT/results.tgz (the device returns at most 8 files);
 # $OUT/summary.txt lists each lane's exit code and duration.
 set -uo pipefail
@@ -42,12 +42,12 @@ check)
       tests/test_quantize_cache.py tests/test_decode_attention.py tests/test_prefill_attention.py \
       tests/test_prefill_runner.py tests/test_decode_kernels_gpu.py tests/test_full_graphs.py \
       tests/test_online_scales.py tests/test_backend_gpu.py tests/test_serve.py ${KVQ_EXTRA_TESTS:-}; \
-    python3 benchmarks/host_overhead.py; python3 benchmarks/prefill.py"
+    python3 -m benchmarks.kernels.host_overhead; python3 -m benchmarks.kernels.prefill"
   [ "$NGPU" -ge 2 ] || wait
   # The accuracy harness alone on the second GPU (it budgets itself: --time-budget, default 390 s);
   # KVQ_DECODE=1 also runs the decode benchmark (~2.5 min with FlashInfer's JIT) after it.
-  lane bench "$(second_gpu)" 570 "python3 benchmarks/accuracy.py ${KVQ_ACCURACY_ARGS:-}; \
-    if [ \"${KVQ_DECODE:-0}\" = 1 ]; then python3 benchmarks/decode.py ${KVQ_DECODE_ARGS:-}; fi"
+  lane bench "$(second_gpu)" 570 "python3 -m benchmarks.accuracy.run ${KVQ_ACCURACY_ARGS:-}; \
+    if [ \"${KVQ_DECODE:-0}\" = 1 ]; then python3 -m benchmarks.kernels.decode ${KVQ_DECODE_ARGS:-}; fi"
   ;;
 throughput)
   # Rows of one workload split over the two GPUs of this host, run at the same time; kvquant and
@@ -55,13 +55,13 @@ throughput)
   wl=${KVQ_WORKLOAD:-1024x512}
   n=${KVQ_REQUESTS:-256}
   common="--compile --input-len ${wl%x*} --output-len ${wl#*x} --num-requests $n --time-budget 540 --child-timeout 300"
-  lane "thr-$wl-a" 0 570 "python3 benchmarks/throughput.py $common \
+  lane "thr-$wl-a" 0 570 "python3 -m benchmarks.serving.throughput $common \
       --configs vllm-fp8-flash,kvquant-fp8,kvquant-int8 --out benchmarks/results/throughput-part-a-$wl.json"
-  lane "thr-$wl-b" "$(second_gpu)" 570 "python3 benchmarks/throughput.py $common \
+  lane "thr-$wl-b" "$(second_gpu)" 570 "python3 -m benchmarks.serving.throughput $common \
       --configs vllm-bf16,vllm-int8-per-token-head,vllm-fp8-triton --out benchmarks/results/throughput-part-b-$wl.json"
   ;;
 tp)
-  lane tp "$(seq -s, 0 $((NGPU - 1)))" 560 "python3 benchmarks/tp_check.py ${KVQ_TP_ARGS:-}"
+  lane tp "$(seq -s, 0 $((NGPU - 1)))" 560 "python3 -m benchmarks.tp.check ${KVQ_TP_ARGS:-}"
   ;;
 *)
   echo "unknown stage $stage" >&2

@@ -1,5 +1,5 @@
 """Start ``vllm serve`` and query it with the ``openai`` client: shared by tests/test_serve.py and
-benchmarks/tp_serve.py (the tensor-parallel check), so both run the same server and the same checks.
+benchmarks/tp/serve.py (the tensor-parallel check), so both run the same server and the same checks.
 
 No pytest here: the benchmarks import it on the GPU machine too.
 """

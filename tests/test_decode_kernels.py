@@ -11,8 +11,6 @@ themselves are checked on a GPU in ``test_decode_kernels_gpu.py``.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import _triton_env  # noqa: F401  (TRITON_INTERPRET=1 without CUDA)
 import pytest
@@ -355,13 +353,10 @@ def test_flashinfer_runner_folds_scales(per_head, window, cap, dtype, host):
 
 
 def test_decode_benchmark_smoke(tmp_path):
-    """``benchmarks/decode.py --smoke``: the backend's cache helpers, every row present, GPU rows skipped."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import decode
-        from bench_decode import ROW_NAMES
-    finally:
-        sys.path.pop(0)
+    """``python -m benchmarks.kernels.decode --smoke``: the backend's cache helpers, every row present, GPU rows skipped."""
+    from benchmarks.kernels import decode
+    from benchmarks.kernels.bench_decode import ROW_NAMES
+
     out = tmp_path / "decode.json"
     result = decode.main(["--smoke", "--shapes", "2x40", "--out", str(out)])
     assert out.exists() and set(result) >= {"device", "versions", "command", "copy_gbps", "rows"}

@@ -14,7 +14,7 @@ Caches are allocated by ``KVQuantAttentionBackend.get_kv_cache_shape`` and split
   and bounded by rel-L2 < 0.15. The test data make the softmax sharp on purpose (K scaled up
   to 8x per head, q ~ 3 N(0, 1): logits with std up to ~25), where rounding the query shows
   most (H100: rel-L2 0.04-0.10, max abs 0.2-2.0 on outputs of magnitude ~1-4); vLLM's own FA3
-  fp8 path pays the same (benchmarks/decode.py: ``max_abs_err_ref`` of vllm-fa3-fp8).
+  fp8 path pays the same (benchmarks/kernels/decode.py: ``max_abs_err_ref`` of vllm-fa3-fp8).
 Reports are ``warnings`` so they appear in pytest's summary even under ``-q``.
 
 A kernel whose library or GPU is missing (FA3 off Hopper, FlashInfer not installed) skips with

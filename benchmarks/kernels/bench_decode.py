@@ -32,27 +32,19 @@ query, output); ``pct_copy`` compares with a device-to-device copy measured in t
 from __future__ import annotations
 
 import math
-import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_rotating  # noqa: E402
-
-try:
-    import vllm_kvquant  # noqa: F401
-except ImportError:  # a source checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_kvquant import compat  # noqa: E402
-from vllm_kvquant.backend import KVQuantAttentionBackend  # noqa: E402
-from vllm_kvquant.decode_kernels import DecodePlan, DecodePlanner, DecodeRunner, flashinfer_page_table  # noqa: E402
-from vllm_kvquant.errors import KVQuantConfigError  # noqa: E402
-from vllm_kvquant.kernels.reference import paged_decode_attention_ref  # noqa: E402
+from benchmarks.common import time_rotating
+from vllm_kvquant import compat
+from vllm_kvquant.backend import KVQuantAttentionBackend
+from vllm_kvquant.decode_kernels import DecodePlan, DecodePlanner, DecodeRunner, flashinfer_page_table
+from vllm_kvquant.errors import KVQuantConfigError
+from vllm_kvquant.kernels.reference import paged_decode_attention_ref
 
 FP8 = torch.float8_e4m3fn
 #: In an order that reuses each cache (kvquant fp8, int8; vLLM fp8; vLLM bf16) before the next.
