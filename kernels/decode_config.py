@@ -33,7 +33,7 @@ MAX_HEAD_SIZE = 256
 
 @dataclass(frozen=True)
 class DecodeKernelConfig:
-    """Launch/tuning parameters.  Defaults measured on an H100 (benchmarks/tune.py), Llama-3-8B shapes.
+    """Launch/tuning parameters.  Defaults measured on an H100 (python -m benchmarks.kernels.tune), Llama-3-8B shapes.
 
     Compiled for sm_90 (Triton 3.6, head 128, fp8, bf16): a 128-token tile with
     ``num_stages=5`` double-buffers K/V (2 x 32 KB in flight per program, ~75 KB shared
@@ -54,7 +54,7 @@ class DecodeKernelConfig:
     #: Each active split covers at least this many tokens (bounds workspace traffic).
     min_tokens_per_split: int = 256
     #: Split heuristic: aim for a grid of about this many programs per SM. 8 won the H100
-    #: sweep (benchmarks/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
+    #: sweep (benchmarks/kernels/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
     target_ctas_per_sm: int = 8
     reduce_num_warps: int = 4
     #: Run the dots in fp16 even for bf16 queries (the query must then fit fp16's range).
