@@ -32,7 +32,8 @@ import torch
 
 from vllm_kvquant import compat
 from vllm_kvquant.backend import KVQuantAttentionBackend
-from vllm_kvquant.decode_kernels import DecodePlan, DecodePlanner, DecodeRunner
+from vllm_kvquant.decode_runner import DecodePlan
+from vllm_kvquant.peer_decode import create_planner, create_runner
 from vllm_kvquant.errors import KVQuantConfigError
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref, quantize_to_cache_ref
 
@@ -100,8 +101,8 @@ def _make(kernel, case, window=None, cap=None):
     try:
         per_head = case.ks.numel() > 1
         host = {} if per_head else dict(k_scale=case.ks, v_scale=case.vs)  # as the backend passes them
-        runner = DecodeRunner.create(kernel, per_head=per_head, **common, **host)
-        planner = DecodePlanner.create(kernel, block_size=case.bs, max_num_blocks_per_seq=case.max_blocks, **common)
+        runner = create_runner(kernel, per_head=per_head, **common, **host)
+        planner = create_planner(kernel, block_size=case.bs, max_num_blocks_per_seq=case.max_blocks, **common)
     except KVQuantConfigError as e:
         if any(m in str(e) for m in MISSING):
             pytest.skip(str(e))
