@@ -22,6 +22,7 @@ a :class:`KVQuantConfigError` naming the option and every reason, raised by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -76,34 +77,28 @@ def resolve_kernel(
     return kernel
 
 
+def _spec_and_kernel(kernel: str, env: DecodeEnv | None, layer: dict[str, Any]) -> tuple[DecodeSpec, str]:
+    spec = DecodeSpec.of(**layer)
+    env = env or DecodeEnv.probe(spec.device)
+    return spec, resolve_kernel(kernel, kv_dtype=spec.kv_dtype, model_dtype=spec.model_dtype, head_size=spec.head_size, env=env)
+
+
 def create_planner(
     kernel: str,
     *,
-    num_heads: int,
-    num_kv_heads: int,
-    head_size: int,
     block_size: int,
-    scale: float,
-    sliding_window: int | None,
-    logits_soft_cap: float | None,
-    kv_dtype: KVQuantDType | str,
-    model_dtype: torch.dtype,
-    device: torch.device | str,
     max_num_seqs: int,
     max_num_blocks_per_seq: int,
     workspace: torch.Tensor | None = None,
     env: DecodeEnv | None = None,
+    **layer: Any,
 ) -> DecodePlanner:
-    """The per-batch side of ``kernel`` for a KV-cache group whose layers all share these values.
-    ``workspace``: triton's split-KV fp32 workspace (allocated when not given)."""
-    s = DecodeSpec.of(
-        num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, scale=scale,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, kv_dtype=kv_dtype,
-        model_dtype=model_dtype, device=device, max_num_seqs=max_num_seqs,
-    )  # fmt: skip
-    env = env or DecodeEnv.probe(s.device)
-    name = resolve_kernel(kernel, kv_dtype=s.kv_dtype, model_dtype=s.model_dtype, head_size=s.head_size, env=env)
-    planner = PLANNERS[name](s, block_size, max_num_blocks_per_seq)
+    """The per-batch side of ``kernel`` for a KV-cache group. ``layer``: the other fields of
+    :class:`DecodeSpec` (``num_heads``, ``num_kv_heads``, ``head_size``, ``scale``, ``sliding_window``,
+    ``logits_soft_cap``, ``kv_dtype``, ``model_dtype``, ``device``), which every layer of the group
+    shares. ``workspace``: triton's split-KV fp32 workspace (allocated when not given)."""
+    spec, name = _spec_and_kernel(kernel, env, dict(layer, max_num_seqs=max_num_seqs))
+    planner = PLANNERS[name](spec, block_size, max_num_blocks_per_seq)
     planner.allocate(workspace)
     return planner
 
@@ -111,31 +106,17 @@ def create_planner(
 def create_runner(
     kernel: str,
     *,
-    num_heads: int,
-    num_kv_heads: int,
-    head_size: int,
-    scale: float,
-    sliding_window: int | None,
-    logits_soft_cap: float | None,
-    kv_dtype: KVQuantDType | str,
-    model_dtype: torch.dtype,
-    device: torch.device | str,
     per_head: bool,
-    max_num_seqs: int = 256,
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
     env: DecodeEnv | None = None,
+    **layer: Any,
 ) -> DecodeRunner:
-    """One layer's side of ``kernel``. ``k_scale``/``v_scale``: the layer's static per-tensor scales,
-    read to the host once here (FlashInfer takes them as exact host scalars; without them it folds
-    them into the query)."""
-    s = DecodeSpec.of(
-        num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, scale=scale,
-        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, kv_dtype=kv_dtype,
-        model_dtype=model_dtype, device=device, per_head=per_head, max_num_seqs=max_num_seqs,
-    )  # fmt: skip
-    env = env or DecodeEnv.probe(s.device)
-    name = resolve_kernel(kernel, kv_dtype=s.kv_dtype, model_dtype=s.model_dtype, head_size=s.head_size, env=env)
+    """One layer's side of ``kernel``. ``layer``: the other fields of :class:`DecodeSpec` (as for
+    :func:`create_planner`; ``max_num_seqs`` defaults to 256). ``k_scale``/``v_scale``: the layer's
+    static per-tensor scales, read to the host once here (FlashInfer takes them as exact host
+    scalars; without them it folds them into the query)."""
+    spec, name = _spec_and_kernel(kernel, env, dict(layer, per_head=per_head))
     if name == "flashinfer":
-        return flashinfer.FlashInferDecodeRunner(s, k_scale=k_scale, v_scale=v_scale)
-    return {"triton": TritonDecodeRunner, "fa3": fa3.FA3DecodeRunner}[name](s)
+        return flashinfer.FlashInferDecodeRunner(spec, k_scale=k_scale, v_scale=v_scale)
+    return {"triton": TritonDecodeRunner, "fa3": fa3.FA3DecodeRunner}[name](spec)
