@@ -174,7 +174,7 @@ def _kvquant(prob: Problem, kernel: str, kind: str) -> Callable[[int], Any]:
     ks, vs = _scales(kind, c.device)
     runner = create_runner(kernel, per_head=False, max_num_seqs=prob.batch, k_scale=ks, v_scale=vs, **common)
     planner = create_planner(kernel, block_size=c.block_size, max_num_seqs=prob.batch,
-                                   max_num_blocks_per_seq=prob.nbs, **common)  # fmt: skip
+                             max_num_blocks_per_seq=prob.nbs, **common)  # fmt: skip
     plan = prob.plan(planner, use_cuda_graph=c.device == "cuda")
     kc, vc = prob.caches("kvquant", kind)
     return lambda i: runner.run(prob.queries[i], kc[i], vc[i], ks, vs, plan, prob.out)
