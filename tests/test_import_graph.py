@@ -5,6 +5,7 @@ Modules are named as installed: ``kernels/x.py`` is ``vllm_kvquant.kernels.x``, 
 ones too: a circle hidden in a function is still a circle in the design. An import of a package
 (``from .scales import f``) is an edge to its ``__init__``; importing a submodule does not count as
 importing its parent package's ``__init__`` (that would make every package a circle).
+Also the layout's rules on vLLM: ``kernels/`` never imports it, ``scales/`` not at import time.
 """
 
 from __future__ import annotations
@@ -121,6 +122,33 @@ def test_imports_run_one_way() -> None:
     graph = _edges(_modules())
     wrong = sorted(f"{a} imports {b}" for a, targets in graph.items() for b in targets if _layer(b) < _layer(a))
     assert not wrong, "\n".join(wrong)
+
+
+def _vllm_imports(tree: ast.AST, lazy: bool) -> list[str]:
+    """vLLM modules ``tree`` imports; with ``lazy`` False only those run at import time (not in functions)."""
+    found = []
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not lazy:
+            continue
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.append(node.module or "")
+        found += _vllm_imports(node, lazy)
+    return [n for n in found if n == "vllm" or n.startswith("vllm.")]
+
+
+def test_kernels_import_no_vllm_and_scales_none_at_import_time() -> None:
+    wrong = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        if name.startswith("vllm_kvquant.kernels"):
+            wrong += [f"{name} imports {n}" for n in _vllm_imports(tree, lazy=True)]
+        elif name.startswith("vllm_kvquant.scales"):
+            wrong += [f"{name} imports {n} at import time" for n in _vllm_imports(tree, lazy=False)]
+    assert not wrong, "\n".join(wrong)
+    assert _vllm_imports(ast.parse("def f():\n    import vllm.config\n"), lazy=True) == ["vllm.config"]
+    assert _vllm_imports(ast.parse("def f():\n    import vllm.config\n"), lazy=False) == []
 
 
 @pytest.mark.parametrize("module", ["vllm_kvquant.compat"])
