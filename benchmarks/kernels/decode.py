@@ -18,7 +18,9 @@ from pathlib import Path
 
 from benchmarks.common import device_info, measure_copy_gbps, versions
 from benchmarks.harness import REPO, command, device_slug, write_result
-from benchmarks.kernels.bench_decode import DEFAULT_SHAPES, ROW_NAMES, SMOKE_SHAPES, BenchConfig, bench_decode, print_table, tune_decode  # noqa: E501
+from benchmarks.kernels.bench_decode import (
+    DEFAULT_SHAPES, ROW_NAMES, SMOKE_SHAPES, BenchConfig, bench_decode, print_table, tune_decode,
+)  # fmt: skip
 
 
 def _shape(text: str) -> tuple[int, int]:
