@@ -4,5 +4,5 @@ By concern: ``kernels/`` (attention and cache-write kernels, host overhead, tuni
 (end-to-end throughput), ``accuracy/`` (perplexity and agreement on real text), ``tp/`` (tensor
 parallelism). At the top, shared by them: ``common`` (timing, environment facts), ``harness``
 (result files, the benchmark worker extension), ``plots`` and ``prepare_text`` (the accuracy text).
-Results land in ``results/``; the README's Benchmarks table says which command writes which file.
+Results land in ``results/``; the README's table (under Results) says which command writes which file.
 """
