@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,15 +25,31 @@ from vllm_kvquant.worker_extension import KVQuantWorkerExtension
 
 #: The repository root: ``benchmarks`` is imported from there (``python -m benchmarks....``).
 REPO = Path(__file__).resolve().parents[1]
-#: Import path of :class:`BenchWorkerExtension` (the repository root is put on PYTHONPATH).
+#: Import path of :class:`BenchWorkerExtension` (:func:`expose_benchmarks` puts it on PYTHONPATH).
 BENCH_EXTENSION_PATH = "benchmarks.harness.BenchWorkerExtension"
 
 
-def expose_repo_root() -> None:
-    """Make ``import benchmarks.harness`` work in vLLM's engine/worker processes too."""
-    here = str(REPO)
-    if here not in sys.path:
-        sys.path.insert(0, here)
+def benchmarks_path() -> Path:
+    """A folder holding only ``benchmarks`` (a link to this package), for child processes' PYTHONPATH.
+
+    The repository root itself would put its ``kernels/``, ``scales/`` and ``tests/`` before the
+    installed packages of those names in every child (transformers imports the Hugging Face
+    ``kernels`` package wherever that is installed).
+    """
+    folder = Path(tempfile.gettempdir()) / f"kvquant-benchmarks-{hashlib.sha1(str(REPO).encode()).hexdigest()[:12]}"
+    link = folder / "benchmarks"
+    if not link.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            link.symlink_to(REPO / "benchmarks", target_is_directory=True)
+        except FileExistsError:  # another process made it meanwhile
+            pass
+    return folder
+
+
+def expose_benchmarks() -> None:
+    """Make ``import benchmarks.harness`` work in child processes and vLLM's engine/worker processes."""
+    here = str(benchmarks_path())
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if here not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([here, *parts])

@@ -19,14 +19,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def test_capture_reproduces_vllm_logprobs(tmp_path):
     import torch
 
     from benchmarks.accuracy.report import ModelEvaluation
     from benchmarks.accuracy.schemes import BY_NAME, EngineSettings, engine_kwargs
+    from benchmarks.harness import benchmarks_path
     from vllm_kvquant.tiny_model import TinyLlamaSpec, make_tiny_llama
 
     model_dir = make_tiny_llama(tmp_path / "tiny", TinyLlamaSpec(num_hidden_layers=1))
@@ -45,7 +44,7 @@ def test_capture_reproduces_vllm_logprobs(tmp_path):
     }
     (tmp_path / "task.json").write_text(json.dumps(task))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+               PYTHONPATH=os.pathsep.join([str(benchmarks_path()), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
     proc = subprocess.run([sys.executable, "-P", "-m", "benchmarks.accuracy.engine", str(tmp_path / "task.json")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)  # fmt: skip
     res = json.loads((tmp_path / "res.json").read_text())

@@ -219,9 +219,9 @@ def _raise(message: str):
 
 
 def child_env(args, cuda: bool) -> dict[str, str]:
-    from benchmarks.harness import expose_repo_root
+    from benchmarks.harness import expose_benchmarks
 
-    expose_repo_root()
+    expose_benchmarks()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not args.engine_multiprocessing:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

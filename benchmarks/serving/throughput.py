@@ -172,9 +172,9 @@ def run_one(args) -> dict:
 
     from vllm import LLM, SamplingParams
 
-    from benchmarks.harness import BENCH_EXTENSION_PATH, expose_repo_root
+    from benchmarks.harness import BENCH_EXTENSION_PATH, expose_benchmarks
 
-    expose_repo_root()
+    expose_benchmarks()
     spec = CONFIGS[args.one]
     model_dir = args.workdir / "model"
     kw = dict(
@@ -342,9 +342,9 @@ def child_argv(args, name: str, json_path: Path) -> list[str]:
 def run_in_group(argv: list[str], timeout: float) -> int | None:
     """Run a child in its own process group; on timeout end that group (the child and its engine
     process) so the GPU memory is freed. Returns the exit code, or None on timeout."""
-    from benchmarks.harness import expose_repo_root
+    from benchmarks.harness import expose_benchmarks
 
-    expose_repo_root()  # the child runs `-m benchmarks.serving.throughput` from any working directory
+    expose_benchmarks()  # the child runs `-m benchmarks.serving.throughput` from any working directory
     proc = subprocess.Popen(argv, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)

@@ -102,8 +102,10 @@ class Report:
 def base_env(s: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(MULTICAST_OFF, VLLM_WORKER_MULTIPROC_METHOD="spawn", PYTHONUNBUFFERED="1")
+    from benchmarks.harness import benchmarks_path
+
     # the children run `-m benchmarks....` from the work folder
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    env["PYTHONPATH"] = os.pathsep.join([str(benchmarks_path()), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     if s.gpu:
         env["TP_CHECK_KV_CACHE_BYTES"] = str(s.kv_cache_bytes)
     else:
