@@ -1,4 +1,4 @@
-"""Helpers shared by the vLLM-level benchmarks (accuracy.py, throughput.py).
+"""Helpers shared by the benchmarks (results files) and by the vLLM-level ones (accuracy, serving, tp).
 
 - :func:`device_slug`, :func:`write_result`: result file naming and writing (plus a copy into
   ``$OUT`` when that variable is set, as on the GPU machine).
@@ -11,32 +11,53 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-try:
-    from vllm_kvquant.worker_extension import KVQuantWorkerExtension
-except ImportError:  # pragma: no cover - running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vllm_kvquant.worker_extension import KVQuantWorkerExtension
+from vllm_kvquant.worker_extension import KVQuantWorkerExtension
 
-#: Import path of :class:`BenchWorkerExtension` (the benchmarks folder is put on PYTHONPATH).
-BENCH_EXTENSION_PATH = "harness.BenchWorkerExtension"
+#: The repository root: ``benchmarks`` is imported from there (``python -m benchmarks....``).
+REPO = Path(__file__).resolve().parents[1]
+#: Import path of :class:`BenchWorkerExtension` (:func:`expose_benchmarks` puts it on PYTHONPATH).
+BENCH_EXTENSION_PATH = "benchmarks.harness.BenchWorkerExtension"
 
 
-def expose_benchmarks_dir() -> None:
-    """Make ``import harness`` work in vLLM's engine/worker processes too."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
+def benchmarks_path() -> Path:
+    """A folder holding only ``benchmarks`` (a link to this package), for child processes' PYTHONPATH.
+
+    The repository root itself would put its ``kernels/``, ``scales/`` and ``tests/`` before the
+    installed packages of those names in every child (transformers imports the Hugging Face
+    ``kernels`` package wherever that is installed).
+    """
+    folder = Path(tempfile.gettempdir()) / f"kvquant-benchmarks-{hashlib.sha1(str(REPO).encode()).hexdigest()[:12]}"
+    link = folder / "benchmarks"
+    if not link.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            link.symlink_to(REPO / "benchmarks", target_is_directory=True)
+        except FileExistsError:  # another process made it meanwhile
+            pass
+    return folder
+
+
+def expose_benchmarks() -> None:
+    """Make ``import benchmarks.harness`` work in child processes and vLLM's engine/worker processes."""
+    here = str(benchmarks_path())
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if here not in parts:
         os.environ["PYTHONPATH"] = os.pathsep.join([here, *parts])
+
+
+def command(module: str, argv: list[str] | None) -> str:
+    """The ``command`` field of a results file: how to run ``module`` again from the repository root."""
+    return " ".join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def device_slug() -> str:

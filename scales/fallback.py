@@ -15,6 +15,7 @@ from .errors import CALIBRATE_COMMAND, SidecarNotFoundError, ScalesError
 from .format import CalibrationInfo, Granularity, KVCacheDType, LayerScales, ModelFacts, ScalesFile, tool_version
 from .io import SIDECAR_FILENAME, find_sidecar, load_scales
 from .online import ONLINE_METHOD, online_margin
+from .validate import validate_scales
 
 logger = logging.getLogger("vllm.kvquant")
 
@@ -30,7 +31,7 @@ def unit_scales(
     calibration = CalibrationInfo(method=FALLBACK_METHOD, tool="vllm-kvquant", tool_version=tool_version())
     layers = {name: LayerScales(name, (1.0,), (1.0,)) for name in layer_names}
     scales = ScalesFile(KVCacheDType(kv_dtype), Granularity.PER_TENSOR, facts, calibration, layers, None)
-    scales.validate()
+    validate_scales(scales)
     return scales
 
 
@@ -45,7 +46,7 @@ def online_placeholder_scales(
     )
     layers = {name: LayerScales(name, (1.0,) * num_kv_heads, (1.0,) * num_kv_heads) for name in layer_names}
     scales = ScalesFile(KVCacheDType(kv_dtype), Granularity.PER_HEAD, facts, calibration, layers, None)
-    scales.validate()
+    validate_scales(scales)
     return scales
 
 

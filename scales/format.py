@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .sharding import ShardedScales
+from typing import Any
 
 FORMAT_NAME = "vllm-kvquant-scales"
 FORMAT_VERSION = 1
 DEFAULT_LAYER_TEMPLATE = "model.layers.{i}.self_attn.attn"
+#: Smallest scale accepted: the floor of the calibration formula ``max(amax * margin / qmax, 1e-8)``
+#: (``calibration.DEFAULT_FLOOR``). Below it a scale saturates every nonzero value, and 1/scale
+#: (what the cache write multiplies by) leaves fp32's range below ~3e-39.
+SCALE_FLOOR = 1e-8
 
 
 class KVCacheDType(str, Enum):
@@ -111,22 +112,6 @@ class LayerScales:
     def is_per_tensor(self) -> bool:
         return len(self.k_scale) == 1
 
-    def for_rank(self, tp_size: int, rank: int, total_num_kv_heads: int, *, file: str | None = None) -> "LayerScales":
-        """The scales of the KV heads this tensor-parallel rank holds (per-tensor: unchanged)."""
-        from .sharding import kv_heads_for_rank
-
-        heads = kv_heads_for_rank(total_num_kv_heads, tp_size, rank, file=file)
-        if self.is_per_tensor:
-            return self
-        if len(self.k_scale) != total_num_kv_heads or len(self.v_scale) != total_num_kv_heads:
-            from .errors import ScalesValidationError
-
-            raise ScalesValidationError(
-                file, self.name, "k_scale", list(self.k_scale),
-                f"has {len(self.k_scale)} values but the model has {total_num_kv_heads} KV heads",
-            )
-        return LayerScales(self.name, tuple(self.k_scale[h] for h in heads), tuple(self.v_scale[h] for h in heads))
-
     def scaled(self, factor: float, floor: float = 0.0) -> "LayerScales":
         def scale(values: tuple[float, ...]) -> tuple[float, ...]:
             return tuple(max(s * factor, floor) for s in values)
@@ -136,7 +121,8 @@ class LayerScales:
 
 @dataclass(frozen=True)
 class ScalesFile:
-    """A whole sidecar. Build with :meth:`from_json_dict` or the calibration/convert helpers."""
+    """A whole sidecar. Build with ``validate.parse_scales`` (checked JSON) or the calibration/convert helpers;
+    ``validate.validate_scales`` checks one built in memory, ``sharding.shard_scales`` cuts it per rank."""
 
     kv_dtype: KVCacheDType
     granularity: Granularity
@@ -167,17 +153,9 @@ class ScalesFile:
         }
 
     @classmethod
-    def from_json_dict(
-        cls, data: Any, source_path: str | None = None, *, model_dtype: Any = None, warn: bool = True
-    ) -> "ScalesFile":
-        """Validate ``data`` (a parsed sidecar) and build the dataclass; errors name ``source_path``.
-
-        ``model_dtype`` (unknown: bfloat16) bounds ``qmax * scale``; ``warn`` logs scales far outside
-        what calibration gives (see ``validate.unusual_scales``).
-        """
-        from .validate import validate_json_dict
-
-        validate_json_dict(data, source_path, model_dtype=model_dtype, warn=warn)
+    def from_checked_json_dict(cls, data: dict[str, Any], source_path: str | None = None) -> "ScalesFile":
+        """Build from a parsed sidecar that ``validate.validate_json_dict`` has passed (no checks here:
+        load with ``validate.parse_scales``, which checks first)."""
 
         def tup(value: float | list[float]) -> tuple[float, ...]:
             return tuple(float(v) for v in value) if isinstance(value, list) else (float(value),)
@@ -196,31 +174,18 @@ class ScalesFile:
             source_path,
         )
 
-    def validate(self, *, warn: bool = True) -> None:
-        """Run the same checks as loading (used before saving)."""
-        from .validate import validate_json_dict
-
-        validate_json_dict(self.to_json_dict(), self.source_path, warn=warn)
-
     def retarget(self, kv_dtype: KVCacheDType | str) -> "ScalesFile":
         """Same amax, other storage format: ``scale * qmax_old / qmax_new`` (fp8 -> int8: x 448/127).
 
         Scales stay at or above the 1e-8 floor (int8 -> fp8 shrinks them by 127/448): a floored
         scale stands for amax ~0, which the floor represents in either format.
         """
-        from .validate import SCALE_FLOOR
-
         target = KVCacheDType(kv_dtype)
         if target is self.kv_dtype:
             return self
         factor = self.kv_dtype.qmax / target.qmax
         layers = {n: ls.scaled(factor, floor=SCALE_FLOOR) for n, ls in self.layers.items()}
         return replace(self, kv_dtype=target, layers=layers)
-
-    def shard(self, tp_size: int, rank: int) -> "ShardedScales":
-        from .sharding import shard_scales
-
-        return shard_scales(self, tp_size, rank)
 
 
 def tool_version() -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import ScalesError, ScalesValidationError, SidecarNotFoundError
 from .format import ScalesFile
+from .validate import parse_scales, validate_scales
 
 #: The sidecar lives next to the model's config.json under this name.
 SIDECAR_FILENAME = "kvquant_scales.json"
@@ -52,7 +53,7 @@ def load_scales(path_or_dir: PathLike) -> ScalesFile:
         if sidecar is None:
             raise SidecarNotFoundError(path)
         path = sidecar
-    return ScalesFile.from_json_dict(read_json(path), source_path=str(path))
+    return parse_scales(read_json(path), source_path=str(path))
 
 
 def save_scales(scales: ScalesFile, path: PathLike) -> Path:
@@ -60,9 +61,9 @@ def save_scales(scales: ScalesFile, path: PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / SIDECAR_FILENAME
-    ScalesFile(  # validate under the destination's name so errors point at it
-        scales.kv_dtype, scales.granularity, scales.model, scales.calibration, scales.layers, str(path)
-    ).validate()
+    validate_scales(  # under the destination's name so errors point at it
+        ScalesFile(scales.kv_dtype, scales.granularity, scales.model, scales.calibration, scales.layers, str(path))
+    )
     text = json.dumps(scales.to_json_dict(), indent=2, allow_nan=False) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

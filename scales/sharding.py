@@ -9,13 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ShardingError
-from .format import Granularity, KVCacheDType, LayerScales, ModelFacts
+from .errors import ScalesValidationError, ShardingError
+from .format import Granularity, KVCacheDType, LayerScales, ModelFacts, ScalesFile
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-    from .format import ScalesFile
 
 
 def kv_heads_for_rank(total_num_kv_heads: int, tp_size: int, rank: int, *, file: str | None = None) -> list[int]:
@@ -43,6 +41,21 @@ def kv_heads_for_rank(total_num_kv_heads: int, tp_size: int, rank: int, *, file:
     return list(range(rank * per_rank, (rank + 1) * per_rank))
 
 
+def layer_scales_for_rank(
+    layer: LayerScales, tp_size: int, rank: int, total_num_kv_heads: int, *, file: str | None = None
+) -> LayerScales:
+    """The scales of the KV heads tensor-parallel ``rank`` holds (per-tensor: ``layer`` unchanged)."""
+    heads = kv_heads_for_rank(total_num_kv_heads, tp_size, rank, file=file)
+    if layer.is_per_tensor:
+        return layer
+    if len(layer.k_scale) != total_num_kv_heads or len(layer.v_scale) != total_num_kv_heads:
+        raise ScalesValidationError(
+            file, layer.name, "k_scale", list(layer.k_scale),
+            f"has {len(layer.k_scale)} values but the model has {total_num_kv_heads} KV heads",
+        )  # fmt: skip
+    return LayerScales(layer.name, tuple(layer.k_scale[h] for h in heads), tuple(layer.v_scale[h] for h in heads))
+
+
 @dataclass(frozen=True)
 class ShardedScales:
     """The part of a sidecar one rank uses: per-head lists cut down to the rank's KV heads."""
@@ -57,12 +70,13 @@ class ShardedScales:
     source_path: str | None = None
 
 
-def shard_scales(scales: "ScalesFile", tp_size: int, rank: int) -> ShardedScales:
+def shard_scales(scales: ScalesFile, tp_size: int, rank: int) -> ShardedScales:
     """Cut every layer's scales down to ``rank``'s KV heads (per-tensor layers are shared as is)."""
     total = scales.model.num_kv_heads
     heads = kv_heads_for_rank(total, tp_size, rank, file=scales.source_path)
     layers = {
-        name: ls.for_rank(tp_size, rank, total, file=scales.source_path) for name, ls in scales.layers.items()
+        name: layer_scales_for_rank(ls, tp_size, rank, total, file=scales.source_path)
+        for name, ls in scales.layers.items()
     }
     return ShardedScales(
         scales.kv_dtype, scales.granularity, scales.model, tp_size, rank, tuple(heads), layers, scales.source_path

@@ -9,22 +9,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ScalesError, ScalesMismatchError, ScalesValidationError
-from .format import FORMAT_NAME, FORMAT_VERSION, Granularity, KVCacheDType
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .format import ScalesFile
+from .format import FORMAT_NAME, FORMAT_VERSION, SCALE_FLOOR, Granularity, KVCacheDType, ScalesFile
 
 logger = logging.getLogger("vllm.kvquant")
 
 _SCALE_RULE = "(scales must be finite and > 0)"
 
-#: Smallest scale accepted: the floor of the calibration formula ``max(amax * margin / qmax, 1e-8)``
-#: (``calibration.DEFAULT_FLOOR``). Below it a scale saturates every nonzero value, and 1/scale
-#: (what the cache write multiplies by) leaves fp32's range below ~3e-39.
-SCALE_FLOOR = 1e-8
+#: ``SCALE_FLOOR`` (format.py) is the smallest scale accepted.
 _FLOOR_TEXT = "1e-8"
 #: The floor as written from fp32 (``float(torch.float32(1e-8))`` is 9.99999994e-09) must pass.
 _FLOOR_TOLERANCE = 1e-6
@@ -352,6 +346,23 @@ def validate_json_dict(data: Any, file: str | None = None, *, model_dtype: Any =
     _check_layers(data, file, normalize_model_dtype(model_dtype))
     if warn:
         log_unusual_scales(file, unusual_scales(data))
+
+
+def parse_scales(
+    data: Any, source_path: str | None = None, *, model_dtype: Any = None, warn: bool = True
+) -> ScalesFile:
+    """Validate ``data`` (a parsed sidecar) and build the :class:`ScalesFile`; errors name ``source_path``.
+
+    ``model_dtype`` (unknown: bfloat16) bounds ``qmax * scale``; ``warn`` logs scales far outside
+    what calibration gives (see :func:`unusual_scales`).
+    """
+    validate_json_dict(data, source_path, model_dtype=model_dtype, warn=warn)
+    return ScalesFile.from_checked_json_dict(data, source_path)
+
+
+def validate_scales(scales: ScalesFile, *, warn: bool = True) -> None:
+    """Run the same checks as loading on a file built in memory (used before saving)."""
+    validate_json_dict(scales.to_json_dict(), scales.source_path, warn=warn)
 
 
 def validate_for_model(

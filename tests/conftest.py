@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+#: The benchmarks are a package of the checkout (``benchmarks.accuracy.runner`` etc.), not installed:
+#: the repository root goes last on sys.path, so the installed vllm_kvquant stays the one imported.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
 KVQUANT_LOGGER = "vllm.kvquant"
 #: Set to 1 where every selected test must run (CI's older-vLLM part): a skip fails the session,
 #: so a vLLM that does not import (``importorskip``) cannot pass unnoticed.

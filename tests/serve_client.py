@@ -1,5 +1,5 @@
 """Start ``vllm serve`` and query it with the ``openai`` client: shared by tests/test_serve.py and
-benchmarks/tp_serve.py (the tensor-parallel check), so both run the same server and the same checks.
+benchmarks/tp/serve.py (the tensor-parallel check), so both run the same server and the same checks.
 
 No pytest here: the benchmarks import it on the GPU machine too.
 """
@@ -35,7 +35,8 @@ def launcher(model_dir: Path) -> list[str]:
     try:
         distribution("vllm")
     except PackageNotFoundError:
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+        # -P: not the working folder first on sys.path (a checkout's kernels/ would shadow an installed `kernels`)
+        return [sys.executable, "-P", "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
     return [shutil.which("vllm") or "vllm", "serve", str(model_dir)]
 
 

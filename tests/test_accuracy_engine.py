@@ -1,4 +1,4 @@
-"""One real engine of the accuracy benchmark (benchmarks/accuracy_engine.py) on vLLM's CPU build.
+"""One real engine of the accuracy benchmark (benchmarks/accuracy/engine.py) on vLLM's CPU build.
 
 The worker extension records every token's hidden state while the prompt is prefilled in chunks
 and the forced tokens are decoded one per step; the LM head applied to them must reproduce the
@@ -19,15 +19,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
 
 def test_capture_reproduces_vllm_logprobs(tmp_path):
     import torch
 
-    from accuracy_report import ModelEvaluation
-    from accuracy_schemes import BY_NAME, EngineSettings, engine_kwargs
+    from benchmarks.accuracy.report import ModelEvaluation
+    from benchmarks.accuracy.schemes import BY_NAME, EngineSettings, engine_kwargs
+    from benchmarks.harness import benchmarks_path
     from vllm_kvquant.tiny_model import TinyLlamaSpec, make_tiny_llama
 
     model_dir = make_tiny_llama(tmp_path / "tiny", TinyLlamaSpec(num_hidden_layers=1))
@@ -46,8 +44,8 @@ def test_capture_reproduces_vllm_logprobs(tmp_path):
     }
     (tmp_path / "task.json").write_text(json.dumps(task))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               PYTHONPATH=os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-P", str(BENCH / "accuracy_engine.py"), str(tmp_path / "task.json")],
+               PYTHONPATH=os.pathsep.join([str(benchmarks_path()), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-P", "-m", "benchmarks.accuracy.engine", str(tmp_path / "task.json")],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)  # fmt: skip
     res = json.loads((tmp_path / "res.json").read_text())
     assert proc.returncode == 0 and "error" not in res, (res.get("error"), proc.stdout[-3000:], proc.stderr[-3000:])

@@ -1,4 +1,4 @@
-"""The accuracy benchmark's metrics and result rows (benchmarks/accuracy_metrics.py, accuracy_report.py).
+"""The accuracy benchmark's metrics and result rows (benchmarks/accuracy/metrics.py, report.py).
 
 KL / top-1 / perplexity against brute-force formulas, the alignment of a captured token stream with
 the evaluation sequences (any order; a missing, repeated or disordered window is an error), the
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from accuracy_metrics import LMHead, TokenMetrics, kl_divergence, logprob_check, predicted_rows, token_metrics, window_rows  # noqa: E402
+from benchmarks.accuracy.metrics import LMHead, TokenMetrics, kl_divergence, logprob_check, predicted_rows, token_metrics, window_rows  # noqa: E402
 
 
 def test_kl_matches_the_definition():
@@ -120,9 +118,9 @@ def _capture(path: Path, prompts, forced, hidden_of) -> None:
 
 
 def test_build_rows_schema_errors_and_decode_split(tmp_path):
-    from accuracy_report import ROW_KEYS, build_rows, check_row
-    from accuracy_runner import TaskResult
-    from accuracy_schemes import BY_NAME, select
+    from benchmarks.accuracy.report import ROW_KEYS, build_rows, check_row
+    from benchmarks.accuracy.runner import TaskResult
+    from benchmarks.accuracy.schemes import BY_NAME, select
 
     model_dir, w = _write_model(tmp_path)
     prompts = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
@@ -176,7 +174,7 @@ def test_summary_needs_tokens():
 
 def test_prefill_only_sequences(tmp_path):
     """--decode-len 0: every prompt row is captured and predicts the next prompt token; no decode split."""
-    from accuracy_report import ModelEvaluation
+    from benchmarks.accuracy.report import ModelEvaluation
 
     model_dir, _ = _write_model(tmp_path)
     prompts, forced = [[1, 2, 3, 4], [5, 6, 7]], [[], []]

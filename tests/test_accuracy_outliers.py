@@ -1,4 +1,4 @@
-"""The accuracy benchmark's outlier transform (benchmarks/accuracy_outliers.py): same function, real outliers.
+"""The accuracy benchmark's outlier transform (benchmarks/accuracy/outliers.py): same function, real outliers.
 
 A tiny GQA Llama (4 query / 2 KV heads) in float64: the outlier model's logits equal the original's to
 float64 rounding for any factors, and bit for bit for powers of two (also in bf16, which is what makes
@@ -10,15 +10,11 @@ configs are refused with messages naming layer, head, channel or tensor.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from accuracy_outliers import (  # noqa: E402
+from benchmarks.accuracy.outliers import (
     AttentionShape,
     HeadOutliers,
     OutlierSettings,

@@ -1,4 +1,4 @@
-"""The accuracy benchmark's task runner (benchmarks/accuracy_runner.py): engines side by side, in budget.
+"""The accuracy benchmark's task runner (benchmarks/accuracy/runner.py): engines side by side, in budget.
 
 Small Python subprocesses stand in for engines: dependencies and priorities order the starts, a
 failed dependency fails its dependents with the reason, a task past its timeout is killed with the
@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from accuracy_runner import Runner, Task  # noqa: E402
+from benchmarks.accuracy.runner import Runner, Task  # noqa: E402
 
 PY = sys.executable
 

@@ -11,8 +11,6 @@ themselves are checked on a GPU in ``test_decode_kernels_gpu.py``.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import _triton_env  # noqa: F401  (TRITON_INTERPRET=1 without CUDA)
 import pytest
@@ -21,15 +19,14 @@ import torch
 from vllm_kvquant import compat
 from vllm_kvquant.backend import KVQuantAttentionBackend
 from vllm_kvquant.config import KERNEL_CHOICES, KVQuantConfig
-from vllm_kvquant.decode_kernels import (
+from vllm_kvquant.decode_runner import DecodePlan, DecodeSpec, TritonDecodeRunner
+from vllm_kvquant.peer_decode import (
     DecodeEnv,
-    DecodePlan,
-    DecodePlanner,
-    DecodeRunner,
-    DecodeSpec,
     FA3DecodeRunner,
+    FlashInferDecodePlanner,
     FlashInferDecodeRunner,
-    TritonDecodeRunner,
+    create_planner,
+    create_runner,
     flashinfer_page_table,
     resolve_kernel,
 )
@@ -112,13 +109,13 @@ def test_create_on_cpu_refuses_gpu_kernels_at_start_up():
     common = dict(num_heads=8, num_kv_heads=2, head_size=64, scale=0.125, sliding_window=None,
                   logits_soft_cap=None, kv_dtype="fp8_e4m3", model_dtype=torch.bfloat16, device="cpu")  # fmt: skip
     assert DecodeEnv.probe("cpu") == DecodeEnv("cpu", None, "no CUDA device", "no CUDA device")
-    assert isinstance(DecodeRunner.create("auto", per_head=True, **common), TritonDecodeRunner)
+    assert isinstance(create_runner("auto", per_head=True, **common), TritonDecodeRunner)
     for kernel in ("fa3", "flashinfer"):
         with pytest.raises(KVQuantConfigError, match="needs a CUDA GPU and this process runs on cpu"):
-            DecodeRunner.create(kernel, per_head=False, **common)
+            create_runner(kernel, per_head=False, **common)
         with pytest.raises(KVQuantConfigError, match=f"'{kernel}' cannot run"):
-            DecodePlanner.create(kernel, block_size=16, max_num_seqs=4, max_num_blocks_per_seq=8, **common)
-    planner = DecodePlanner.create("triton", block_size=16, max_num_seqs=4, max_num_blocks_per_seq=8, **common)
+            create_planner(kernel, block_size=16, max_num_seqs=4, max_num_blocks_per_seq=8, **common)
+    planner = create_planner("triton", block_size=16, max_num_seqs=4, max_num_blocks_per_seq=8, **common)
     assert planner.kernel == "triton"
 
 
@@ -138,7 +135,7 @@ def test_flashinfer_page_table():
 
 
 def _triton_planner(num_heads=4, num_kv_heads=2, head_size=64, window=None, cap=None, kv_dtype="fp8_e4m3"):
-    return DecodePlanner.create(
+    return create_planner(
         "auto", num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=16,
         scale=1 / math.sqrt(head_size), sliding_window=window, logits_soft_cap=cap, kv_dtype=kv_dtype,
         model_dtype=torch.bfloat16, device="cpu", max_num_seqs=8, max_num_blocks_per_seq=8,
@@ -152,7 +149,7 @@ def test_plan_build_and_kernel_mismatch():
     assert (plan.kernel, plan.num_seqs, plan.block_table.shape[0], plan.query_start_loc.numel()) == ("triton", 3, 3, 4)
     assert plan.triton.num_seqs == 3 and not plan.triton.varlen
     spec = DecodeSpec(4, 2, 64, 0.125, None, None, KVQuantDType.FP8_E4M3, torch.bfloat16, torch.device("cpu"))
-    planner = DecodePlanner("flashinfer", spec, block_size=16, max_num_blocks_per_seq=4)
+    planner = FlashInferDecodePlanner(spec, block_size=16, max_num_blocks_per_seq=4)
     with pytest.raises(ValueError, match="needs seq_lens_cpu"):
         DecodePlan.build(bt, torch.ones(3, dtype=torch.int32), qsl, 64, planner=planner)
     with pytest.raises(ValueError, match="a varlen plan .* needs kernel 'triton', not 'flashinfer'"):
@@ -212,7 +209,7 @@ def _ref(c, q=None, window=None, cap=None):
 ])  # fmt: skip
 def test_triton_runner_matches_reference(kv_dtype, per_head, window, cap):
     c = _case(kv_dtype, per_head)
-    runner = DecodeRunner.create("auto", num_heads=8, num_kv_heads=2, head_size=64, scale=1 / 8, sliding_window=window,
+    runner = create_runner("auto", num_heads=8, num_kv_heads=2, head_size=64, scale=1 / 8, sliding_window=window,
                                  logits_soft_cap=cap, kv_dtype=kv_dtype, model_dtype=torch.bfloat16, device="cpu",
                                  per_head=per_head, max_num_seqs=8)  # fmt: skip
     plan = DecodePlan.build(c["bt"], c["lens"], c["qsl"], 50, planner=_triton_planner(8, 2, 64, window, cap, kv_dtype))
@@ -224,7 +221,7 @@ def test_triton_runner_matches_reference(kv_dtype, per_head, window, cap):
 def test_triton_runner_varlen_plan_skips_non_decode_rows():
     """Full CUDA graphs over mixed batches: rows from query_start_loc, multi-token requests skipped."""
     c = _case("fp8_e4m3", True)
-    runner = DecodeRunner.create("triton", num_heads=8, num_kv_heads=2, head_size=64, scale=1 / 8, sliding_window=None,
+    runner = create_runner("triton", num_heads=8, num_kv_heads=2, head_size=64, scale=1 / 8, sliding_window=None,
                                  logits_soft_cap=None, kv_dtype="fp8_e4m3", model_dtype=torch.bfloat16, device="cpu",
                                  per_head=True, max_num_seqs=8)  # fmt: skip
     qsl = torch.tensor([0, 1, 4, 5, 7], dtype=torch.int32)  # query lengths 1, 3, 1, 2
@@ -355,13 +352,10 @@ def test_flashinfer_runner_folds_scales(per_head, window, cap, dtype, host):
 
 
 def test_decode_benchmark_smoke(tmp_path):
-    """``benchmarks/decode.py --smoke``: the backend's cache helpers, every row present, GPU rows skipped."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import decode
-        from bench_decode import ROW_NAMES
-    finally:
-        sys.path.pop(0)
+    """``python -m benchmarks.kernels.decode --smoke``: the backend's cache helpers, every row present, GPU rows skipped."""
+    from benchmarks.kernels import decode
+    from benchmarks.kernels.bench_decode import ROW_NAMES
+
     out = tmp_path / "decode.json"
     result = decode.main(["--smoke", "--shapes", "2x40", "--out", str(out)])
     assert out.exists() and set(result) >= {"device", "versions", "command", "copy_gbps", "rows"}

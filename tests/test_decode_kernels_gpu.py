@@ -14,7 +14,7 @@ Caches are allocated by ``KVQuantAttentionBackend.get_kv_cache_shape`` and split
   and bounded by rel-L2 < 0.15. The test data make the softmax sharp on purpose (K scaled up
   to 8x per head, q ~ 3 N(0, 1): logits with std up to ~25), where rounding the query shows
   most (H100: rel-L2 0.04-0.10, max abs 0.2-2.0 on outputs of magnitude ~1-4); vLLM's own FA3
-  fp8 path pays the same (benchmarks/decode.py: ``max_abs_err_ref`` of vllm-fa3-fp8).
+  fp8 path pays the same (benchmarks/kernels/decode.py: ``max_abs_err_ref`` of vllm-fa3-fp8).
 Reports are ``warnings`` so they appear in pytest's summary even under ``-q``.
 
 A kernel whose library or GPU is missing (FA3 off Hopper, FlashInfer not installed) skips with
@@ -32,7 +32,8 @@ import torch
 
 from vllm_kvquant import compat
 from vllm_kvquant.backend import KVQuantAttentionBackend
-from vllm_kvquant.decode_kernels import DecodePlan, DecodePlanner, DecodeRunner
+from vllm_kvquant.decode_runner import DecodePlan
+from vllm_kvquant.peer_decode import create_planner, create_runner
 from vllm_kvquant.errors import KVQuantConfigError
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref, quantize_to_cache_ref
 
@@ -100,8 +101,8 @@ def _make(kernel, case, window=None, cap=None):
     try:
         per_head = case.ks.numel() > 1
         host = {} if per_head else dict(k_scale=case.ks, v_scale=case.vs)  # as the backend passes them
-        runner = DecodeRunner.create(kernel, per_head=per_head, **common, **host)
-        planner = DecodePlanner.create(kernel, block_size=case.bs, max_num_blocks_per_seq=case.max_blocks, **common)
+        runner = create_runner(kernel, per_head=per_head, **common, **host)
+        planner = create_planner(kernel, block_size=case.bs, max_num_blocks_per_seq=case.max_blocks, **common)
     except KVQuantConfigError as e:
         if any(m in str(e) for m in MISSING):
             pytest.skip(str(e))

@@ -1,15 +1,13 @@
-"""benchmarks/merge_throughput.py: two lanes of one workload become one results file."""
+"""benchmarks/serving/merge_throughput.py: two lanes of one workload become one results file."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from merge_throughput import main, merge  # noqa: E402
+from benchmarks.serving.merge_throughput import main, merge
 
 
 def _part(names: list[str], command: str, workload: dict | None = None, card: str = "NVIDIA H100 80GB HBM3") -> dict:

@@ -31,6 +31,14 @@ def test_wheel_file_list(tmp_path: Path) -> None:
     ):
         assert required in names, required
     assert not any(n.startswith(("kernels/", "scales/")) for n in names)
+    # every module of the source tree, subpackages included (pyproject lists packages one by one)
+    for folder, installed in (("vllm_kvquant", "vllm_kvquant"), ("kernels", "vllm_kvquant/kernels"),
+                              ("scales", "vllm_kvquant/scales")):  # fmt: skip
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).as_posix()
+            if folder == "vllm_kvquant" and rel.startswith(("kernels/", "scales/")):
+                continue
+            assert f"{installed}/{rel}" in names, f"{folder}/{rel} is not in the wheel"
     metadata = next(n for n in names if n.endswith("entry_points.txt"))
     entry_points = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "[vllm.general_plugins]" in entry_points

@@ -13,7 +13,8 @@ pytest.importorskip("vllm")
 
 def _run(code: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+        # -P: not the checkout's root first on sys.path (its kernels/ would shadow an installed `kernels`)
+        [sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout

@@ -299,16 +299,10 @@ def test_gpu_fa3_merge_under_cuda_graph():
 
 
 def test_prefill_benchmark_smoke(tmp_path):
-    """``benchmarks/prefill.py --smoke``: our rows run the runner's code path and match the
+    """``python -m benchmarks.kernels.prefill --smoke``: our rows run the runner's code path and match the
     reference; FA3 and vLLM rows are skipped with their reason; the JSON has its top-level keys."""
-    import sys
-    from pathlib import Path
+    from benchmarks.kernels import prefill as prefill_bench
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import prefill as prefill_bench
-    finally:
-        sys.path.pop(0)
     out = tmp_path / "prefill.json"
     result = prefill_bench.main(["--smoke", "--shapes", "chunk24-ctx50", "--out", str(out)])
     assert out.exists() and set(result) >= {"device", "versions", "command", "copy_gbps", "rows"}

@@ -20,6 +20,7 @@ from vllm_kvquant.scales import (
     ScalesValidationError,
     find_sidecar,
     load_schema,
+    parse_scales,
     load_scales,
     save_scales,
 )
@@ -93,7 +94,7 @@ def test_schema_rejects_bad_values() -> None:
 def test_one_element_list_is_per_tensor() -> None:
     data = make_scales("per_tensor").to_json_dict()
     data["layers"][NAMES[0]] = {"k_scale": [0.5], "v_scale": 0.25}
-    scales = ScalesFile.from_json_dict(data)
+    scales = parse_scales(data)
     assert scales.layers[NAMES[0]] == LayerScales(NAMES[0], (0.5,), (0.25,))
 
 

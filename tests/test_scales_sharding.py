@@ -14,6 +14,7 @@ from vllm_kvquant.scales import (
     ScalesFile,
     ShardingError,
     kv_heads_for_rank,
+    layer_scales_for_rank,
     scales_as_tensors,
     shard_scales,
 )
@@ -65,7 +66,7 @@ def test_shard_per_head() -> None:
     ls = shard.layers["model.layers.0.self_attn.attn"]
     assert shard.kv_heads == (2, 3)
     assert ls.k_scale == pytest.approx((0.3, 0.4)) and ls.v_scale == (3.0, 4.0)
-    assert scales.shard(1, 0).layers == scales.layers
+    assert shard_scales(scales, 1, 0).layers == scales.layers
     k, v = scales_as_tensors(ls, "cpu")
     assert k.dtype == torch.float32 and k.shape == (2,) and torch.allclose(v, torch.tensor([3.0, 4.0]))
 
@@ -79,7 +80,7 @@ def test_shard_replicated_heads() -> None:
 def test_shard_per_tensor_is_unchanged() -> None:
     scales = _file(Granularity.PER_TENSOR)
     ls = scales.layers["model.layers.0.self_attn.attn"]
-    assert ls.for_rank(4, 3, 4) is ls
+    assert layer_scales_for_rank(ls, 4, 3, 4) is ls
     k, v = scales_as_tensors(shard_scales(scales, 4, 3).layers[ls.name])
     assert k.shape == (1,) and float(k) == 0.5 and float(v) == 0.25
 

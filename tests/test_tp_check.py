@@ -1,5 +1,5 @@
-"""The CPU-side logic of benchmarks/tp_check.py: its comparisons (tp_compare) and its job runner
-(tp_jobs), so that the one GPU call cannot fail on them. No vLLM engine is started here."""
+"""The CPU-side logic of benchmarks/tp/check.py: its comparisons (tp/compare.py) and its job runner
+(tp/jobs.py), so that the one GPU call cannot fail on them. No vLLM engine is started here."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from tp_compare import agreement, rank_scale_problems, sidecar_diff  # noqa: E402
-from tp_jobs import Job, Runner  # noqa: E402
+from benchmarks.tp.compare import agreement, rank_scale_problems, sidecar_diff  # noqa: E402
+from benchmarks.tp.jobs import Job, Runner  # noqa: E402
 
 from vllm_kvquant.scales import CalibrationInfo, ModelFacts, build_scales_file  # noqa: E402
 
@@ -142,7 +140,7 @@ def test_runner_places_jobs_on_least_loaded_gpus(tmp_path: Path) -> None:
 
 def test_gpu_plan_on_two_gpus(tmp_path: Path, monkeypatch) -> None:
     """The plan the lead's 2-GPU call runs: priorities, placements, and tp=4 recorded as not run."""
-    import tp_check
+    from benchmarks.tp import check as tp_check
 
     monkeypatch.delenv("OUT", raising=False)
     s = tp_check.Settings(smoke=False, gpu=True, devices=["0", "1"], workdir=tmp_path, out=tmp_path / "tp.json",
@@ -173,7 +171,7 @@ def test_calibrate_wrapper_fixes_the_kv_cache_size(monkeypatch) -> None:
     """tp_calibrate passes the CLI's --kv-cache-memory-bytes, or adds the engine key where the CLI has no flag."""
     from argparse import Namespace
 
-    import tp_calibrate
+    from benchmarks.tp import calibrate as tp_calibrate
 
     from vllm_kvquant import calibrate, cli
 

@@ -24,6 +24,12 @@ def _map_source_checkout_subpackages() -> None:
     missing = [n for n in ("kernels", "scales") if not (here / n).is_dir() and (root / n / "__init__.py").is_file()]
     if not missing:
         return
+    # The checkout's root goes last on sys.path: its kernels/ and scales/ are ours only as
+    # vllm_kvquant.kernels / .scales, and must not shadow installed top-level packages of those
+    # names (transformers imports the Hugging Face ``kernels`` package where that is installed).
+    on_path = [p for p in sys.path if Path(p or ".").resolve() == root]
+    if on_path:
+        sys.path[:] = [p for p in sys.path if p not in on_path] + [str(root)]
 
     class _CheckoutFinder:
         @staticmethod

@@ -138,7 +138,7 @@ def _model_dtype(args: argparse.Namespace) -> tuple[str | None, str]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .scales import ScalesFile, SidecarNotFoundError, find_sidecar, shard_scales, validate_for_model
+    from .scales import SidecarNotFoundError, find_sidecar, parse_scales, shard_scales, validate_for_model
     from .scales.io import read_json
     from .scales.validate import ASSUMED_MODEL_DTYPE, unusual_scales
 
@@ -149,7 +149,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise SidecarNotFoundError(path)
         path = sidecar
     model_dtype, dtype_source = _model_dtype(args)
-    scales = ScalesFile.from_json_dict(read_json(path), str(path), model_dtype=model_dtype, warn=False)
+    scales = parse_scales(read_json(path), str(path), model_dtype=model_dtype, warn=False)
     if args.model_dir:
         validate_for_model(scales, **_model_facts(Path(args.model_dir)), model_dtype=model_dtype)
     for rank in range(args.tensor_parallel_size):

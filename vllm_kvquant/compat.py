@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -87,12 +87,13 @@ def is_kvquant_backend(selected_backend: Any) -> bool:
     return getattr(selected_backend, "name", None) == BACKEND_NAME
 
 
-def install_platform_hooks() -> None:
+def install_platform_hooks(check_config: Callable[[Any], None] | None = None) -> None:
     """Patch the current platform class so that selecting kvquant works everywhere.
 
     - ``check_and_update_config``: when kvquant is selected and ``kv_cache_dtype`` is
       ``auto``, allocate the cache at one byte per element (``fp8``); the kvquant backend
-      stores fp8 or int8 bytes in it as the scales sidecar says.
+      stores fp8 or int8 bytes in it as the scales sidecar says. ``check_config(vllm_config)``
+      (the plugin passes the scales' tp check) runs then too, when kvquant is selected.
     - CPU only: vLLM's CPU platform ignores ``--attention-backend`` and always answers its
       own CPU_ATTN; answer kvquant's class when kvquant was selected.
 
@@ -109,10 +110,9 @@ def install_platform_hooks() -> None:
     @functools.wraps(original_check)
     def check_and_update_config(cls, vllm_config):  # type: ignore[no-untyped-def]
         _default_kv_cache_dtype(vllm_config)
-        if is_kvquant_backend(getattr(getattr(vllm_config, "attention_config", None), "backend", None)):
-            from .layer_scales import check_scales_split
-
-            check_scales_split(vllm_config)  # a per-head sidecar the tp size cannot split: refuse now
+        selected = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+        if check_config is not None and is_kvquant_backend(selected):
+            check_config(vllm_config)
         return original_check(cls, vllm_config)
 
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -13,7 +13,7 @@ from .errors import KVQuantConfigError
 CONFIG_KEY = "kvquant"
 _DTYPES = ("fp8_e4m3", "int8")
 _FALLBACKS = ("online", "unit", "error")
-#: Decode-attention kernels (vllm_kvquant/decode_kernels.py says what each needs).
+#: Decode-attention kernels (vllm_kvquant/peer_decode/choice.py says what each needs).
 KERNEL_CHOICES = ("auto", "triton", "fa3", "flashinfer")
 #: Prefill modes (vllm_kvquant/prefill.py says what each does).
 PREFILL_CHOICES = ("bf16", "quantized")

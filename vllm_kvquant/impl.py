@@ -102,7 +102,7 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         self.options, self.max_num_seqs = _current_options()
         self._kernels: LayerKernels | None = None
         self._prefill: PrefillRunner | None = None
-        self._other_decode: Any = None  # decode_kernels.DecodeRunner for kernel fa3 / flashinfer
+        self._other_decode: Any = None  # decode_runner.DecodeRunner for kernel fa3 / flashinfer
 
     def _layer_kernels(self, layer: Any, kv_cache: torch.Tensor) -> LayerKernels:
         """This layer's launchers, rebuilt when vLLM hands it another cache or scales (rare)."""
@@ -182,9 +182,9 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         return output
 
     def _other_decode_runner(self, query: torch.Tensor, state: LayerQuantState) -> Any:
-        from .decode_kernels import DecodeRunner
+        from .peer_decode.choice import create_runner
 
-        self._other_decode = DecodeRunner.create(
+        self._other_decode = create_runner(
             self.options.kernel, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
             scale=self.scale, sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
             kv_dtype=state.kv_dtype, model_dtype=query.dtype, device=query.device,

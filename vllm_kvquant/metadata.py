@@ -47,7 +47,7 @@ def prefill_workspace_tokens(budget_mib: int, num_kv_heads: int, head_size: int,
 
 def decode_kernel(vllm_config: Any) -> str:
     """The configured decode kernel. ``auto`` is ``triton``: the one kernel that serves full CUDA
-    graphs of mixed batches (:mod:`.decode_kernels` holds the fa3 / flashinfer alternatives)."""
+    graphs of mixed batches (:mod:`.peer_decode` holds the fa3 / flashinfer alternatives)."""
     kernel = KVQuantConfig.from_additional_config(compat.additional_config(vllm_config)).kernel
     return "triton" if kernel == "auto" else kernel
 
@@ -67,7 +67,7 @@ class KVQuantMetadata:
     slot_mapping: torch.Tensor
     #: Decode plans by number of query heads (one entry unless layers differ); empty: no decodes.
     decode: dict[int, DecodePlan] = field(default_factory=dict)
-    #: The fa3 / flashinfer decode plan (a ``decode_kernels.DecodePlan``) when one of them is configured.
+    #: The fa3 / flashinfer decode plan (a ``decode_runner.DecodePlan``) when one of them is configured.
     decode_other: Any = None
     #: None: no prefill this batch.
     prefill: PrefillPlan | None = None
@@ -154,13 +154,13 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         return cls._cudagraph_support
 
     def _init_other_decode(self, vllm_config: Any, kv_cache_spec: Any, layers: list) -> None:
-        """Plan fa3 / flashinfer decodes (``vllm_kvquant.decode_kernels``; refuses what cannot run)."""
-        from .decode_kernels import DecodePlanner
+        """Plan fa3 / flashinfer decodes (``vllm_kvquant.peer_decode``; refuses what cannot run)."""
+        from .peer_decode.choice import create_planner
 
         first = layers[0]
         impl = first.impl
         block_size = int(kv_cache_spec.block_size)
-        self.decode_planner = DecodePlanner.create(
+        self.decode_planner = create_planner(
             decode_kernel(vllm_config), num_heads=max(self.num_q_heads), num_kv_heads=self.num_kv_heads,
             head_size=self.head_size, block_size=block_size, scale=impl.scale, sliding_window=impl.sliding_window,
             logits_soft_cap=impl.logits_soft_cap, kv_dtype=layer_state(first).kv_dtype,
@@ -172,7 +172,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         self._full_graph_max_tokens = int(comp.max_cudagraph_capture_size or 0) if full else 0
 
     def _other_decode_plan(self, m: CommonAttentionMetadata, num_decodes: int, graph: bool) -> Any:
-        from .decode_kernels import DecodePlan as KernelDecodePlan
+        from .decode_runner import DecodePlan as KernelDecodePlan
 
         # Replayed from a full graph (as vLLM's FLASH_ATTN decides): per-batch data into persistent buffers.
         graph = graph or (num_decodes == m.num_reqs and m.num_actual_tokens <= self._full_graph_max_tokens)

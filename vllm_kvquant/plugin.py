@@ -18,5 +18,12 @@ def register() -> None:
 
     compat.check_vllm_version()
     compat.register_attention_backend()
-    compat.install_platform_hooks()
+    compat.install_platform_hooks(check_config=_check_scales_split)
     _registered = True
+
+
+def _check_scales_split(vllm_config) -> None:  # type: ignore[no-untyped-def]
+    """At config time: a per-head sidecar the tp size cannot split is refused now, not in a worker."""
+    from .layer_scales import check_scales_split
+
+    check_scales_split(vllm_config)

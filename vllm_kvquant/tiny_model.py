@@ -38,6 +38,13 @@ class TinyLlamaSpec:
     dtype: str = "bfloat16"
 
 
+#: The fields of :class:`TinyLlamaSpec` that are ``LlamaConfig`` fields of the same name.
+LLAMA_CONFIG_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "max_position_embeddings", "initializer_range",
+)  # fmt: skip
+
+
 # Llama's own init, trained ~25 s on 2 CPU cores: corpus loss ~1.8 nats, median top-1/top-2
 # logprob gap ~3 on corpus text (vs ~0.7 for the random model).
 TRAINED_TINY_LLAMA = TinyLlamaSpec(initializer_range=0.02, qk_weight_scale=1.0, train_steps=300)
@@ -103,14 +110,7 @@ def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> 
     tokenizer.save_pretrained(path)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        max_position_embeddings=spec.max_position_embeddings,
-        initializer_range=spec.initializer_range,
+        **{name: getattr(spec, name) for name in LLAMA_CONFIG_FIELDS},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,

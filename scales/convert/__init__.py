@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import ScalesError
 from ..format import ScalesFile
 from ..io import SIDECAR_FILENAME, load_scales, read_json, save_scales
+from ..validate import validate_scales
 from .compressed_tensors import from_compressed_tensors
 from .lightllm import from_lightllm
 from .vllm_json import from_vllm_json
@@ -85,7 +86,7 @@ def convert_scales(
         where = _model_dir_for(src, Path(out) if out is not None else src, model_dir)
         convert = from_vllm_json if fmt == "vllm-json" else from_lightllm
         scales = convert(src, model_dir=where, kv_dtype=kv_dtype)
-    scales.validate()
+    validate_scales(scales)
     return scales
 
 

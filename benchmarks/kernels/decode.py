@@ -1,8 +1,8 @@
 """Decode attention (every kernel choice of kvquant, vLLM's FA3 / Triton, FlashInfer) and the cache
 write, side by side in one run.
 
-    python benchmarks/decode.py                 # -> benchmarks/results/decode-<device>.json
-    python benchmarks/decode.py --smoke         # CPU: plumbing only -> decode-cpu-smoke.json
+    python -m benchmarks.kernels.decode          # -> benchmarks/results/decode-<device>.json
+    python -m benchmarks.kernels.decode --smoke  # CPU: plumbing only -> decode-cpu-smoke.json
 
 Writes ``device``, ``versions``, ``command``, ``copy_gbps`` and ``rows`` (name, kind, kv_dtype,
 batch, context, us, gbps, pct_copy, status [ok | skipped | error] with reason/error; see
@@ -14,16 +14,13 @@ bench_decode.py for what each row runs) and prints a table. Default shapes: Llam
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_decode import DEFAULT_SHAPES, ROW_NAMES, SMOKE_SHAPES, BenchConfig, bench_decode, print_table, tune_decode  # noqa: E402
-from common import device_info, measure_copy_gbps, versions  # noqa: E402
-from harness import device_slug, write_result  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import device_info, measure_copy_gbps, versions
+from benchmarks.harness import REPO, command, device_slug, write_result
+from benchmarks.kernels.bench_decode import (
+    DEFAULT_SHAPES, ROW_NAMES, SMOKE_SHAPES, BenchConfig, bench_decode, print_table, tune_decode,
+)  # fmt: skip
 
 
 def _shape(text: str) -> tuple[int, int]:
@@ -66,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)", flush=True)
     rows = bench_decode(shapes, tuple(a.rows), cfg, copy_gbps=copy_gbps)
     if a.write_tokens and not a.smoke:
-        from bench_quantize import bench_quantize_write
+        from benchmarks.kernels.cache_write import bench_quantize_write
 
         for r in bench_quantize_write(tuple(a.write_tokens), cfg.num_kv_heads, cfg.head_size):
             r.update(kind="write", status="ok", pct_copy=round(100.0 * r["gbps"] / copy_gbps, 1))
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": device_info(),
         "versions": versions(),
-        "command": " ".join(["python", "benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command("benchmarks.kernels.decode", argv),
         "copy_gbps": copy_gbps,
         "config": {"num_q_heads": cfg.num_q_heads, "num_kv_heads": cfg.num_kv_heads, "head_size": cfg.head_size,
                    "block_size": cfg.block_size, "dtype": str(cfg.dtype).replace("torch.", ""),

@@ -2,7 +2,7 @@
 OpenAI client (tests/serve_client.py: the helpers tests/test_serve.py uses): completions and chat,
 plain and streamed, then ``--concurrent`` requests at once; the result is written as JSON.
 
-    python benchmarks/tp_serve.py MODEL --tp 2 --scales S.json --out R.json [--server-arg=--x ...]
+    python -m benchmarks.tp.serve MODEL --tp 2 --scales S.json --out R.json [--server-arg=--x ...]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 
 def main(argv: list[str] | None = None) -> int:

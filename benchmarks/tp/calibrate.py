@@ -1,6 +1,6 @@
 """``vllm-kvquant calibrate ARGS`` with a fixed KV-cache size (``TP_CHECK_KV_CACHE_BYTES``).
 
-benchmarks/tp_check.py starts several engines on the same GPUs at once. vLLM sizes the KV cache
+``benchmarks.tp.check`` starts several engines on the same GPUs at once. vLLM sizes the KV cache
 by profiling the GPU's free memory, and aborts ("Error in memory profiling ... other processes
 release GPU memory") when a neighbour frees memory meanwhile. With ``kv_cache_memory_bytes`` vLLM
 skips that profiling. The CLI's own ``--kv-cache-memory-bytes`` is used where it has one; else the

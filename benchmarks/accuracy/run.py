@@ -2,25 +2,25 @@
 
 One run, every stage timed (``--time-budget`` bounds it; ``--smoke`` shrinks everything for a CPU):
 
-1. data: ``.benchdata/{train,calib,heldout}.jsonl[.gz]`` from ``benchmarks/prepare_text.py``
+1. data: ``.benchdata/{train,calib,heldout}.jsonl[.gz]`` from ``python -m benchmarks.prepare_text``
    (Shakespeare + Austen, public domain, split per document 90/5/5); byte-level BPE trained here.
-2. train: an 8-layer Llama (hidden 512, 8 query / 2 KV heads of 64), seeded (``accuracy_train``).
+2. train: an 8-layer Llama (hidden 512, 8 query / 2 KV heads of 64), seeded (``train``).
 3. outlier: a copy computing the same function with a few K channels x8..32 (both channels of a
-   RoPE pair, queries /alpha) and some V channels x4..8 (o_proj /beta) (``accuracy_outliers``);
+   RoPE pair, queries /alpha) and some V channels x4..8 (o_proj /beta) (``outliers``);
    checked with transformers (perplexity) and in vLLM (BF16 hidden states of both models).
-4. engines, side by side (``accuracy_runner``): per model one ``vllm-kvquant calibrate`` (fp8
+4. engines, side by side (``runner``): per model one ``vllm-kvquant calibrate`` (fp8
    per_head, on the calibration split; the other sidecars derive exactly) and one engine per scheme
-   (``accuracy_schemes``), each running the same held-out windows once: a prompt prefilled in
+   (``schemes``), each running the same held-out windows once: a prompt prefilled in
    ``--chunk``-token chunks (prefix caching off: later chunks read their context from the 8-bit
    cache), then ``--decode-len`` teacher-forced single-token decode steps. Every token's final
-   hidden state is recorded (``accuracy_worker``).
-5. metrics (``accuracy_metrics``): the LM head applied to those hidden states gives each scheme's
+   hidden state is recorded (``worker``).
+5. metrics (``metrics``): the LM head applied to those hidden states gives each scheme's
    full next-token distributions; KL to the same model's BF16 (FLASH_ATTN) run (mean, p99),
    top-1 agreement, perplexity; BF16 on TRITON_ATTN is the noise floor.
 
 Writes ``benchmarks/results/accuracy-<device>.json`` (+ a copy in ``$OUT``) and, where matplotlib is
-installed, ``accuracy-<device>.png``. GPU: ``python benchmarks/accuracy.py`` (bounded by ``--time-budget``, 390 s);
-CPU: ``python benchmarks/accuracy.py --smoke``.
+installed, ``accuracy-<device>.png``. GPU: ``python -m benchmarks.accuracy.run`` (bounded by ``--time-budget``, 390 s);
+CPU: ``python -m benchmarks.accuracy.run --smoke``. The modules named above are this folder's.
 """
 
 from __future__ import annotations
@@ -33,19 +33,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-HERE = REPO / "benchmarks"
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from benchmarks.accuracy.data import encode_stream, read_jsonl, split_path, train_tokenizer, windows, write_plain_jsonl
+from benchmarks.accuracy.outliers import OutlierSettings
+from benchmarks.accuracy.runner import Runner, Task
+from benchmarks.accuracy.schemes import MODELS, REFERENCE, EngineSettings, engine_kwargs, select, select_models
+from benchmarks.accuracy.train import ModelShape, TrainSettings
 
-from accuracy_data import encode_stream, read_jsonl, split_path, train_tokenizer, windows, write_plain_jsonl  # noqa: E402
-from accuracy_outliers import OutlierSettings  # noqa: E402
-from accuracy_runner import Runner, Task  # noqa: E402
-from accuracy_schemes import MODELS, REFERENCE, EngineSettings, engine_kwargs, select, select_models  # noqa: E402
-from accuracy_train import ModelShape, TrainSettings  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 SMOKE_SCHEMES = "bf16,kvquant-int8-per_head,kvquant-int8-online"
-LOGITS_PROCESSOR = "accuracy_worker:ForcedTokens"
+LOGITS_PROCESSOR = "benchmarks.accuracy.worker:ForcedTokens"
 
 
 def log(*a) -> None:
@@ -59,11 +56,11 @@ def _floats(text: str) -> tuple[float, ...]:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     a = ap.add_argument
-    a("--data", type=Path, default=REPO / ".benchdata", help="folder from prepare_text.py")
+    a("--data", type=Path, default=REPO / ".benchdata", help="folder from benchmarks.prepare_text")
     a("--workdir", type=Path, default=Path("/tmp/kvquant-accuracy"), help="models, sidecars, captures (not the repo)")
     a("--out", type=Path, default=None, help="results JSON (default benchmarks/results/accuracy-<device>.json)")
     a("--smoke", action="store_true", help=f"tiny model and data for a CPU run (default --schemes {SMOKE_SCHEMES})")
-    a("--schemes", default=None, help="comma list (default: every default scheme), see accuracy_schemes.py")
+    a("--schemes", default=None, help="comma list (default: every default scheme), see benchmarks/accuracy/schemes.py")
     a("--models", default="outlier,plain", help="which models, in priority order")
     a("--seed", type=int, default=0)
     a("--reuse-model", action="store_true", help="reuse --workdir's trained model and tokenizer")
@@ -149,7 +146,7 @@ def _calibrate_supports_kv_bytes() -> bool:
 
 def build_tasks(args, schemes, models, model_dirs, paths, engine_settings, python) -> tuple[list[Task], dict]:
     """Calibration (per model), derived sidecars and vLLM-fp8 checkpoints (local), one engine per scheme."""
-    from accuracy_checkpoints import derive_sidecar, make_vllm_fp8_checkpoint
+    from benchmarks.accuracy.checkpoints import derive_sidecar, make_vllm_fp8_checkpoint
 
     tasks: list[Task] = []
     info: dict = {}
@@ -208,7 +205,7 @@ def build_tasks(args, schemes, models, model_dirs, paths, engine_settings, pytho
             if scheme.cuda_only and not engine_settings.cuda:
                 tasks.append(Task(key, 0, local=_raise(f"skipped: {scheme.cuda_only}")))
                 continue
-            tasks.append(Task(key, mi * 100 + si, argv=[python, "-P", str(HERE / "accuracy_engine.py"),
+            tasks.append(Task(key, mi * 100 + si, argv=[python, "-P", "-m", "benchmarks.accuracy.engine",
                                                         str(stem) + ".task.json"],
                               deps=deps, timeout=args.task_timeout, log=Path(str(stem) + ".log")))  # fmt: skip
     return tasks, info
@@ -222,9 +219,9 @@ def _raise(message: str):
 
 
 def child_env(args, cuda: bool) -> dict[str, str]:
-    from harness import expose_benchmarks_dir
+    from benchmarks.harness import expose_benchmarks
 
-    expose_benchmarks_dir()
+    expose_benchmarks()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not args.engine_multiprocessing:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -238,10 +235,10 @@ def main(argv=None) -> int:
     stages = Stages()
     import torch
 
-    from accuracy_outliers import channel_stats, make_outlier_checkpoint
-    from accuracy_train import hf_perplexity, train_model
-    from common import device_info, versions
-    from harness import device_slug, write_result
+    from benchmarks.accuracy.outliers import channel_stats, make_outlier_checkpoint
+    from benchmarks.accuracy.train import hf_perplexity, train_model
+    from benchmarks.common import device_info, versions
+    from benchmarks.harness import command, device_slug, write_result
 
     cuda = torch.cuda.is_available()
     args.parallel = args.parallel or (max(1, min(8, (os.cpu_count() or 2) // 2)) if cuda else 1)
@@ -257,7 +254,7 @@ def main(argv=None) -> int:
     result: dict = {
         "device": device_info(),
         "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command("benchmarks.accuracy.run", argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "method": {
             "sequences": f"{args.windows} held-out sequences: {args.prompt_len} prompt tokens prefilled in chunks of "
@@ -337,14 +334,14 @@ def main(argv=None) -> int:
     write_result(out_path, result)
 
     stages.start("metrics")
-    from accuracy_report import build_rows
+    from benchmarks.accuracy.report import build_rows
 
     result["rows"], result["bf16_transform_check"] = build_rows(schemes, models, model_dirs, paths, done, prompts,
                                                                 forced, "cuda" if cuda else "cpu")  # fmt: skip
     write_result(out_path, result)
     if not args.skip_synthetic:
         stages.start("synthetic")
-        from accuracy_synthetic import synthetic_study
+        from benchmarks.accuracy.synthetic import synthetic_study
 
         try:
             result["synthetic"] = synthetic_study(seed=args.seed, tokens=512 if args.smoke else 2048,
@@ -359,7 +356,7 @@ def main(argv=None) -> int:
     if not args.no_plot:
         result["plots"] = _plot(out_path)
         write_result(out_path, result)
-    from accuracy_report import print_table
+    from benchmarks.accuracy.report import print_table
 
     print_table(result["rows"])
     print("\nstage seconds:", json.dumps(stages.seconds), f"total {result['total_seconds']} s")
@@ -374,7 +371,7 @@ def _plot(out_path: Path) -> list[str] | str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        import plots
+        from benchmarks import plots
 
         written = [str(p) for p in plots.plot_accuracy(out_path, out_path.parent, plt)]
         for p in written:
@@ -382,7 +379,7 @@ def _plot(out_path: Path) -> list[str] | str:
                 Path(os.environ["OUT"], Path(p).name).write_bytes(Path(p).read_bytes())
         return written
     except Exception as e:  # noqa: BLE001 - the JSON is the result; the plot can be made later
-        return f"no plot ({type(e).__name__}: {e}); run python benchmarks/plots.py where matplotlib is installed"
+        return f"no plot ({type(e).__name__}: {e}); run python -m benchmarks.plots where matplotlib is installed"
 
 
 if __name__ == "__main__":

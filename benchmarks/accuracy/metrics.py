@@ -1,7 +1,7 @@
 """Teacher-forced metrics from captured hidden states: KL to the BF16 reference, top-1 agreement, perplexity.
 
 Each scheme runs the same held-out windows once (chunked prefill, so later chunks read the 8-bit
-cache); :mod:`accuracy_worker` records the model's final hidden state for every token. Here the
+cache); :mod:`benchmarks.accuracy.worker` records the model's final hidden state for every token. Here the
 LM head turns them into logits exactly as vLLM's logits processor does for an unquantized head
 (``F.linear`` in the model dtype), the distribution is ``log_softmax`` of those logits (in float64,
 so that tiny KLs are not rounding noise), and per token:

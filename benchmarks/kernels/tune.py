@@ -1,18 +1,15 @@
 """Sweep the decode kernel's launch configuration (ours only) and print the best per shape.
 
-    python benchmarks/tune.py --out tune.json
+    python -m benchmarks.kernels.tune --out tune.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_decode import tune_decode  # noqa: E402
+from benchmarks.kernels.bench_decode import tune_decode
 
 
 def main() -> None:

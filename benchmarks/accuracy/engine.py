@@ -1,15 +1,15 @@
 """Run one accuracy evaluation in its own process: one vLLM engine, one pass over the windows.
 
-    python benchmarks/accuracy_engine.py TASK.json
+    python -m benchmarks.accuracy.engine TASK.json
 
 ``TASK.json``: ``{"label", "engine": {LLM kwargs}, "windows": PATH, "capture": PATH, "result": PATH}``;
 the windows file holds ``{"prompts": [[ids]], "forced": [[ids]]}``: each prompt is prefilled in chunks
 (so later chunks read the cache), then its forced tokens are decoded one at a time (teacher-forced,
-:class:`accuracy_worker.ForcedTokens`). The worker extension records every token's final hidden
+:class:`benchmarks.accuracy.worker.ForcedTokens`). The worker extension records every token's final hidden
 state into ``capture``; ``result`` gets timings, what the engine really ran (attention backend,
 cache dtype, scales of the first layer), vLLM's own logprobs of the prompt tokens (for the driver's
 cross-check) and, on failure, ``error``. A process per engine: vLLM frees memory only at exit, and
-engines run side by side (:mod:`accuracy_runner`).
+engines run side by side (:mod:`benchmarks.accuracy.runner`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
 
 
 def _layer_key(name: str) -> tuple:
@@ -53,7 +51,7 @@ def engine_report(llm, kvquant: bool) -> dict:
 def run(task: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    from accuracy_worker import FORCED_KEY
+    from benchmarks.accuracy.worker import FORCED_KEY
 
     windows = json.loads(Path(task["windows"]).read_text())
     prompts, forced = windows["prompts"], windows["forced"]
@@ -101,8 +99,6 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     task = json.loads(Path(argv[0]).read_text())
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
     result: dict = {"label": task.get("label")}
     rc = 0
     try:

@@ -3,30 +3,22 @@
 Inputs are what vLLM passes: K/V as views of a fused qkv tensor (GQA, 4 query heads per KV
 head), a block-shuffled int64 slot mapping, caches ``[num_blocks, block_size, H, D]`` split
 from one ``[2, ...]`` tensor. Bandwidth counts K/V bytes read + cache bytes written + the
-slot mapping. Run: ``python benchmarks/bench_quantize.py [--out results.json]``.
+slot mapping. Run: ``python -m benchmarks.kernels.cache_write [--out results.json]`` (``python -m
+benchmarks.kernels.decode`` runs it too, into the decode results).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-try:
-    from .common import buffer_sets, device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions
-except ImportError:  # run as a script, or imported with benchmarks/ on sys.path
-    from common import buffer_sets, device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions
-
-try:
-    from vllm_kvquant.kernels.quantize_cache import WriteConfig, pick_config, quantize_to_cache
-except ImportError:  # source checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kernels.quantize_cache import WriteConfig, pick_config, quantize_to_cache
+from benchmarks.common import buffer_sets, device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions
+from vllm_kvquant.kernels.quantize_cache import WriteConfig, pick_config, quantize_to_cache
 
 _DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 

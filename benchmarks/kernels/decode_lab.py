@@ -6,8 +6,8 @@ K then V per token, as ``KVQuantAttentionBackend.get_kv_cache_shape`` says) and 
 backend views it; every config is checked against the PyTorch reference and timed as a CUDA graph
 over rotating caches (median), beside a device-to-device copy measured in the same run.
 
-    python benchmarks/decode_lab.py --configs "dot_in_fp16=0,asm_dequant=0" "block_n=64,num_stages=3"
-    python benchmarks/decode_lab.py --ncu-config "block_n=64" --shapes 64x16384   # one launch, for ncu
+    python -m benchmarks.kernels.decode_lab --configs "dot_in_fp16=0,asm_dequant_int8=0" "asm_num_stages=4"
+    python -m benchmarks.kernels.decode_lab --ncu-config "" --shapes 64x16384   # one launch, for ncu
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import buffer_sets, measure_copy_gbps, time_rotating  # noqa: E402
-
-from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig, DecodeLayer, DecodePlan  # noqa: E402
-from vllm_kvquant.kernels.reference import paged_decode_attention_ref  # noqa: E402
+from benchmarks.common import buffer_sets, measure_copy_gbps, time_rotating
+from benchmarks.harness import command
+from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig, DecodeLayer, DecodePlan
+from vllm_kvquant.kernels.reference import paged_decode_attention_ref
 
 STORE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 SCALE = {"fp8_e4m3": (0.02, 0.015), "int8": (0.035, 0.03)}
@@ -100,7 +98,7 @@ def run(a: argparse.Namespace) -> dict:
             del key, value, tables, queries
             torch.cuda.empty_cache()
     return dict(copy_gbps=copy_gbps, device=torch.cuda.get_device_name(), triton=__import__("triton").__version__,
-                command=" ".join(["python", "benchmarks/decode_lab.py", *sys.argv[1:]]), rows=rows)  # fmt: skip
+                command=command("benchmarks.kernels.decode_lab", sys.argv[1:]), rows=rows)  # fmt: skip
 
 
 def main() -> None:

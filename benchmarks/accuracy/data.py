@@ -1,6 +1,6 @@
 """Text, tokenizer and token windows for the accuracy benchmark.
 
-The text comes from ``benchmarks/prepare_text.py`` (``.benchdata/{train,calib,heldout}.jsonl``,
+The text comes from ``python -m benchmarks.prepare_text`` (``.benchdata/{train,calib,heldout}.jsonl``,
 or the ``.jsonl.gz`` files its ``--compress`` writes, small enough to carry to an offline GPU
 machine). The tokenizer is a byte-level BPE trained on the train split in the same run, so
 nothing is downloaded.
@@ -22,7 +22,7 @@ def split_path(data_dir: Path, split: str) -> Path:
             return data_dir / name
     raise FileNotFoundError(
         f"{data_dir} has neither {split}.jsonl nor {split}.jsonl.gz: make it with "
-        f"`python benchmarks/prepare_text.py --out {data_dir}` (see that file for offline use)"
+        f"`python -m benchmarks.prepare_text --out {data_dir}` (see benchmarks/prepare_text.py for offline use)"
     )
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from accuracy_metrics import LMHead, logprob_check, predicted_rows, token_metrics, window_rows
-from accuracy_schemes import Scheme
+from benchmarks.accuracy.metrics import LMHead, logprob_check, predicted_rows, token_metrics, window_rows
+from benchmarks.accuracy.schemes import Scheme
 
 ROW_KEYS = ("name", "model", "kv_dtype", "granularity", "ppl", "ppl_delta_pct", "kl_mean", "kl_p99", "top1")
 
@@ -139,7 +139,7 @@ def load_json(path: Path) -> dict:
 
 def _task_error(done_result, result: dict, log_path: Path) -> str:
     """The most telling message: the engine's own exception, else the runner's, plus the log's root cause."""
-    from harness import root_cause
+    from benchmarks.harness import root_cause
 
     err = result.get("error") or (done_result.error if done_result else None) or "failed"
     if log_path.exists():

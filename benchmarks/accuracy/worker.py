@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness import BenchWorkerExtension
+from benchmarks.harness import BenchWorkerExtension
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-EXTENSION_PATH = "accuracy_worker.AccuracyWorkerExtension"
-LOGITS_PROCESSOR_PATH = "accuracy_worker:ForcedTokens"
+EXTENSION_PATH = "benchmarks.accuracy.worker.AccuracyWorkerExtension"
+LOGITS_PROCESSOR_PATH = "benchmarks.accuracy.worker:ForcedTokens"
 FORCED_KEY = "acc_forced"
 
 

@@ -1,7 +1,7 @@
 """Prefill attention: kvquant's prefill paths vs vLLM's FlashAttention-3 (bf16 and fp8 caches).
 
-    python benchmarks/prefill.py            # -> benchmarks/results/prefill-<device>.json (< 2 min on an H100)
-    python benchmarks/prefill.py --smoke    # CPU, TRITON_INTERPRET=1: our rows' code path on tiny shapes
+    python -m benchmarks.kernels.prefill          # -> benchmarks/results/prefill-<device>.json (< 2 min on an H100)
+    python -m benchmarks.kernels.prefill --smoke  # CPU, TRITON_INTERPRET=1: our rows' code path on tiny shapes
 
 Shapes (requests x new tokens, over cached context): ``1x8k`` (8192 new, no context),
 ``16x2k`` (16 x 2048 new, no context), ``chunk2k-ctx16k`` (one 2048-token chunk over 16384
@@ -43,22 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if "--smoke" in sys.argv[1:]:  # before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-from common import device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions  # noqa: E402
-from harness import device_slug, write_result  # noqa: E402
-
-try:
-    from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner, fa3_unavailable_reason
-except ImportError:  # source checkout without an install
-    sys.path.insert(0, str(REPO))
-    from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner, fa3_unavailable_reason
+from benchmarks.common import device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions  # noqa: E402
+from benchmarks.harness import REPO, command, device_slug, write_result  # noqa: E402
+from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner, fa3_unavailable_reason  # noqa: E402
 
 #: (name, requests, new tokens per request, cached tokens per request)
 SHAPES = (("1x8k", 1, 8192, 0), ("16x2k", 16, 2048, 0), ("chunk2k-ctx16k", 1, 2048, 16384),
@@ -295,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": device_info(),
         "versions": versions(),
-        "command": " ".join(["python", "benchmarks/prefill.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command("benchmarks.kernels.prefill", argv),
         "copy_gbps": copy_gbps,
         "config": {**dims, "dtype": "bfloat16", "scales": "per-tensor",
                    "timing": "one call on the CPU under the Triton interpreter (plumbing only)" if a.smoke else

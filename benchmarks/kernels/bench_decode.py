@@ -3,7 +3,7 @@
 ``bench_decode(shapes, ...) -> list[dict]``, one row per (name, batch, context):
 
 - ``kvquant-triton-fp8`` / ``kvquant-triton-int8`` / ``kvquant-fa3-fp8`` / ``kvquant-flashinfer-fp8``:
-  what the kvquant backend runs: :class:`vllm_kvquant.decode_kernels.DecodeRunner` on a cache
+  what the kvquant backend runs: :class:`vllm_kvquant.decode_runner.DecodeRunner` on a cache
   allocated through ``KVQuantAttentionBackend.get_kv_cache_shape`` and split by
   ``vllm_kvquant.compat.split_kv_cache`` (the backend's own layout and views), with the plan
   built as the metadata builder builds it for a full-CUDA-graph decode batch. The fa3 row
@@ -32,27 +32,20 @@ query, output); ``pct_copy`` compares with a device-to-device copy measured in t
 from __future__ import annotations
 
 import math
-import sys
 import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_rotating  # noqa: E402
-
-try:
-    import vllm_kvquant  # noqa: F401
-except ImportError:  # a source checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_kvquant import compat  # noqa: E402
-from vllm_kvquant.backend import KVQuantAttentionBackend  # noqa: E402
-from vllm_kvquant.decode_kernels import DecodePlan, DecodePlanner, DecodeRunner, flashinfer_page_table  # noqa: E402
-from vllm_kvquant.errors import KVQuantConfigError  # noqa: E402
-from vllm_kvquant.kernels.reference import paged_decode_attention_ref  # noqa: E402
+from benchmarks.common import time_rotating
+from vllm_kvquant import compat
+from vllm_kvquant.backend import KVQuantAttentionBackend
+from vllm_kvquant.decode_runner import DecodePlan, DecodePlanner
+from vllm_kvquant.peer_decode import create_planner, create_runner, flashinfer_page_table
+from vllm_kvquant.errors import KVQuantConfigError
+from vllm_kvquant.kernels.reference import paged_decode_attention_ref
 
 FP8 = torch.float8_e4m3fn
 #: In an order that reuses each cache (kvquant fp8, int8; vLLM fp8; vLLM bf16) before the next.
@@ -179,9 +172,9 @@ def _kvquant(prob: Problem, kernel: str, kind: str) -> Callable[[int], Any]:
                   scale=1.0 / math.sqrt(c.head_size), sliding_window=None, logits_soft_cap=None, kv_dtype=kvd,
                   model_dtype=c.dtype, device=c.device)  # fmt: skip
     ks, vs = _scales(kind, c.device)
-    runner = DecodeRunner.create(kernel, per_head=False, max_num_seqs=prob.batch, k_scale=ks, v_scale=vs, **common)
-    planner = DecodePlanner.create(kernel, block_size=c.block_size, max_num_seqs=prob.batch,
-                                   max_num_blocks_per_seq=prob.nbs, **common)  # fmt: skip
+    runner = create_runner(kernel, per_head=False, max_num_seqs=prob.batch, k_scale=ks, v_scale=vs, **common)
+    planner = create_planner(kernel, block_size=c.block_size, max_num_seqs=prob.batch,
+                             max_num_blocks_per_seq=prob.nbs, **common)  # fmt: skip
     plan = prob.plan(planner, use_cuda_graph=c.device == "cuda")
     kc, vc = prob.caches("kvquant", kind)
     return lambda i: runner.run(prob.queries[i], kc[i], vc[i], ks, vs, plan, prob.out)

@@ -106,10 +106,10 @@ class EngineSettings:
     kv_cache_memory_bytes: int = 256 * 2**20
     enforce_eager: bool = True
     cuda: bool = True
-    extension: str = "accuracy_worker.AccuracyWorkerExtension"
+    extension: str = "benchmarks.accuracy.worker.AccuracyWorkerExtension"
     # forces the teacher-forced decode tokens; None (``--decode-len 0``): prefill-only, no custom logits
     # processor (vLLM 0.26 runs its V2 model runner only without one)
-    logits_processor: str | None = "accuracy_worker:ForcedTokens"
+    logits_processor: str | None = "benchmarks.accuracy.worker:ForcedTokens"
 
 
 def engine_kwargs(scheme: Scheme, model_dir: Path, settings: EngineSettings, sidecar: Path | None = None) -> dict:
@@ -117,7 +117,7 @@ def engine_kwargs(scheme: Scheme, model_dir: Path, settings: EngineSettings, sid
 
     One request at a time (``max_num_seqs=1``), chunked prefill of ``chunk`` tokens, prefix caching
     off: every chunk after a window's first reads its context from the cache, and the captured
-    token stream is one window after another (see :func:`accuracy_metrics.window_rows`).
+    token stream is one window after another (see :func:`benchmarks.accuracy.metrics.window_rows`).
     """
     kw: dict[str, Any] = dict(
         model=str(model_dir),

@@ -5,7 +5,7 @@ each) to fit a device call; this writes the issue's single file
 ``benchmarks/results/throughput-<device>-<workload>.json`` with every row, each row keeping the GPU
 it ran on (``gpu``), and the parts' own commands.
 
-    python benchmarks/merge_throughput.py PART_A.json PART_B.json [--out PATH]
+    python -m benchmarks.serving.merge_throughput PART_A.json PART_B.json [--out PATH]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def merge(parts: list[dict], labels: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""A small job runner for benchmarks/tp_check.py: subprocesses with dependencies, GPU placement,
+"""A small job runner for benchmarks/tp/check.py: subprocesses with dependencies, GPU placement,
 per-job time caps and one overall deadline.
 
 Why not one engine after another: each vLLM engine start costs ~30-60 s of process start-up
@@ -282,7 +282,7 @@ class Runner:
             if rc == 0:
                 self._finish(self._job(name), "ok")
             else:
-                from harness import root_cause
+                from benchmarks.harness import root_cause
 
                 cause = root_cause(tail(Path(self.state[name].log), 200_000)) or ""
                 self._finish(self._job(name), "failed", f"exit {rc}{': ' + cause if cause else ''}")

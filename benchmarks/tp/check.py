@@ -1,8 +1,8 @@
 """Tensor parallel on real GPUs (issue #14): calibration, generation, serving and throughput at
 tp=2 (tp=4 where 4 GPUs are visible) against tp=1, in one call of <= 9 minutes.
 
-    source .gpu/p2/setup.sh && python3 benchmarks/tp_check.py        # 2+ GPUs
-    .venv/bin/python benchmarks/tp_check.py --cpu-smoke              # orchestration check, tp=1 only
+    source .gpu/p2/setup.sh && python3 -m benchmarks.tp.check        # 2+ GPUs
+    .venv/bin/python -m benchmarks.tp.check --cpu-smoke              # orchestration check, tp=1 only
 
 Steps, most valuable first (a time-out loses the least):
 
@@ -11,14 +11,14 @@ Steps, most valuable first (a time-out loses the least):
    with 8 KV heads and one with 2 (replicated heads at tp=4);
 2. generation: ``LLM(tensor_parallel_size=N, attention_backend="kvquant")`` with per-head int8 and
    fp8 sidecars, decode in full CUDA graphs: greedy tokens and logprobs vs tp=1 (tolerances of
-   the single-GPU tests, benchmarks/tp_compare.py) and, per rank and layer, the scales of the KV
+   the single-GPU tests, benchmarks/tp/compare.py) and, per rank and layer, the scales of the KV
    heads that rank holds. Models: briefly trained tiny Llamas (vllm_kvquant.tiny_model);
 3. serving: ``vllm serve MODEL --tensor-parallel-size 2 --attention-backend kvquant`` with the
    OpenAI client (completions and chat, plain and streamed, 64 concurrent requests, 0 errors);
-4. throughput at tp=2, Llama-3-8B shapes, dummy weights (benchmarks/throughput.py, its own JSON):
+4. throughput at tp=2, Llama-3-8B shapes, dummy weights (benchmarks/serving/throughput.py, its own JSON):
    vllm-bf16, vllm-fp8-flash, kvquant-fp8, kvquant-int8; output tok/s in the rows.
 
-Engines that do not measure time run side by side (benchmarks/tp_jobs.py) with a fixed KV-cache
+Engines that do not measure time run side by side (benchmarks/tp/jobs.py) with a fixed KV-cache
 size; every vLLM process gets NVLink multicast off (NCCL_NVLS_ENABLE=0 and friends).
 
 Output: ``benchmarks/results/tp-<device>.json`` (copied to $OUT), rewritten after every step:
@@ -39,10 +39,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.tp.jobs import Job, Runner
 
-from tp_jobs import Job, Runner  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 #: NVLink multicast stays off in every process (it can take the shared host's GPUs out of service).
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
@@ -90,7 +89,7 @@ class Report:
             self.row(tp, kv_dtype, granularity, check, passed, None, reason=reason)
 
     def write(self) -> None:
-        from harness import write_result
+        from benchmarks.harness import write_result
 
         if self.runner:
             self.result["jobs"] = {n: {k: v for k, v in vars(s).items() if v not in (None, [], "")}
@@ -103,6 +102,10 @@ class Report:
 def base_env(s: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(MULTICAST_OFF, VLLM_WORKER_MULTIPROC_METHOD="spawn", PYTHONUNBUFFERED="1")
+    from benchmarks.harness import benchmarks_path
+
+    # the children run `-m benchmarks....` from the work folder
+    env["PYTHONPATH"] = os.pathsep.join([str(benchmarks_path()), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     if s.gpu:
         env["TP_CHECK_KV_CACHE_BYTES"] = str(s.kv_cache_bytes)
     else:
@@ -166,7 +169,7 @@ def calibration_jobs(s: Settings, report: Report, m: str, compare: bool = True) 
     (s.workdir / "scales").mkdir(exist_ok=True)
 
     def calibrate(tp: int) -> Job:
-        argv = [sys.executable, str(REPO / "benchmarks" / "tp_calibrate.py"), "calibrate", str(s.workdir / m),
+        argv = [sys.executable, "-m", "benchmarks.tp.calibrate", "calibrate", str(s.workdir / m),
                 "--data", str(data), "--num-samples", "8" if s.smoke else "16", "--seq-len", "128", "--dtype", "int8",
                 "--granularity", "per_head", "--model-dtype", "bfloat16", "--gpu-memory-utilization", "0.1" if s.gpu else "0.3",
                 "--tensor-parallel-size", str(tp), "--out", str(s.workdir / "scales" / f"{m}-tp{tp}-int8.json")]  # fmt: skip
@@ -188,7 +191,7 @@ def calibration_jobs(s: Settings, report: Report, m: str, compare: bool = True) 
 
 
 def check_calibration(s: Settings, report: Report, m: str, tp: int) -> None:
-    from tp_compare import BF16_ULP_REL, STRICT_REL, sidecar_diff
+    from benchmarks.tp.compare import BF16_ULP_REL, STRICT_REL, sidecar_diff
     from vllm_kvquant.scales import load_scales
 
     ref = load_scales(s.workdir / "scales" / f"{m}-tp1-int8.json")
@@ -247,7 +250,7 @@ def generation_jobs(s: Settings, report: Report, m: str, tps: list[int], dtypes=
 
 
 def check_generation(s: Settings, report: Report, m: str, tp: int, dtype: str) -> None:
-    from tp_compare import agreement, rank_scale_problems
+    from benchmarks.tp.compare import agreement, rank_scale_problems
     from vllm_kvquant.scales import load_scales
 
     run = json.loads((s.workdir / "gen" / f"{m}-tp{tp}-{dtype}.json").read_text())
@@ -290,7 +293,7 @@ def serve_jobs(s: Settings, report: Report, m: str, tp: int) -> list[Job]:
         report.not_run(keys, f"not run: needs {tp} GPUs, {len(s.devices)} visible")
         return []
     out, log = s.workdir / f"serve-{m}-tp{tp}.json", s.workdir / f"serve-{m}-tp{tp}.log"
-    argv = [sys.executable, str(REPO / "benchmarks" / "tp_serve.py"), str(s.workdir / m), "--tp", str(tp),
+    argv = [sys.executable, "-m", "benchmarks.tp.serve", str(s.workdir / m), "--tp", str(tp),
             "--scales", str(s.workdir / "scales" / f"{m}-fp8_e4m3.json"), "--out", str(out), "--log", str(log),
             "--concurrent", str(n), *[f"--server-arg={a}" for a in serve_args(s)]]  # fmt: skip
 
@@ -315,9 +318,8 @@ def serve_jobs(s: Settings, report: Report, m: str, tp: int) -> list[Job]:
 
 
 def throughput_jobs(s: Settings, report: Report, tp: int) -> list[Job]:
-    from harness import device_slug
-
-    from throughput import CONFIGS
+    from benchmarks.harness import device_slug
+    from benchmarks.serving.throughput import CONFIGS
 
     configs = "kvquant-fp8" if s.smoke else THROUGHPUT_CONFIGS
     gran = {"kvquant": "per_head", "vllm-fp8": "per_tensor"}  # vLLM's fp8: one scale (1.0) per layer
@@ -332,7 +334,7 @@ def throughput_jobs(s: Settings, report: Report, tp: int) -> list[Job]:
     out = (s.workdir if s.smoke else REPO / "benchmarks" / "results") / f"throughput-tp{tp}-{device_slug()}{'-smoke' if s.smoke else ''}.json"
 
     def argv(left: float) -> list[str]:
-        a = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--configs", configs, "--out", str(out),
+        a = [sys.executable, "-m", "benchmarks.serving.throughput", "--configs", configs, "--out", str(out),
              "--workdir", str(s.workdir / "throughput"), "--tensor-parallel-size", str(tp)]  # fmt: skip
         if s.smoke:
             return [*a, "--smoke"]
@@ -414,8 +416,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from common import device_info, versions
-    from harness import device_slug
+    from benchmarks.common import device_info, versions
+    from benchmarks.harness import command, device_slug
 
     gpu = torch.cuda.is_available()
     n = torch.cuda.device_count() if gpu else 0
@@ -433,7 +435,7 @@ def main(argv=None) -> int:
         raise SystemExit("no CUDA GPU: run with --cpu-smoke (tp=1 orchestration check)")
     os.environ.update(MULTICAST_OFF)
     header = {"device": device_info(), "num_gpus": n, "versions": versions(),
-              "command": " ".join([Path(sys.executable).name, *sys.argv]), "smoke": args.smoke, "started": t0,
+              "command": command("benchmarks.tp.check", argv), "smoke": args.smoke, "started": t0,
               "time_budget_s": budget, "settings": {"compile": args.compile, "kv_cache_mib": args.kv_cache_mib,
               "steps": sorted(s.steps), "max_tokens": MAX_TOKENS, "env": MULTICAST_OFF}}  # fmt: skip
     report = Report(s, header)

@@ -47,8 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+REPO = Path(__file__).resolve().parents[2]
 
 CONFIGS: dict[str, dict] = {
     "vllm-bf16": {"kv_dtype": "bf16", "engine": {"attention_backend": "FLASH_ATTN"}},
@@ -116,7 +115,7 @@ def write_model_dir(path: Path, config: dict) -> dict[str, Path]:
     n_layers, n_kv = config["num_hidden_layers"], config["num_key_value_heads"]
     names = [f"model.layers.{i}.self_attn.attn" for i in range(n_layers)]
     facts = ModelFacts(n_layers, n_kv, config["head_dim"], tuple(names))
-    info = CalibrationInfo(method="absmax", tool="benchmarks/throughput.py", tool_version="0",
+    info = CalibrationInfo(method="absmax", tool="benchmarks.serving.throughput", tool_version="0",
                            data="synthetic plausible amax (|K| 16, |V| 4): dummy weights")  # fmt: skip
     stats = {n: (torch.full((n_kv,), 16.0), torch.full((n_kv,), 4.0)) for n in names}
     sidecars = {}
@@ -173,9 +172,9 @@ def run_one(args) -> dict:
 
     from vllm import LLM, SamplingParams
 
-    from harness import BENCH_EXTENSION_PATH, expose_benchmarks_dir
+    from benchmarks.harness import BENCH_EXTENSION_PATH, expose_benchmarks
 
-    expose_benchmarks_dir()
+    expose_benchmarks()
     spec = CONFIGS[args.one]
     model_dir = args.workdir / "model"
     kw = dict(
@@ -324,7 +323,7 @@ def parse_args(argv=None):
 
 
 def child_argv(args, name: str, json_path: Path) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--json", str(json_path),
+    argv = [sys.executable, "-m", "benchmarks.serving.throughput", "--one", name, "--json", str(json_path),
             "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
             "--output-len", str(args.output_len), "--warmup-requests", str(args.warmup_requests),
             "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--workdir", str(args.workdir),
@@ -343,6 +342,9 @@ def child_argv(args, name: str, json_path: Path) -> list[str]:
 def run_in_group(argv: list[str], timeout: float) -> int | None:
     """Run a child in its own process group; on timeout end that group (the child and its engine
     process) so the GPU memory is freed. Returns the exit code, or None on timeout."""
+    from benchmarks.harness import expose_benchmarks
+
+    expose_benchmarks()  # the child runs `-m benchmarks.serving.throughput` from any working directory
     proc = subprocess.Popen(argv, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
         args.gpu_memory_utilization = 0.35 if torch.cuda.is_available() else 0.3
 
     if args.one:  # child: one config, result to --json
-        from harness import OutputTee, root_cause
+        from benchmarks.harness import OutputTee, root_cause
 
         tee = OutputTee()
         try:
@@ -385,8 +387,8 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(row))
         return 0
 
-    from common import device_info, versions
-    from harness import device_slug, write_result
+    from benchmarks.common import device_info, versions
+    from benchmarks.harness import command, device_slug, write_result
 
     if args.configs:
         names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -398,7 +400,7 @@ def main(argv=None) -> int:
     model_config = SMOKE_MODEL if args.smoke else LLAMA3_8B
     copy_gbps = None
     if torch.cuda.is_available():  # the card's copy bandwidth, measured in this run
-        from common import measure_copy_gbps
+        from benchmarks.common import measure_copy_gbps
 
         copy_gbps = round(measure_copy_gbps(), 1)
         torch.cuda.empty_cache()
@@ -408,7 +410,7 @@ def main(argv=None) -> int:
     result = {
         "device": device_info(),
         "versions": versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command("benchmarks.serving.throughput", argv),
         # vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE graphs) or the fast-start mode.
         "compile": not args.fast_start and not args.eager,
         "copy_gbps": copy_gbps,

@@ -1,7 +1,7 @@
 """Per-layer cost of what the attention backend calls: kvquant's lean path vs vLLM's FA3 path.
 
-    python benchmarks/host_overhead.py           # -> benchmarks/results/host-overhead-<device>.json (~1 min, H100)
-    python benchmarks/host_overhead.py --smoke   # CPU, TRITON_INTERPRET=1: our rows' code path, tiny shapes
+    python -m benchmarks.kernels.host_overhead          # -> benchmarks/results/host-overhead-<device>.json (~1 min, H100)
+    python -m benchmarks.kernels.host_overhead --smoke  # CPU, TRITON_INTERPRET=1: our rows' code path, tiny shapes
 
 Llama-3-8B attention (32 query heads, 8 KV heads, head 128, block 16, bf16), shapes
 ``batch x context`` 1x512, 8x512, 32x2048, 64x4096. Each row times exactly the call a layer
@@ -37,8 +37,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # backend_batches: the backend driven without an engine
 
 SMOKE = bool({"--smoke", "--cpu-smoke"} & set(sys.argv[1:]))
@@ -47,8 +46,8 @@ if SMOKE:  # before Triton is imported
 
 import torch  # noqa: E402
 
-from common import device_info, measure_copy_gbps, versions  # noqa: E402
-from harness import device_slug, write_result  # noqa: E402
+from benchmarks.common import device_info, measure_copy_gbps, versions  # noqa: E402
+from benchmarks.harness import command, device_slug, write_result  # noqa: E402
 
 SHAPES = ((1, 512), (8, 512), (32, 2048), (64, 4096))
 SMOKE_SHAPES = ((1, 32), (3, 40))
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": device_info(),
         "versions": versions(),
-        "command": " ".join(["python", "benchmarks/host_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command("benchmarks.kernels.host_overhead", argv),
         "copy_gbps": copy_gbps,
         "config": {**dims, "dtype": "bfloat16", "kv_dtype": a.kv_dtype, "scales": "per-head",
                    "prefill_chunk": chunk, "graph_calls": GRAPH_CALLS,
