@@ -69,7 +69,7 @@ if HAVE_TRITON:
         each operand byte with a separate shared-memory load and packs them with integer ops
         (about half of the loop's instructions). ``is_pure=False`` keeps Triton from moving the
         layout change above the conversion. Measured on an H200 (Triton 3.6): see
-        ``DecodeKernelConfig.asm_dequant``."""
+        ``DecodeKernelConfig.asm_dequant_int8``."""
         if x.dtype == tl.int8:
             return tl.inline_asm_elementwise(
                 asm=_INT8_TO_FP16_ASM, constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=False, pack=4
@@ -158,8 +158,8 @@ if HAVE_TRITON:
             other=0.0,
         )
         if Q_RESCALE:
-            # A bf16 query into fp16 dots: divide by a power of two that keeps |q| <= 2**14
-            # (exact unless the query exceeds that; then its smallest parts lose bits).
+            # A bf16 query into fp16 dots: divide by a power of two that keeps |q| <= 2**14 (no
+            # overflow). Components that end up below 2**-14 become fp16 subnormals and lose bits.
             qf = q.to(tl.float32)
             q_exp = tl.maximum(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(qf), 1), 0))) - 14.0, 0.0)
             q = (qf * tl.exp2(-q_exp)).to(DOT_DTYPE)
