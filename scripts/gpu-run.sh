@@ -5,12 +5,15 @@
 #
 # Every stage fits one <= 10 min call on ONE GPU (the lent single-H200 machines). Lanes of a
 # stage run side by side; lane i gets GPU i mod (number of GPUs), so on one GPU they share it.
-#   check       all GPU tests, three lanes on the same GPU (target <= 8 min on an H200):
-#                 kernels-a, kernels-b: pytest -m gpu over the kernel / graph-capture test files
-#                 (carry .gpu/fi: FlashInfer's JIT cache, else its decode kernels compile for minutes);
-#                 engines: tests/test_backend_gpu.py (nine engines side by side, fixed KV bytes),
-#                          tests/test_serve.py + tests/test_serve_bad_input.py (one shared server);
-#                 a skipped engine test fails the lane (KVQUANT_FAIL_ON_SKIP=1)
+#   check       all GPU tests, five lanes on the same GPU (target <= 8 min on an H200; Triton
+#               compiling on the host is most of the kernel lanes' time, so they split three ways):
+#                 kernels-a, kernels-b, kernels-c: pytest -m gpu over the kernel / graph-capture test
+#                 files (carry .gpu/fi: FlashInfer's JIT cache, else its decode kernels compile for minutes);
+#                 engines: tests/test_backend_gpu.py (nine engines side by side, fixed KV bytes);
+#                 serve: tests/test_serve.py + tests/test_serve_bad_input.py (one shared server);
+#                 a skipped engine or serve test fails its lane (KVQUANT_FAIL_ON_SKIP=1). Each lane's
+#                 pytest temp dir is /tmp/kvq-pytest/LANE; every *.log in it (each engine's and the
+#                 server's output) comes back under logs/tmp/, also when a lane ran out of time
 #   bench       benchmarks/kernels/host_overhead.py, benchmarks/kernels/prefill.py; KVQ_DECODE=1 adds
 #               benchmarks/kernels/decode.py (~2.5 min with FlashInfer's JIT; carry .gpu/fi)
 #   accuracy    benchmarks/accuracy/run.py (--time-budget, default 390 s; carry .benchdata)
@@ -59,15 +62,29 @@ lane() {
 
 # Two kernel lanes: most of their time is Triton / FlashInfer compiling on the host (16 cores).
 KERNEL_TESTS_A="tests/test_quantize_cache.py tests/test_decode_attention.py tests/test_prefill_attention.py"
-KERNEL_TESTS_B="tests/test_prefill_runner.py tests/test_prefill_workspace.py tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests/test_online_scales.py"
-ENGINE_TESTS="tests/test_backend_gpu.py tests/test_serve.py tests/test_serve_bad_input.py"
-PYTEST="python3 -P -m pytest -q -p no:cacheprovider -rs --durations=30"
+KERNEL_TESTS_B="tests/test_prefill_runner.py tests/test_prefill_workspace.py"
+KERNEL_TESTS_C="tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests/test_online_scales.py"
+ENGINE_TESTS="tests/test_backend_gpu.py"
+SERVE_TESTS="tests/test_serve.py tests/test_serve_bad_input.py"
+TMP_ROOT=/tmp/kvq-pytest
+# -v: one line per finished test, so a lane cut off by its time limit still shows how far it got.
+PYTEST="python3 -P -m pytest -v -p no:cacheprovider -rs --durations=30"
+# pytest_lane NAME SECONDS ENV ARGS...: pytest under ENV (assignments, or "") in its own temp dir,
+# a JUnit XML per lane.
+pytest_lane() {
+  local name=$1 limit=$2 env=$3
+  shift 3
+  lane "$name" "$limit" "$env $PYTEST --basetemp=$TMP_ROOT/$name --junitxml=$LOGS/$name.xml $*"
+}
 
 case $stage in
 check)
-  lane kernels-a 550 "$PYTEST -m gpu --junitxml=$LOGS/kernels-a.xml $KERNEL_TESTS_A ${KVQ_EXTRA_TESTS:-}"
-  lane kernels-b 550 "$PYTEST -m gpu --junitxml=$LOGS/kernels-b.xml $KERNEL_TESTS_B"
-  lane engines 550 "KVQUANT_FAIL_ON_SKIP=1 $PYTEST --junitxml=$LOGS/engines.xml $ENGINE_TESTS"
+  # The engine lanes start first: they hold the longest chain (calibrate, then engines or a server).
+  pytest_lane engines 560 KVQUANT_FAIL_ON_SKIP=1 "$ENGINE_TESTS"
+  pytest_lane serve 560 KVQUANT_FAIL_ON_SKIP=1 "$SERVE_TESTS"
+  pytest_lane kernels-a 560 "" "-m gpu $KERNEL_TESTS_A ${KVQ_EXTRA_TESTS:-}"
+  pytest_lane kernels-b 560 "" "-m gpu $KERNEL_TESTS_B"
+  pytest_lane kernels-c 560 "" "-m gpu $KERNEL_TESTS_C"
   ;;
 bench)
   lane bench 560 "python3 -m benchmarks.kernels.host_overhead; python3 -m benchmarks.kernels.prefill; \
@@ -119,6 +136,10 @@ esac
 wait
 [ "${KVQ_DRY_RUN:-0}" = 1 ] && exit 0
 echo "stage $stage: $(($(date +%s) - t0)) s on $NGPU GPU(s)" >>"$OUT/summary.txt"
+# Engine and server logs from the pytest temp dirs (small text files; model weights stay behind).
+if [ -d "$TMP_ROOT" ]; then
+  (cd "$TMP_ROOT" && find . -name '*.log' -size -4M -exec cp --parents {} "$LOGS/" \; ) 2>/dev/null
+fi
 tar -czf "$OUT/results.tgz" benchmarks/results "$LOGS" 2>/dev/null
 cat "$OUT/summary.txt"
 for f in "$LOGS"/*.log; do echo "=== $f"; tail -n 25 "$f"; done

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -67,21 +68,30 @@ def engine_specs(model_dir: Path) -> dict[str, dict]:
 
 def run_engine(engine: dict, out: Path, timeout: float = 480) -> dict:
     """One engine in a subprocess (tests/engine_runner.py); a failure is returned, not raised,
-    so that the other runs still serve their tests: ``{"error": ..., "log": ...}``."""
+    so that the other runs still serve their tests: ``{"error": ..., "log": ...}``. Its output
+    goes to ``OUT.log`` as it runs (scripts/gpu-run.sh brings those back, also from a lane that
+    ran out of time), and the process group is killed on time-out (vLLM's engine core with it)."""
     round1, round2 = _prompts()
     spec = {"engine": engine, "rounds": [round1, round2], "max_tokens": MAX_TOKENS}
     # Engines start side by side: no shared torch.compile cache to race on (a fresh machine has none).
     env = {**os.environ, "VLLM_DISABLE_COMPILE_CACHE": "1"}
-    try:
-        proc = subprocess.run(
+    log_path = out.with_suffix(".log")
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
             [sys.executable, str(HERE / "engine_runner.py"), json.dumps(spec), str(out)],
-            capture_output=True, text=True, timeout=timeout, env=env,
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
-    except subprocess.TimeoutExpired as e:
-        return {"error": f"timed out after {timeout:.0f} s", "log": str(e.stderr or "")[-6000:]}
-    log = proc.stdout[-4000:] + proc.stderr[-12000:]
-    if proc.returncode != 0:
-        return {"error": f"engine_runner exited {proc.returncode}", "log": log}
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = None
+    log = log_path.read_text(errors="replace")[-16000:]
+    if returncode is None:
+        return {"error": f"timed out after {timeout:.0f} s", "log": log}
+    if returncode != 0:
+        return {"error": f"engine_runner exited {returncode}", "log": log}
     result = json.loads(out.read_text())
     result["log"] = log
     return result

@@ -29,7 +29,8 @@ def plan(stage: str, ngpu: int, tmp_path: Path, **env: str) -> tuple[int, list[d
 
 def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
     rc, lanes = plan("check", 1, tmp_path)
-    assert rc == 0 and [lane["name"] for lane in lanes] == ["kernels-a", "kernels-b", "engines"]
+    names = [lane["name"] for lane in lanes]
+    assert rc == 0 and names == ["engines", "serve", "kernels-a", "kernels-b", "kernels-c"], names
     assert all(lane["gpu"] == 0 and lane["limit"] <= 570 for lane in lanes)
     files = [f for lane in lanes for f in re.findall(r"tests/\S+\.py", lane["cmd"])]
     listed = set(files)
@@ -40,11 +41,16 @@ def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
         if re.search(r"pytest\.mark\.gpu|pytestmark = pytest\.mark\.gpu", p.read_text())
     }  # fmt: skip
     assert with_gpu_tests <= listed, with_gpu_tests - listed
-    assert all("-m gpu" in lane["cmd"] for lane in lanes[:2])
-    engines = lanes[2]["cmd"]
-    for f in ("tests/test_backend_gpu.py", "tests/test_serve.py", "tests/test_serve_bad_input.py"):
-        assert f in engines  # test_serve*.py carry no gpu mark: not behind -m gpu
-    assert "-m gpu" not in engines and "KVQUANT_FAIL_ON_SKIP=1" in engines
+    by_name = {lane["name"]: lane["cmd"] for lane in lanes}
+    assert all("-m gpu" in by_name[n] for n in ("kernels-a", "kernels-b", "kernels-c"))
+    assert "tests/test_backend_gpu.py" in by_name["engines"]
+    for f in ("tests/test_serve.py", "tests/test_serve_bad_input.py"):
+        assert f in by_name["serve"]  # test_serve*.py carry no gpu mark: not behind -m gpu
+    for name in ("engines", "serve"):
+        assert "-m gpu" not in by_name[name] and "KVQUANT_FAIL_ON_SKIP=1" in by_name[name]
+    # each lane in its own temp dir (the logs come back from there) and its own JUnit XML
+    assert len({re.search(r"--basetemp=(\S+)", c)[1] for c in by_name.values()}) == len(lanes)
+    assert all(f"{n}.xml" in c for n, c in by_name.items())
 
 
 @pytest.mark.parametrize("stage", ["bench", "accuracy", "serve-load", "throughput"])
