@@ -67,8 +67,10 @@ KERNEL_TESTS_C="tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests
 ENGINE_TESTS="tests/test_backend_gpu.py"
 SERVE_TESTS="tests/test_serve.py tests/test_serve_bad_input.py"
 TMP_ROOT=/tmp/kvq-pytest
+mkdir -p "$TMP_ROOT"
 # -v: one line per finished test, so a lane cut off by its time limit still shows how far it got.
-PYTEST="python3 -P -m pytest -v -p no:cacheprovider -rs --durations=30"
+# faulthandler_timeout: a test (fixtures included) still running after 200 s dumps every thread's stack.
+PYTEST="python3 -P -m pytest -v -p no:cacheprovider -rs --durations=30 -o faulthandler_timeout=200"
 # pytest_lane NAME SECONDS ENV ARGS...: pytest under ENV (assignments, or "") in its own temp dir,
 # a JUnit XML per lane.
 pytest_lane() {

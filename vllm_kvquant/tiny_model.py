@@ -71,27 +71,37 @@ def _train_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def _train_on_corpus(model, tokenizer, spec: TinyLlamaSpec, seq_len: int = 64, batch: int = 16) -> None:
-    """Next-token training on random windows of the corpus (fp32, deterministic seed)."""
+def _train_on_corpus(
+    model, tokenizer, spec: TinyLlamaSpec, seq_len: int = 64, batch: int = 16, device: str = "cpu"
+) -> None:
+    """Next-token training on random windows of the corpus (fp32, deterministic seed; the windows
+    are drawn on the CPU, so every device trains on the same data)."""
     import torch
 
+    model.to(device)
     ids = torch.tensor(tokenizer(corpus_text())["input_ids"], dtype=torch.long)
     generator = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     for _ in range(spec.train_steps):
         starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=generator)
-        windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()]).to(device)
         loss = model(input_ids=windows, labels=windows).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     model.eval()
+    model.to("cpu")
 
 
-def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> Path:
-    """Write config, seeded weights (trained if ``spec.train_steps``) and a tokenizer to ``path``."""
+def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), train_device: str = "cpu") -> Path:
+    """Write config, seeded weights (trained if ``spec.train_steps``) and a tokenizer to ``path``.
+
+    ``train_device="cuda"`` trains in seconds where a test shares a GPU machine's cores with
+    Triton compiling in other processes (on the CPU, oversubscribed torch threads took minutes);
+    the weights then differ from a CPU-trained model's by rounding, so comparisons stay within one run.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -123,7 +133,7 @@ def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec()) -> 
             layer.self_attn.q_proj.weight.mul_(spec.qk_weight_scale)
             layer.self_attn.k_proj.weight.mul_(spec.qk_weight_scale)
     if spec.train_steps:
-        _train_on_corpus(model, tokenizer, spec)
+        _train_on_corpus(model, tokenizer, spec, device=train_device)
     model = model.to(getattr(torch, spec.dtype))
     model.save_pretrained(path, safe_serialization=True)
     (path / "tiny_model_spec.json").write_text(json.dumps(asdict(spec), indent=2))
