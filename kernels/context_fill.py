@@ -1,5 +1,6 @@
 """Fill a BF16/FP16 paged workspace with each prefill's whole sequence: the cached context
-dequantized from the 8-bit cache, the step's new tokens copied unquantized.
+dequantized from the 8-bit cache, the step's new tokens copied unquantized (prefill mode
+``bf16``) or, in mode ``quantized``, dequantized from the cache as well.
 
 Why: chunked prefills and prefix-cache hits attend to context that is already in the 8-bit cache.
 FlashAttention-3 attends at ~600 TFLOP/s on an H200 but reads only 16-bit K/V with a 16-bit
@@ -53,7 +54,7 @@ if HAVE_TRITON:
         stride_kb, stride_kt, stride_kh, stride_cvb, stride_cvt, stride_cvh,
         stride_bt,
         NUM_KV_HEADS: tl.constexpr, HKV_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, K_PER_HEAD: tl.constexpr, V_PER_HEAD: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, K_PER_HEAD: tl.constexpr, V_PER_HEAD: tl.constexpr, FROM_CACHE_ONLY: tl.constexpr,
     ):  # fmt: skip
         req = tl.program_id(0)
         page = tl.program_id(1)
@@ -61,7 +62,10 @@ if HAVE_TRITON:
         if page * BLOCK_SIZE >= seq_len:
             return
         q_start = tl.load(qsl_ptr + req)
-        ctx_len = seq_len - (tl.load(qsl_ptr + req + 1) - q_start)
+        if FROM_CACHE_ONLY:  # prefill mode quantized: the new tokens too, as the cache holds them
+            ctx_len = seq_len
+        else:
+            ctx_len = seq_len - (tl.load(qsl_ptr + req + 1) - q_start)
         src = tl.load(bt_ptr + req.to(tl.int64) * stride_bt + page).to(tl.int64)
         dst = (tl.load(offset_ptr + req) + page).to(tl.int64)
 
@@ -113,6 +117,7 @@ def fill_context(
     offsets: torch.Tensor,
     num_reqs: int,
     max_pages: int,
+    from_cache_only: bool = False,
 ) -> None:
     """Write requests ``0 .. num_reqs`` into the workspace (see the module docstring).
 
@@ -121,13 +126,15 @@ def fill_context(
     ``[num_blocks, block_size, num_kv_heads, head_size]`` as fp8/int8 (last dim contiguous);
     ``ws_key``/``ws_value`` contiguous ``[num_pages, block_size, num_kv_heads, head_size]``;
     ``offsets`` from :func:`workspace_offsets`; ``max_pages`` an upper bound on any request's
-    pages (the launch grid; a request's extra programs exit at once).
+    pages (the launch grid; a request's extra programs exit at once). ``from_cache_only``
+    (prefill mode ``quantized``): every token, new ones included, dequantized from the cache
+    (which already holds this step's K/V); ``key``/``value`` are not read.
     """
     if num_reqs == 0 or max_pages == 0:
         return
     if not HAVE_TRITON or (key.device.type == "cpu" and not _interpreting()):
         fill_context_ref(key, value, key_cache, value_cache, k_scale, v_scale, ws_key, ws_value, block_table,
-                         query_start_loc, seq_lens, offsets, num_reqs)  # fmt: skip
+                         query_start_loc, seq_lens, offsets, num_reqs, from_cache_only)  # fmt: skip
         return
     _, block_size, hkv, d = ws_key.shape
     _fill_context_kernel[(num_reqs, max_pages)](
@@ -139,13 +146,13 @@ def fill_context(
         block_table.stride(0),
         NUM_KV_HEADS=hkv, HKV_PAD=next_pow2(hkv), HEAD_SIZE=d, HEAD_PAD=max(16, next_pow2(d)),
         BLOCK_SIZE=block_size, K_PER_HEAD=k_scale.numel() > 1, V_PER_HEAD=v_scale.numel() > 1,
-        num_warps=4,
+        FROM_CACHE_ONLY=from_cache_only, num_warps=4,
     )  # fmt: skip
 
 
 def fill_context_ref(
     key, value, key_cache, value_cache, k_scale, v_scale, ws_key, ws_value, block_table, query_start_loc, seq_lens,
-    offsets, num_reqs,
+    offsets, num_reqs, from_cache_only=False,
 ) -> None:  # fmt: skip
     """PyTorch reference of :func:`fill_context` (host loop over requests)."""
     block_size, hkv = ws_key.shape[1], ws_key.shape[2]
@@ -163,8 +170,9 @@ def fill_context_ref(
         src = block_table[i, :pages].long()
         k_all = (key_cache[src].float() * ks).reshape(pages * block_size, hkv, -1)[:n]
         v_all = (value_cache[src].float() * vs).reshape(pages * block_size, hkv, -1)[:n]
-        k_all[ctx:] = key[qsl[i] : qsl[i + 1]].float()
-        v_all[ctx:] = value[qsl[i] : qsl[i + 1]].float()
+        if not from_cache_only:
+            k_all[ctx:] = key[qsl[i] : qsl[i + 1]].float()
+            v_all[ctx:] = value[qsl[i] : qsl[i + 1]].float()
         wk = ws_key[offs[i] : offs[i] + pages].view(pages * block_size, hkv, -1)
         wv = ws_value[offs[i] : offs[i] + pages].view(pages * block_size, hkv, -1)
         wk[:n] = k_all.to(ws_key.dtype)

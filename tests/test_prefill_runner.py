@@ -112,13 +112,15 @@ def _check(case, runner, plan, window=None, cap=None):
 @pytest.mark.parametrize("all_rows", [False, True], ids=["prefill-rows", "all-rows"])
 @pytest.mark.parametrize(
     "mode,path", [("bf16", "triton"), ("bf16", "fa3"), ("bf16", "reference"), ("quantized", "triton"),
-                  ("quantized", "reference")],
+                  ("quantized", "fa3"), ("quantized", "reference")],
 )  # fmt: skip
 def test_runner_matches_reference(mode, path, all_rows, monkeypatch):
     case = _batch()
     runner = _runner(case, mode, path, monkeypatch)
     assert runner.path == path and runner.mode == mode
     _check(case, runner, _plan(case, all_rows))
+    if path == "fa3" and mode == "quantized":  # no workspace in the plan: one Triton pass, FA3 not called
+        assert runner._fa.calls == 0
 
 
 @pytest.mark.parametrize("mode,path", [("bf16", "fa3"), ("bf16", "triton"), ("quantized", "triton")])

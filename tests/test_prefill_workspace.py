@@ -13,7 +13,7 @@ from __future__ import annotations
 import _triton_env  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is imported)
 import pytest
 import torch
-from test_prefill_runner import NUM_DECODES, FakeFA3, _batch, _check
+from test_prefill_runner import NUM_DECODES, FakeFA3, _batch, _check, _reference
 from test_prefill_runner import _plan as runner_plan
 
 from vllm_kvquant import prefill as prefill_mod
@@ -34,6 +34,7 @@ class FakePagedFA3(FakeFA3):
         if "block_table" not in kw:
             return super().__call__(**kw)
         self.paged_calls += 1
+        self.num_splits = kw.get("num_splits")
         q, k, v, out = kw["q"], kw["k"], kw["v"], kw["out"]
         qsl, used, table = kw["cu_seqlens_q"], kw["seqused_k"], kw["block_table"]
         assert kw["fa_version"] == 3 and kw["causal"] is True and kw["softmax_scale"] == self.scale
@@ -139,6 +140,33 @@ def test_fill_context_matches_reference(kvd, act, hs, hkv, bs, per_head):
     assert k1[pages:].isnan().all(), "wrote past the batch's pages"
 
 
+@pytest.mark.parametrize("kvd,act,hs,hkv,bs,per_head", [_GRID[0], _GRID[7]])
+def test_fill_from_cache_only_matches_reference(kvd, act, hs, hkv, bs, per_head):
+    """Prefill mode quantized: the new tokens too come from the cache (``key``/``value`` unread)."""
+    case = _workspace_case(kvd, act, hs, hkv, bs, per_head, seed=11)
+    n, max_pages = case["seq_lens"].shape[0], case.pop("max_pages")
+    offsets = workspace_offsets(case["seq_lens"], bs)
+    pages = int(((case["seq_lens"] + bs - 1) // bs).sum())
+    case["key"] = case["value"] = torch.full_like(case["key"], float("nan"))  # never read
+    results = []
+    for fill, extra in ((fill_context, {"max_pages": max_pages}), (fill_context_ref, {})):
+        ws_k = torch.full((pages, bs, hkv, hs), float("nan"), dtype=act)
+        ws_v = torch.full_like(ws_k, float("nan"))
+        fill(**case, ws_key=ws_k, ws_value=ws_v, offsets=offsets, num_reqs=n, from_cache_only=True, **extra)
+        results.append((ws_k, ws_v))
+    (k1, v1), (k2, v2) = results
+    tol = dict(atol=0, rtol=torch.finfo(act).eps if act == torch.bfloat16 else 0)
+    torch.testing.assert_close(k1, k2, equal_nan=True, **tol)
+    torch.testing.assert_close(v1, v2, equal_nan=True, **tol)
+    ks = case["k_scale"].float().view(-1, 1)
+    lens, offs = case["seq_lens"].tolist(), offsets.tolist()
+    for i in range(n):  # every token of the sequence = its cache entry * scale
+        p = -(-lens[i] // bs)
+        want = (case["key_cache"][case["block_table"][i, :p].long()].float() * ks).reshape(-1, hkv, hs)[: lens[i]]
+        got = k1[offs[i] : offs[i] + p].reshape(-1, hkv, hs)[: lens[i]]
+        torch.testing.assert_close(got.float(), want.to(act).float(), **tol)
+
+
 def test_fill_context_dequantizes_with_scales():
     case = _workspace_case("int8", torch.float32, 64, 2, 16, True, seed=5)
     bs = 16
@@ -153,33 +181,37 @@ def test_fill_context_dequantizes_with_scales():
     torch.testing.assert_close(ws_k[int(offsets[1])], want)
 
 
-def _fa3_runner(case, monkeypatch, window=None, cap=None):
+def _fa3_runner(case, monkeypatch, window=None, cap=None, mode="bf16"):
     hq, d = case["query"].shape[1:]
     fake = FakePagedFA3(d**-0.5, window, cap)
     monkeypatch.setattr(prefill_mod, "fa3_unavailable_reason", lambda device, head_size: None)
     monkeypatch.setattr(prefill_mod, "_flash_attn_varlen_func", lambda: fake)
     runner = PrefillRunner(num_heads=hq, num_kv_heads=case["key"].shape[1], head_size=d, scale=d**-0.5,
-                           sliding_window=window, logits_soft_cap=cap, mode="bf16", device=case["query"].device)  # fmt: skip
+                           sliding_window=window, logits_soft_cap=cap, mode=mode, device=case["query"].device)  # fmt: skip
     assert runner.path == "fa3"
     return runner, fake
 
 
-def _plan(case, workspace, all_rows=False):
-    return runner_plan(case, all_rows, workspace=workspace, seq_lens_cpu=case["seq_lens"].cpu())
+def _plan(case, workspace, all_rows=False, mode="bf16"):
+    return runner_plan(case, all_rows, workspace=workspace, seq_lens_cpu=case["seq_lens"].cpu(),
+                       from_cache_only=mode == "quantized")  # fmt: skip
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("window,cap", [(None, None), (9, None), (None, 20.0)])
-def test_fa3_path_over_workspace_matches_reference(kv_dtype, act_dtype, window, cap, monkeypatch):
+@pytest.mark.parametrize("window,cap,mode", [(None, None, "bf16"), (9, None, "bf16"), (None, 20.0, "bf16"),
+                                             (None, None, "quantized"), (9, 20.0, "quantized")])  # fmt: skip
+def test_fa3_path_over_workspace_matches_reference(kv_dtype, act_dtype, window, cap, mode, monkeypatch):
     case = _batch(act_dtype=act_dtype, kv_dtype=kv_dtype, group=2)
-    runner, fake = _fa3_runner(case, monkeypatch, window, cap)
+    runner, fake = _fa3_runner(case, monkeypatch, window, cap, mode)
     hkv, d = case["key"].shape[1:]
     ws = ContextWorkspace.allocate(512, 16, hkv, d, act_dtype, "cpu")
-    plan = _plan(case, ws)
+    plan = _plan(case, ws, mode=mode)
     assert plan.context_fill is not None and plan.context_fill.max_seq_len == int(case["seq_lens"][NUM_DECODES:].max())
     _check(case, runner, plan, window=window, cap=cap)
     assert (fake.paged_calls, fake.calls) == (1, 0), "one paged FA3 call, no merge pass"
+    # quantized: one split, so that a row's bits do not depend on the batch or the chunking
+    assert fake.num_splits == (1 if mode == "quantized" else None)
 
 
 def test_workspace_too_small_or_graph_plan_falls_back_to_merge(monkeypatch):
@@ -196,6 +228,11 @@ def test_workspace_too_small_or_graph_plan_falls_back_to_merge(monkeypatch):
     no_ctx = PrefillPlan.build(case["query_start_loc"], case["seq_lens"], case["block_table"], num_tokens=10,
                                max_query_len=10, has_context=False, workspace=big, seq_lens_cpu=case["seq_lens"])  # fmt: skip
     assert no_ctx.context_fill is None
+    # mode quantized: pure prefills go through the workspace too (their new tokens from the cache)
+    no_ctx_q = PrefillPlan.build(case["query_start_loc"], case["seq_lens"], case["block_table"], num_tokens=10,
+                                 max_query_len=10, has_context=False, workspace=big, seq_lens_cpu=case["seq_lens"],
+                                 from_cache_only=True)  # fmt: skip
+    assert no_ctx_q.context_fill is not None
 
 
 def test_workspace_option_and_size():
@@ -244,3 +281,48 @@ def test_gpu_fa3_over_workspace_matches_reference(kv_dtype, window, cap):
     s = int(case["query_start_loc"][NUM_DECODES])
     e = int(case["query_start_loc"][-1])
     torch.testing.assert_close(a[s:e].float(), b[s:e].float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
+def test_gpu_quantized_over_workspace_repeatable(kv_dtype):
+    """Mode quantized on the real FA3 over the workspace: right (against the reference), and a
+    700-token prompt prefilled whole or as 188 new tokens over 512 from the prefix cache, with a
+    decode and another prefill beside it, gives bit-identical rows (what the mode promises)."""
+    reason = prefill_mod.fa3_unavailable_reason(torch.device("cuda"), 128)
+    if reason:
+        pytest.skip(reason)
+    base = _batch(act_dtype=torch.bfloat16, kv_dtype=kv_dtype, group=4, head_size=128, device="cuda",
+                  seqs=((0, 700),), pad_tokens=0)  # fmt: skip
+    hq, d = base["query"].shape[1:]
+    hkv = base["key"].shape[1]
+    runner = PrefillRunner(num_heads=hq, num_kv_heads=hkv, head_size=d, scale=d**-0.5, sliding_window=None,
+                           logits_soft_cap=None, mode="quantized", device="cuda")  # fmt: skip
+    assert runner.path == "fa3"
+    ws = ContextWorkspace.allocate(4096, 16, hkv, d, torch.bfloat16, "cuda")
+    args = (base["key_cache"], base["value_cache"], base["k_scale"], base["v_scale"], kv_dtype)
+    plan1 = PrefillPlan.build(base["query_start_loc"], base["seq_lens"], base["block_table"], num_tokens=700,
+                              max_query_len=700, has_context=False, workspace=ws, seq_lens_cpu=base["seq_lens"].cpu(),
+                              from_cache_only=True)  # fmt: skip
+    assert plan1.context_fill is not None
+    out1 = torch.full_like(base["query"], float("nan"))
+    runner.run(base["query"], base["key"], base["value"], *args, plan1, out1)
+    want = _reference(base, mode="quantized").float()
+    torch.testing.assert_close(out1.float().cpu(), want, atol=3e-2, rtol=3e-2)
+    # again: a decode (request 0), the prompt's last 188 tokens over 512 cached, a 30-token prefill of the same pages
+    q2 = torch.cat([base["query"][:1], base["query"][512:], base["query"][:30]])
+    dev = q2.device
+    bt2 = base["block_table"][:1].expand(3, -1).contiguous()
+    seq_lens2 = torch.tensor([9, 700, 30], dtype=torch.int32)
+    plan2 = PrefillPlan.build(
+        torch.tensor([0, 1, 189, 219], dtype=torch.int32, device=dev), seq_lens2.to(dev), bt2, num_tokens=219,
+        max_query_len=188, num_decodes=1, num_decode_tokens=1, workspace=ws, seq_lens_cpu=seq_lens2,
+        from_cache_only=True,
+    )  # fmt: skip
+    assert plan2.context_fill is not None
+    out2 = torch.full_like(q2, float("nan"))
+    runner.run(q2, q2[:, :hkv], q2[:, :hkv], *args, plan2, out2)  # key/value never read in mode quantized
+    assert torch.equal(out2[1:189], out1[512:]), (out2[1:189].float() - out1[512:].float()).abs().max()
+    assert torch.equal(out2[189:], out1[:30])
+

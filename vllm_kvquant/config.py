@@ -38,12 +38,17 @@ class KVQuantConfig:
         cached context from the 8-bit cache) or ``quantized`` (everything from the 8-bit cache,
         so a greedy request gives the same answer whether its prompt start came from the
         prefix cache or not, whatever the chunking).
-    prefill_workspace_mib: GPU memory (MiB, allocated once at start-up) for the bf16 prefill's
-        FA3 path: each prefill with cached context is copied into it as 16-bit K/V (context
-        dequantized) and FA3 attends over it once. Steps whose prefill sequences do not fit
-        use FA3 on the new tokens plus our Triton pass over the 8-bit context (slower on long
-        contexts). Default 256 (65536 tokens of Llama-3-8B's 8 KV heads x 128 in bf16: e.g. 16
-        prefix-cache hits of 4k tokens in one step); 0 turns the workspace off.
+    prefill_workspace_mib: GPU memory (MiB, allocated once at start-up) for the prefill's FA3
+        path (Hopper): in mode ``bf16`` each prefill with cached context is copied into it as
+        16-bit K/V (context dequantized, new tokens as computed), in mode ``quantized`` every
+        prefill (all of it dequantized from the cache), and FA3 attends over it once. Steps whose
+        prefill sequences do not fit, and full-CUDA-graph replays, use our Triton kernels
+        instead (mode ``bf16``: FA3 on the new tokens plus a Triton pass over the 8-bit context;
+        ``quantized``: one Triton pass), which are slower on long contexts; in mode
+        ``quantized`` their bits differ from FA3's, so a request served once by each path can
+        differ by rounding: 0 (Triton only) keeps greedy answers identical in every case.
+        Default 256 (65536 tokens of Llama-3-8B's 8 KV heads x 128 in bf16: e.g. 16 prefix-cache
+        hits of 4k tokens in one step); 0 turns the workspace off.
     """
 
     scales: str | None = None

@@ -128,9 +128,10 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
             self._init_other_decode(vllm_config, kv_cache_spec, list(layers))
 
     def _init_prefill_workspace(self, vllm_config: Any, kv_cache_spec: Any) -> ContextWorkspace | None:
-        """The bf16 prefill's 16-bit workspace for FA3 (see :mod:`.prefill`), allocated now, once."""
+        """The prefill's 16-bit workspace for FA3 (see :mod:`.prefill`), allocated now, once."""
         options = KVQuantConfig.from_additional_config(compat.additional_config(vllm_config))
-        if options.prefill != "bf16" or options.prefill_workspace_mib == 0:
+        self.prefill_from_cache_only = options.prefill == "quantized"
+        if options.prefill_workspace_mib == 0:
             return None
         if fa3_unavailable_reason(self.device, self.head_size) is not None:
             return None
@@ -142,8 +143,9 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         if tokens < block_size:
             return None
         ws = ContextWorkspace.allocate(tokens, block_size, self.num_kv_heads, self.head_size, dtype, self.device)
-        logger.info("kvquant: prefill context workspace of %d tokens (%.0f MiB): prefills with cached context "
-                    "attend in FA3 over a 16-bit copy", ws.num_pages * block_size, ws.nbytes / 2**20)  # fmt: skip
+        which = "prefills" if self.prefill_from_cache_only else "prefills with cached context"
+        logger.info("kvquant: prefill context workspace of %d tokens (%.0f MiB): %s attend in FA3 over a 16-bit copy",
+                    ws.num_pages * block_size, ws.nbytes / 2**20, which)  # fmt: skip
         return ws
 
     @classmethod
@@ -256,6 +258,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
                 num_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
                 num_decodes=nd, num_decode_tokens=num_decode_tokens, has_context=_may_have_context(m, nd),
                 workspace=self.prefill_workspace, seq_lens_cpu=getattr(m, "seq_lens_cpu_upper_bound", None),
+                from_cache_only=self.prefill_from_cache_only,
             )  # fmt: skip
         return metadata
 

@@ -141,6 +141,7 @@ class PrefillPlan:
         has_context: bool = True,
         workspace: ContextWorkspace | None = None,
         seq_lens_cpu: torch.Tensor | None = None,
+        from_cache_only: bool = False,
     ) -> "PrefillPlan":
         """Build once per batch, for all layers (at most one small device op, no host sync).
 
@@ -163,6 +164,8 @@ class PrefillPlan:
             workspace, seq_lens_cpu: the fa3 path's :class:`ContextWorkspace` and host upper
                 bounds of the whole batch's ``seq_lens``; with both (and context, not
                 ``all_rows``) the plan fills the workspace when the sequences fit it.
+            from_cache_only: prefill mode ``quantized``: every sequence goes through the
+                workspace, new tokens read back from the cache, also without cached context.
         """
         if all_rows or (num_decodes == 0 and num_decode_tokens == 0):
             plan = cls(
@@ -182,7 +185,7 @@ class PrefillPlan:
                 row_start=num_decode_tokens,
                 has_context=has_context,
             )
-        if workspace is not None and seq_lens_cpu is not None and has_context and not all_rows:
+        if workspace is not None and seq_lens_cpu is not None and (has_context or from_cache_only) and not all_rows:
             n = plan.num_reqs
             host = seq_lens_cpu[num_decodes : num_decodes + n]
             plan.context_fill = ContextFillPlan.build(workspace, plan.seq_lens[:n], host)
@@ -277,7 +280,7 @@ class PrefillRunner:
 
     def _choose_path(self, forced: str | None) -> tuple[str, str | None]:
         cpu_reference = self.device.type == "cpu" and not _interpreting()
-        why_not = fa3_unavailable_reason(self.device, self.head_size) if self.mode == "bf16" else "mode is quantized"
+        why_not = fa3_unavailable_reason(self.device, self.head_size)
         if forced == "fa3" and why_not:
             raise _error(f"path 'fa3' is not available: {why_not}")
         if forced == "triton" and cpu_reference:
@@ -331,7 +334,7 @@ class PrefillRunner:
         if self.path == "fa3" and plan.context_fill is not None:
             return self._run_fa3_over_workspace(query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype,
                                                 plan, out)  # fmt: skip
-        if self.path == "fa3":
+        if self.path == "fa3" and self.mode == "bf16":
             _, lse = self._fa(
                 q=query, k=key, v=value, out=out,
                 cu_seqlens_q=plan.query_start_loc, cu_seqlens_k=plan.query_start_loc,
@@ -352,20 +355,27 @@ class PrefillRunner:
     def _run_fa3_over_workspace(
         self, query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan: PrefillPlan, out
     ) -> None:  # fmt: skip
-        """Each request's whole sequence into the 16-bit workspace, then one paged FA3 call."""
+        """Each request's whole sequence into the 16-bit workspace, then one paged FA3 call.
+
+        Mode ``quantized`` reads the new tokens back from the cache too, and asks FA3 for one
+        split: a row's arithmetic (key blocks from position 0, one reduction order) then does not
+        depend on how the sequence was chunked or what else is in the batch."""
         cf = plan.context_fill
         ws = cf.workspace
         n = plan.num_reqs
+        quantized = self.mode == "quantized"
         fill_context(
             key, value, as_storage(key_cache, kv_dtype), as_storage(value_cache, kv_dtype), k_scale, v_scale,
             ws.key, ws.value, plan.block_table, plan.query_start_loc, plan.seq_lens, cf.offsets, n, cf.max_pages,
+            from_cache_only=quantized,
         )  # fmt: skip
+        extra = {"num_splits": 1} if quantized else {}
         self._fa(
             q=query, k=ws.key, v=ws.value, out=out,
             cu_seqlens_q=plan.query_start_loc, max_seqlen_q=plan.max_query_len,
             seqused_k=plan.seq_lens[:n], max_seqlen_k=cf.max_seq_len, block_table=cf.block_table,
             softmax_scale=self.scale, causal=True, window_size=self._fa_window, softcap=self._fa_softcap,
-            fa_version=3,
+            fa_version=3, **extra,
         )  # fmt: skip
         return None
 
