@@ -39,6 +39,9 @@ heuristic, dot dtype); pass ``config=``, replace :data:`DEFAULT_CONFIG`, or set
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable, TypeVar, cast
+
 import torch
 
 from . import decode_config as _cfg
@@ -62,52 +65,23 @@ __all__ = [
 #: Config used when a call passes none; replace it (module attribute) to tune.
 DEFAULT_CONFIG: DecodeKernelConfig = _cfg.DEFAULT_CONFIG
 
-
-def choose_num_splits(
-    num_seqs: int,
-    num_kv_heads: int,
-    head_size: int,
-    num_sms: int,
-    max_num_splits: int | None = None,
-    config: DecodeKernelConfig | None = None,
-) -> int:
-    """Splits per (sequence, KV head): a function of shapes and the device only (graph safe)."""
-    return _cfg.choose_num_splits(num_seqs, num_kv_heads, head_size, num_sms, max_num_splits, config or DEFAULT_CONFIG)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def decode_workspace_shape(
-    max_num_seqs: int,
-    num_q_heads: int,
-    head_size: int,
-    max_num_splits: int | None = None,
-    *,
-    num_kv_heads: int | None = None,
-    device: torch.device | str | None = None,
-    config: DecodeKernelConfig | None = None,
-) -> tuple[int]:
-    """Shape of an fp32 workspace that serves every batch of up to ``max_num_seqs`` (see
-    :func:`.decode_config.decode_workspace_shape`)."""
-    return _cfg.decode_workspace_shape(
-        max_num_seqs, num_q_heads, head_size, max_num_splits,
-        num_kv_heads=num_kv_heads, device=device, config=config or DEFAULT_CONFIG,
-    )  # fmt: skip
+def _tunable(fn: F) -> F:
+    """``fn`` of :mod:`.decode_config` with ``config=None`` meaning this module's
+    :data:`DEFAULT_CONFIG` as it is at call time, so that replacing it tunes every call."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, config: DecodeKernelConfig | None = None, **kwargs: Any) -> Any:
+        return fn(*args, config=config or DEFAULT_CONFIG, **kwargs)
+
+    return cast(F, call)
 
 
-def alloc_decode_workspace(
-    max_num_seqs: int,
-    num_q_heads: int,
-    head_size: int,
-    max_num_splits: int | None = None,
-    *,
-    num_kv_heads: int | None = None,
-    device: torch.device | str | None = None,
-    config: DecodeKernelConfig | None = None,
-) -> torch.Tensor:
-    """Preallocated fp32 workspace for :func:`paged_decode_attention` (reuse it under graphs)."""
-    return _cfg.alloc_decode_workspace(
-        max_num_seqs, num_q_heads, head_size, max_num_splits,
-        num_kv_heads=num_kv_heads, device=device, config=config or DEFAULT_CONFIG,
-    )  # fmt: skip
+choose_num_splits = _tunable(_cfg.choose_num_splits)
+decode_workspace_shape = _tunable(_cfg.decode_workspace_shape)
+alloc_decode_workspace = _tunable(_cfg.alloc_decode_workspace)
 
 
 def _validate(query, key_cache, value_cache, block_table, seq_lens, k_scale, v_scale, out, max_num_splits):

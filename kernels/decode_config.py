@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -142,6 +143,7 @@ def choose_num_splits(
     head_size: int,
     num_sms: int,
     max_num_splits: int | None = None,
+    *,
     config: DecodeKernelConfig | None = None,
 ) -> int:
     """Splits per (sequence, KV head): a function of shapes and the device only (graph safe)."""
@@ -182,24 +184,13 @@ def decode_workspace_shape(
         sms = device_num_sms(dev, cfg)
         rows = 0
         for n in range(1, max_num_seqs + 1):
-            s = choose_num_splits(n, num_kv_heads, head_size, sms, cap, cfg)
+            s = choose_num_splits(n, num_kv_heads, head_size, sms, cap, config=cfg)
             if s > 1:
                 rows = max(rows, n * s)
     return (max(workspace_numel(rows, num_q_heads, head_size, 1), 1),)
 
 
-def alloc_decode_workspace(
-    max_num_seqs: int,
-    num_q_heads: int,
-    head_size: int,
-    max_num_splits: int | None = None,
-    *,
-    num_kv_heads: int | None = None,
-    device: torch.device | str | None = None,
-    config: DecodeKernelConfig | None = None,
-) -> torch.Tensor:
-    """Preallocated fp32 workspace for :func:`paged_decode_attention` (reuse it under graphs)."""
-    shape = decode_workspace_shape(
-        max_num_seqs, num_q_heads, head_size, max_num_splits, num_kv_heads=num_kv_heads, device=device, config=config
-    )
-    return torch.empty(shape, dtype=torch.float32, device=device)
+def alloc_decode_workspace(*args: Any, device: torch.device | str | None = None, **kwargs: Any) -> torch.Tensor:
+    """Preallocated fp32 workspace for :func:`.decode_attention.paged_decode_attention` (reuse it
+    under graphs); takes the arguments of :func:`decode_workspace_shape`."""
+    return torch.empty(decode_workspace_shape(*args, device=device, **kwargs), dtype=torch.float32, device=device)

@@ -92,7 +92,7 @@ class DecodePlan:
             num_sms = device_num_sms(device, cfg)
         self.num_seqs = int(num_seqs)
         self.num_q_heads, self.num_kv_heads, self.head_size = num_q_heads, num_kv_heads, head_size
-        self.num_splits = choose_num_splits(self.num_seqs, num_kv_heads, head_size, num_sms, max_num_splits, cfg)
+        self.num_splits = choose_num_splits(self.num_seqs, num_kv_heads, head_size, num_sms, max_num_splits, config=cfg)
         self.split = self.num_splits > 1
         self.varlen = query_start_loc is not None
         self.grid = (self.num_seqs, num_kv_heads, self.num_splits)

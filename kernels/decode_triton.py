@@ -29,6 +29,7 @@ decode_split_kernel = None
 decode_reduce_kernel = None
 
 if HAVE_TRITON:
+    from .jit_helpers import load_head_scale
 
     # int8 -> fp16, four per instance: ``0x6400 | (x ^ 0x80)`` is the fp16 ``1152 + x`` (two byte
     # permutes), then one packed fp16 subtract per pair.
@@ -82,7 +83,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _split_tile_range(
-        seq_len,
+        seq_len_ptr,
         split,
         num_splits,
         window,
@@ -90,7 +91,9 @@ if HAVE_TRITON:
         MIN_TILES: tl.constexpr,
         USE_WINDOW: tl.constexpr,
     ):
-        """First attended token, this split's tile range [lo, hi), and the active split count."""
+        """The sequence's length, first attended token, this split's tile range [lo, hi), and the
+        active split count."""
+        seq_len = tl.load(seq_len_ptr)
         if USE_WINDOW:
             start = tl.maximum(seq_len - window, 0)
         else:
@@ -102,7 +105,20 @@ if HAVE_TRITON:
         lo = tile_lo + split * tiles_per_split
         hi = tl.minimum(lo + tiles_per_split, tile_end)
         num_active = tl.cdiv(num_tiles, tiles_per_split)
-        return start, lo, hi, num_active
+        return seq_len, start, lo, hi, num_active
+
+    @triton.jit
+    def _plan_row(qsl_ptr, VARLEN: tl.constexpr):
+        """This program's plan entry (grid axis 0), its query/output row, and whether to skip it
+        (VARLEN: not exactly one query token, a prefill or padding; read only under VARLEN)."""
+        seq = tl.program_id(0)
+        if VARLEN:
+            row = tl.load(qsl_ptr + seq)
+            skip = tl.load(qsl_ptr + seq + 1) - row != 1
+        else:
+            row = seq
+            skip = seq < 0  # never
+        return seq, row, skip
 
     @triton.jit
     def _decode_split_kernel(
@@ -129,18 +145,14 @@ if HAVE_TRITON:
         # plan constexprs
         SPLIT: tl.constexpr, VARLEN: tl.constexpr,
     ):  # fmt: skip
-        seq = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        seq, row, skip = _plan_row(qsl_ptr, VARLEN)
         if VARLEN:
-            row = tl.load(qsl_ptr + seq)
-            if tl.load(qsl_ptr + seq + 1) - row != 1:
+            if skip:
                 return
-        else:
-            row = seq
-        seq_len = tl.load(seq_lens_ptr + seq)
-        start, lo, hi, num_active = _split_tile_range(
-            seq_len, split, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
+        seq_len, start, lo, hi, num_active = _split_tile_range(
+            seq_lens_ptr + seq, split, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
         )
 
         offs_g = tl.arange(0, GROUP_PAD)
@@ -168,15 +180,8 @@ if HAVE_TRITON:
             q_mult = 1.0
             q = q.to(DOT_DTYPE)
 
-        if K_PER_HEAD:
-            k_scale = tl.load(k_scale_ptr + kvh)
-        else:
-            k_scale = tl.load(k_scale_ptr)
-        if V_PER_HEAD:
-            v_scale = tl.load(v_scale_ptr + kvh)
-        else:
-            v_scale = tl.load(v_scale_ptr)
-        k_scale = k_scale * q_mult
+        k_scale = load_head_scale(k_scale_ptr, kvh, K_PER_HEAD) * q_mult
+        v_scale = load_head_scale(v_scale_ptr, kvh, V_PER_HEAD)
         if USE_SOFTCAP:
             qk_scale = sm_scale * k_scale / soft_cap  # tanh argument
             cap_log2 = soft_cap * 1.4426950408889634
@@ -253,17 +258,13 @@ if HAVE_TRITON:
         # plan constexprs
         SPLITS_PAD: tl.constexpr, VARLEN: tl.constexpr,
     ):  # fmt: skip
-        seq = tl.program_id(0)
-        head = tl.program_id(1)
+        seq, row, skip = _plan_row(qsl_ptr, VARLEN)
         if VARLEN:
-            row = tl.load(qsl_ptr + seq)
-            if tl.load(qsl_ptr + seq + 1) - row != 1:
+            if skip:
                 return
-        else:
-            row = seq
-        seq_len = tl.load(seq_lens_ptr + seq)
-        _start, _lo, _hi, num_active = _split_tile_range(
-            seq_len, 0, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
+        head = tl.program_id(1)
+        _seq_len, _start, _lo, _hi, num_active = _split_tile_range(
+            seq_lens_ptr + seq, 0, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
         )
         seq64 = seq.to(tl.int64)
         offs_s = tl.arange(0, SPLITS_PAD)

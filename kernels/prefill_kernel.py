@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .jit_helpers import load_head_scale
+
 MODE_FULL, MODE_MERGE, MODE_QUANTIZED = 0, 1, 2
 
 
@@ -129,14 +131,8 @@ def prefill_attention_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
 
     # ---- the quantized cache, dequantized in registers ----
-    if K_PER_HEAD:
-        k_scale = tl.load(ks_ptr + kvh)
-    else:
-        k_scale = tl.load(ks_ptr)
-    if V_PER_HEAD:
-        v_scale = tl.load(vs_ptr + kvh)
-    else:
-        v_scale = tl.load(vs_ptr)
+    k_scale = load_head_scale(ks_ptr, kvh, K_PER_HEAD)
+    v_scale = load_head_scale(vs_ptr, kvh, V_PER_HEAD)
     mult = ctx_mult * k_scale
     q_pos = ctx_len + q_rel  # absolute positions
     if MODE == 2:  # QUANTIZED: the step's own tokens are in the cache too

@@ -151,23 +151,20 @@ def _quantize_to_cache_kernel(
     elif SOFT_FP8:
         # Software e4m3fn encoding (caches passed as uint8), used where the hardware cast is
         # missing (before sm89) or wrong (the interpreter drops the carry when rounding up
-        # to a power of two). Written out for K and V: no nested @jit helper, so the kernel
-        # can be jitted lazily in either mode. Normal results keep 3 of fp32's 23 mantissa
-        # bits (round-to-nearest-even on the bit pattern) and rebias the exponent 127 -> 7;
-        # subnormals (|y| < 2**-6) are multiples of 2**-9: code = rint(|y| * 512) in 0..8;
-        # the sign bit is copied (so -0.0 -> 0x80 like torch) and NaN -> 0x7F.
-        ka = tl.abs(k)
-        kb = ka.to(tl.int32, bitcast=True)
-        k_norm = ((kb + 0x7FFFF + ((kb >> 20) & 1)) >> 20) - (120 << 3)
-        k_sub = (((ka * 512.0) + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int32)
-        k_code = tl.where(ka < 0.015625, k_sub, k_norm)
-        k_code = tl.where(ka != ka, 0x7F, k_code) | ((k.to(tl.int32, bitcast=True) >> 24) & 0x80)
-        va = tl.abs(v)
-        vb = va.to(tl.int32, bitcast=True)
-        v_norm = ((vb + 0x7FFFF + ((vb >> 20) & 1)) >> 20) - (120 << 3)
-        v_sub = (((va * 512.0) + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int32)
-        v_code = tl.where(va < 0.015625, v_sub, v_norm)
-        v_code = tl.where(va != va, 0x7F, v_code) | ((v.to(tl.int32, bitcast=True) >> 24) & 0x80)
+        # to a power of two). K and V are encoded together, joined on a new last axis of 2
+        # (registers only): no nested @jit helper, so the kernel can be jitted lazily in either
+        # mode. Normal results keep 3 of fp32's 23 mantissa bits (round-to-nearest-even on the
+        # bit pattern) and rebias the exponent 127 -> 7; subnormals (|y| < 2**-6) are multiples
+        # of 2**-9: code = rint(|y| * 512) in 0..8; the sign bit is copied (so -0.0 -> 0x80
+        # like torch) and NaN -> 0x7F.
+        y = tl.join(k, v)
+        a = tl.abs(y)
+        b = a.to(tl.int32, bitcast=True)
+        normal = ((b + 0x7FFFF + ((b >> 20) & 1)) >> 20) - (120 << 3)
+        subnormal = (((a * 512.0) + _RINT_MAGIC) - _RINT_MAGIC).to(tl.int32)
+        code = tl.where(a < 0.015625, subnormal, normal)
+        code = tl.where(a != a, 0x7F, code) | ((y.to(tl.int32, bitcast=True) >> 24) & 0x80)
+        k_code, v_code = tl.split(code)
         tl.store(k_dst, k_code.to(tl.uint8), mask=mask)
         tl.store(v_dst, v_code.to(tl.uint8), mask=mask)
     else:  # hardware cvt.rn.satfinite (sm89+)
@@ -241,13 +238,9 @@ class CacheWriter:
     """
 
     def __init__(
-        self,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        k_scale: torch.Tensor,
-        v_scale: torch.Tensor,
+        self, key_cache: torch.Tensor, value_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
         kv_dtype: KVQuantDType | str,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.kv_dtype = kv_dtype = parse_kv_dtype(kv_dtype)
         block_size, num_heads, head_size = check_paged_caches(key_cache, value_cache)
         if value_cache.device != key_cache.device:

@@ -48,15 +48,11 @@ def dequantize_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_to_cache_ref(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-    kv_dtype: KVQuantDType | str,
-) -> None:
+    key: torch.Tensor, value: torch.Tensor,  # [tokens, kv_heads, head_size]
+    key_cache: torch.Tensor, value_cache: torch.Tensor,  # [blocks, block_size, kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [tokens]: negative = skip
+    k_scale: torch.Tensor, v_scale: torch.Tensor, kv_dtype: KVQuantDType | str,
+) -> None:  # fmt: skip
     """Write the step's K/V (``[tokens, kv_heads, head_size]``) into the paged caches."""
     kv_dtype = KVQuantDType(kv_dtype)
     block_size = key_cache.shape[1]
@@ -119,28 +115,20 @@ def _attend(
 
 def paged_decode_attention_ref(
     query: torch.Tensor,  # [num_seqs, Hq, D]
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    key_cache: torch.Tensor, value_cache: torch.Tensor,
     block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32, includes the token being decoded
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-    kv_dtype: KVQuantDType | str,
-    softmax_scale: float | None = None,
-    sliding_window: int | None = None,
-    logits_soft_cap: float | None = None,
-) -> torch.Tensor:
-    """One query token per sequence attending to its whole (quantized) cached context."""
-    softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    out = torch.empty_like(query)
-    for i in range(query.shape[0]):
-        n = int(seq_lens[i])
-        k = gather_context_ref(key_cache, block_table[i], n, k_scale, kv_dtype)
-        v = gather_context_ref(value_cache, block_table[i], n, v_scale, kv_dtype)
-        pos = torch.tensor([n - 1], device=query.device)
-        o = _attend(query[i : i + 1].float(), k, v, pos, softmax_scale, sliding_window, logits_soft_cap)
-        out[i] = o[0].to(query.dtype)
-    return out
+    k_scale: torch.Tensor, v_scale: torch.Tensor, kv_dtype: KVQuantDType | str,
+    softmax_scale: float | None = None, sliding_window: int | None = None, logits_soft_cap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One query token per sequence attending to its whole (quantized) cached context: the
+    ``quantized`` prefill of one new token per sequence, whose K/V the cache already holds."""
+    num_seqs = query.shape[0]
+    return paged_prefill_attention_ref(
+        query, None, None, key_cache, value_cache, block_table,
+        torch.arange(num_seqs + 1, device=query.device), seq_lens[:num_seqs] - 1,
+        k_scale, v_scale, kv_dtype, softmax_scale, sliding_window, logits_soft_cap, mode="quantized",
+    )  # fmt: skip
 
 
 #: Prefill modes: ``bf16`` attends to the step's own K/V unquantized (and to cached context
@@ -150,8 +138,8 @@ PREFILL_MODES: tuple[str, ...] = ("bf16", "quantized")
 
 def paged_prefill_attention_ref(
     query: torch.Tensor,  # [num_tokens, Hq, D]
-    key: torch.Tensor,  # [num_tokens, Hkv, D] this step's K, unquantized
-    value: torch.Tensor,
+    key: torch.Tensor | None,  # [num_tokens, Hkv, D] this step's K, unquantized (mode="bf16" only)
+    value: torch.Tensor | None,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     block_table: torch.Tensor,  # [num_seqs, max_blocks]

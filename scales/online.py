@@ -89,16 +89,10 @@ def measure_scales(
 
 
 def freeze_from_first_batch_(
-    k_scale: "torch.Tensor",
-    v_scale: "torch.Tensor",
-    frozen: "torch.Tensor",
-    key: "torch.Tensor",
-    value: "torch.Tensor",
-    valid: "torch.Tensor",
-    kv_dtype: KVCacheDType | str,
-    margin: float | None = None,
-    floor: float = DEFAULT_FLOOR,
-) -> None:
+    k_scale: "torch.Tensor", v_scale: "torch.Tensor", frozen: "torch.Tensor",  # the layer's state, set in place
+    key: "torch.Tensor", value: "torch.Tensor", valid: "torch.Tensor",  # this batch, as in measure_scales
+    kv_dtype: KVCacheDType | str, margin: float | None = None, floor: float = DEFAULT_FLOOR,
+) -> None:  # fmt: skip
     """Write measured scales into ``k_scale``/``v_scale`` unless ``frozen``; freeze on real tokens.
 
     A batch without any valid token (dummy runs, CUDA-graph capture: every slot is -1) changes

@@ -8,14 +8,15 @@ README's first command need a real model directory that vLLM loads like any othe
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
 
 @dataclass(frozen=True)
-class TinyLlamaSpec:
-    vocab_size: int = 512
+class TinyLlamaConfig:
+    """The sizes and init range: each field goes to the ``LlamaConfig`` field of the same name."""
+
     hidden_size: int = 256
     intermediate_size: int = 512
     num_hidden_layers: int = 2
@@ -26,6 +27,14 @@ class TinyLlamaSpec:
     # Larger than Llama's 0.02 so that the random model's next-token distribution is peaked
     # and greedy decoding is meaningful to compare between KV-cache formats.
     initializer_range: float = 0.2
+
+
+@dataclass(frozen=True)
+class TinyLlamaSpec(TinyLlamaConfig):
+    """A tiny model: its ``LlamaConfig`` fields, then tokenizer, init, training and dtype."""
+
+    # The tokenizer's target; the config takes the trained tokenizer's actual size.
+    vocab_size: int = 512
     # q/k projections are shrunk after init so attention logits have a std of ~2.5, like a
     # trained model; at the full init their std is ~10, a near one-hot softmax that turns
     # any rounding (bf16 included) into a different token.
@@ -39,10 +48,7 @@ class TinyLlamaSpec:
 
 
 #: The fields of :class:`TinyLlamaSpec` that are ``LlamaConfig`` fields of the same name.
-LLAMA_CONFIG_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "max_position_embeddings", "initializer_range",
-)  # fmt: skip
+LLAMA_CONFIG_FIELDS = tuple(f.name for f in fields(TinyLlamaConfig))
 
 
 # Llama's own init, trained ~25 s on 2 CPU cores: corpus loss ~1.8 nats, median top-1/top-2

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from ..errors import ScalesError
-from ..format import CalibrationInfo, Granularity, KVCacheDType, LayerScales, ScalesFile
+from ..format import Granularity, KVCacheDType, LayerScales, ScalesFile
 from .model_config import compressed_tensors_kv_dtype, read_config
 
 _PATTERNS = (
@@ -109,12 +109,6 @@ def from_compressed_tensors(
     per_head = any(len(v) > 1 for kv in found.values() for v in kv.values())
     expand = (lambda v: v * heads if len(v) == 1 else v) if per_head else (lambda v: v)
     layers = {n: LayerScales(n, expand(found[n]["k"]), expand(found[n]["v"])) for n in names}
+    granularity = Granularity.PER_HEAD if per_head else Granularity.PER_TENSOR
     native = compressed_tensors_kv_dtype(config)
-    scales = ScalesFile(
-        native,
-        Granularity.PER_HEAD if per_head else Granularity.PER_TENSOR,
-        config.model_facts(names),
-        CalibrationInfo(method="converted", tool="convert:compressed-tensors", data=str(src)),
-        layers,
-    )
-    return scales.retarget(kv_dtype) if kv_dtype is not None else scales
+    return config.converted(native, granularity, layers, "compressed-tensors", src, kv_dtype)

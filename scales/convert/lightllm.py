@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScalesError
-from ..format import DEFAULT_LAYER_TEMPLATE, CalibrationInfo, Granularity, KVCacheDType, LayerScales, ScalesFile
+from ..format import DEFAULT_LAYER_TEMPLATE, Granularity, KVCacheDType, LayerScales, ScalesFile
 from ..io import read_json
 from ..validate import check_scale
 from .model_config import read_config
@@ -48,13 +48,8 @@ def _rows(path: Path, data: dict[str, Any], num_layers: int, width: int) -> list
     return scales
 
 
-def from_lightllm(
-    path: str | Path,
-    *,
-    model_dir: str | Path,
-    kv_dtype: KVCacheDType | str | None = None,
-    layer_name_template: str = DEFAULT_LAYER_TEMPLATE,
-) -> ScalesFile:
+def from_lightllm(path: str | Path, *, model_dir: str | Path, kv_dtype: KVCacheDType | str | None = None,
+                  layer_name_template: str = DEFAULT_LAYER_TEMPLATE) -> ScalesFile:  # fmt: skip
     """Convert a LightLLM ``kv_cache_calib.json``; ``model_dir`` supplies config.json (head size)."""
     path = Path(path)
     data = read_json(path)
@@ -86,10 +81,4 @@ def from_lightllm(
         values = [check_scale(str(path), name, f"scales[{i}][{j}]", v) * factor for j, v in enumerate(row)]
         half = width // 2
         layers[name] = LayerScales(name, tuple(values[:half]), tuple(values[half:]))
-    return ScalesFile(
-        target,
-        granularity,
-        config.model_facts(names),
-        CalibrationInfo(method="converted", tool="convert:lightllm", data=str(path)),
-        layers,
-    )
+    return config.converted(target, granularity, layers, "lightllm", path)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScalesError
-from ..format import DEFAULT_LAYER_TEMPLATE, KVCacheDType, ModelFacts
+from ..format import DEFAULT_LAYER_TEMPLATE, CalibrationInfo, Granularity, KVCacheDType, LayerScales, ModelFacts, ScalesFile
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,16 @@ class HFConfigFacts:
     def model_facts(self, layer_names: list[str] | None = None, template: str = DEFAULT_LAYER_TEMPLATE) -> ModelFacts:
         names = layer_names if layer_names is not None else [template.format(i=i) for i in range(self.num_layers)]
         return ModelFacts(len(names), self.num_kv_heads, self.head_size, tuple(names))
+
+    def converted(
+        self, native: KVCacheDType, granularity: Granularity, layers: dict[str, LayerScales], tool: str, source: str | Path,
+        kv_dtype: KVCacheDType | str | None = None,
+    ) -> ScalesFile:  # fmt: skip
+        """What a converter returns: ``layers`` (in model order) of this model, read by ``tool`` from
+        ``source`` in the ``native`` format, retargeted to ``kv_dtype`` when one is given."""
+        info = CalibrationInfo(method="converted", tool=f"convert:{tool}", data=str(source))
+        scales = ScalesFile(native, granularity, self.model_facts(list(layers)), info, layers)
+        return scales.retarget(kv_dtype) if kv_dtype is not None else scales
 
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:

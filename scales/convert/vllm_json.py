@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScalesError
-from ..format import DEFAULT_LAYER_TEMPLATE, CalibrationInfo, Granularity, KVCacheDType, LayerScales, ScalesFile
+from ..format import DEFAULT_LAYER_TEMPLATE, Granularity, KVCacheDType, LayerScales, ScalesFile
 from ..io import read_json
 from ..validate import check_scale
 from .model_config import read_config
@@ -28,13 +28,8 @@ def _int_key(path: Path, what: str, key: Any) -> int:
         raise ScalesError(f"{path}: {what} key {key!r} is not an integer") from None
 
 
-def from_vllm_json(
-    path: str | Path,
-    *,
-    model_dir: str | Path,
-    kv_dtype: KVCacheDType | str | None = None,
-    layer_name_template: str = DEFAULT_LAYER_TEMPLATE,
-) -> ScalesFile:
+def from_vllm_json(path: str | Path, *, model_dir: str | Path, kv_dtype: KVCacheDType | str | None = None,
+                   layer_name_template: str = DEFAULT_LAYER_TEMPLATE) -> ScalesFile:  # fmt: skip
     """Convert a vLLM ``kv_cache_scales.json``; ``model_dir`` supplies config.json (heads, head size)."""
     path = Path(path)
     data = read_json(path)
@@ -78,11 +73,4 @@ def from_vllm_json(
         )
     names = [layer_name_template.format(i=i) for i in sorted(expected)]
     layers = {n: LayerScales(n, (combined[i],), (combined[i],)) for i, n in zip(sorted(expected), names)}
-    scales = ScalesFile(
-        KVCacheDType.FP8_E4M3,
-        Granularity.PER_TENSOR,
-        config.model_facts(names),
-        CalibrationInfo(method="converted", tool="convert:vllm-kv-cache-scales", data=str(path)),
-        layers,
-    )
-    return scales.retarget(kv_dtype) if kv_dtype is not None else scales
+    return config.converted(KVCacheDType.FP8_E4M3, Granularity.PER_TENSOR, layers, "vllm-kv-cache-scales", path, kv_dtype)
