@@ -310,11 +310,11 @@ def test_prefill_benchmark_smoke(tmp_path):
     assert out.exists() and set(result) >= {"device", "versions", "command", "copy_gbps", "rows"}
     rows = {(r["name"], r["kv_dtype"]): r for r in result["rows"]}
     for kind in ("fp8", "int8"):
-        for name in ("kvquant-prefill-triton", "kvquant-prefill-quantized"):
+        for name in ("kvquant-prefill-triton", "kvquant-prefill-quantized-triton"):
             r = rows[(name, kind)]
             assert r["status"] == "ok" and r["us"] > 0 and r["max_abs_err_ref"] < 3e-2, r
-        assert rows[("kvquant-prefill-fa3", kind)]["status"] == "skipped"
-        assert rows[("kvquant-prefill-fa3-merge", kind)]["status"] == "skipped"
+        for name in ("kvquant-prefill-fa3", "kvquant-prefill-fa3-merge", "kvquant-prefill-quantized"):
+            assert rows[(name, kind)]["status"] == "skipped"
     assert "not CUDA" in rows[("kvquant-prefill-fa3-allrows", "fp8")]["reason"]
     assert rows[("vllm-fa3-prefill", "bf16")]["reason"] == "needs a CUDA GPU"
-    assert len(rows) == 11
+    assert len(rows) == 13

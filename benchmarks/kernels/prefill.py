@@ -18,7 +18,10 @@ Rows (``name``, ``kv_dtype``):
 - ``kvquant-prefill-fa3-merge`` (fp8, int8): the same path without a workspace: vLLM's FA3 varlen
   kernel on the new tokens + our Triton context pass merging by log-sum-exp.
 - ``kvquant-prefill-triton`` (fp8, int8): mode ``bf16``, path ``triton`` (one Triton kernel).
-- ``kvquant-prefill-quantized`` (fp8, int8): mode ``quantized`` (everything from the 8-bit cache).
+- ``kvquant-prefill-quantized`` (fp8, int8): mode ``quantized`` (everything from the 8-bit cache)
+  as the backend runs it on Hopper: every sequence dequantized into the workspace, one FA3 call
+  (one split). ``kvquant-prefill-quantized-triton``: the same mode on its Triton fallback (CUDA-graph
+  replays, batches beyond the workspace, ``prefill_workspace_mib: 0``).
 - ``kvquant-prefill-fa3-allrows`` (fp8): the fa3 path with the CUDA-graph-safe plan (``all_rows``:
   FA3's ``max_seqlen`` and the grid from the token count, the context pass always launched).
 - ``vllm-fa3-prefill`` (bf16, fp8): ``flash_attn_varlen_func`` as vLLM's FLASH_ATTN backend calls
@@ -59,10 +62,12 @@ SHAPES = (("1x8k", 1, 8192, 0), ("16x2k", 16, 2048, 0), ("chunk2k-ctx16k", 1, 20
 SMOKE_SHAPES = (("1x40", 1, 40, 0), ("3x17", 3, 17, 0), ("chunk24-ctx50", 1, 24, 50))
 #: (row name, mode, path, all_rows, workspace): all_rows is the CUDA-graph-safe plan (grid and FA3
 #: bounds from the token count, every request covered, the context pass always launched);
-#: workspace: the plan carries a 16-bit context workspace (FA3 over [context; new]).
+#: workspace: the plan carries a 16-bit context workspace (FA3 over [context; new], or in mode
+#: quantized over every sequence read back from the cache).
 OURS = (("kvquant-prefill-fa3", "bf16", "fa3", False, True), ("kvquant-prefill-fa3-merge", "bf16", "fa3", False, False),
         ("kvquant-prefill-triton", "bf16", "triton", False, False),
-        ("kvquant-prefill-quantized", "quantized", "triton", False, False),
+        ("kvquant-prefill-quantized", "quantized", "fa3", False, True),
+        ("kvquant-prefill-quantized-triton", "quantized", "triton", False, False),
         ("kvquant-prefill-fa3-allrows", "bf16", "fa3", True, False))  # fmt: skip
 K_SCALE, V_SCALE = 0.02, 0.015
 FP8 = torch.float8_e4m3fn
@@ -167,20 +172,24 @@ def bench(shapes, *, hq=32, hkv=8, d=128, bs=16, smoke=False) -> list[dict]:
             vs = torch.tensor([V_SCALE], device=device)
             kvd = "fp8_e4m3" if kind == "fp8" else "int8"
             ws = ContextWorkspace.allocate(num_blocks * bs, bs, hkv, d, torch.bfloat16, device)
-            plans = {
-                (False, False): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
-                                                  max_query_len=new, has_context=ctx > 0),
-                (False, True): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
-                                                 max_query_len=new, has_context=ctx > 0, workspace=ws,
-                                                 seq_lens_cpu=p.seq_lens.cpu()),
-                (True, False): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
-                                                 max_query_len=p.q.shape[0], all_rows=True),
+            ws_args = dict(workspace=ws, seq_lens_cpu=p.seq_lens.cpu())
+            plans = {  # (all_rows, workspace, mode)
+                (False, False, "bf16"): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
+                                                          max_query_len=new, has_context=ctx > 0),
+                (False, True, "bf16"): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
+                                                         max_query_len=new, has_context=ctx > 0, **ws_args),
+                (False, True, "quantized"): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
+                                                              max_query_len=new, has_context=ctx > 0, **ws_args,
+                                                              from_cache_only=True),
+                (True, False, "bf16"): PrefillPlan.build(p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0],
+                                                         max_query_len=p.q.shape[0], all_rows=True),
             }  # fmt: skip
+            plans[(False, False, "quantized")] = plans[(False, False, "bf16")]
             ours: dict[str, dict] = {}
             for row_name, mode, path, all_rows, with_ws in OURS:
                 if all_rows and kind != "fp8":
                     continue
-                plan = plans[(all_rows, with_ws)]
+                plan = plans[(all_rows, with_ws, mode)]
                 row = ours[row_name] = dict(name=row_name, kv_dtype=kind, **base)
                 if with_ws:
                     row.update(workspace_mib=round(ws.nbytes / 2**20, 1), workspace_used=plan.context_fill is not None)
