@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .decode_config import next_pow2
+from .launch import unspecialized
 from .prefill_attention import _interpreting
 
 try:
@@ -46,7 +47,8 @@ def workspace_offsets(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # The block table and lengths are sliced past the batch's decodes; the row length is the engine's.
+    @triton.jit(**unspecialized("stride_bt", "bt_ptr", "seq_lens_ptr"))
     def _fill_context_kernel(
         key_ptr, value_ptr, kc_ptr, vc_ptr, k_scale_ptr, v_scale_ptr, ws_k_ptr, ws_v_ptr,
         bt_ptr, qsl_ptr, seq_lens_ptr, offset_ptr,

@@ -23,6 +23,8 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     tl = None
     HAVE_TRITON = False
 
+from .launch import unspecialized
+
 __all__ = ["HAVE_TRITON", "decode_split_kernel", "decode_reduce_kernel"]
 
 decode_split_kernel = None
@@ -120,7 +122,9 @@ if HAVE_TRITON:
             skip = seq < 0  # never
         return seq, row, skip
 
-    @triton.jit
+    # The split count and the workspace strides follow the batch size, the block table's row
+    # length the engine: none of them selects a variant (launch.unspecialized).
+    @triton.jit(**unspecialized("num_splits", "stride_bts", "stride_pls", "stride_plh"))
     def _decode_split_kernel(
         # per call
         q_ptr, out_ptr,
@@ -240,7 +244,7 @@ if HAVE_TRITON:
             po = out_ptr + row64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
             tl.store(po, o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-    @triton.jit
+    @triton.jit(**unspecialized("num_splits", "stride_pls", "stride_plh"))
     def _decode_reduce_kernel(
         # per call
         out_ptr,

@@ -38,10 +38,27 @@ except ImportError:  # pragma: no cover - only where Triton (or its knobs module
     _knobs = None
     _HAVE_TRITON = False
 
-__all__ = ["FastKernel", "direct_launch_supported", "current_stream"]
+__all__ = ["FastKernel", "direct_launch_supported", "current_stream", "unspecialized"]
 
 #: The launch statement of ``JITFunction.run`` that :meth:`FastKernel.launch` reproduces.
 _EXPECTED_LAUNCH = "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata"
+
+
+def unspecialized(*names: str) -> dict[str, list[str]]:
+    """``triton.jit`` options under which the named arguments select no compiled variant.
+
+    Triton compiles a variant per specialization of its arguments: an integer equal to 1 or
+    divisible by 16, a pointer aligned to 16 bytes. Per-batch integers (request and split counts
+    and the strides that follow from them), strides fixed per engine but unknown to the kernels'
+    start-up warm-up (the block table's row length) and pointers into per-batch slices
+    (``seq_lens[num_decodes:]``) would otherwise pick variants while serving that
+    ``vllm_kvquant/warmup.py`` cannot foresee, each a JIT compilation on the request that meets
+    it. Unspecialized, a kernel's variants follow from its constexprs, dtypes and layer constants.
+    """
+    options: dict[str, list[str]] = {"do_not_specialize": list(names)}
+    if _HAVE_TRITON and "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        options["do_not_specialize_on_alignment"] = list(names)
+    return options
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .jit_helpers import load_head_scale
+from .launch import unspecialized
 
 MODE_FULL, MODE_MERGE, MODE_QUANTIZED = 0, 1, 2
 
@@ -65,7 +66,9 @@ def _softmax_step(acc, l_i, m_i, s, v, DTYPE: tl.constexpr, DOT_FP32: tl.constex
     return acc, l_i, m_new
 
 
-@triton.jit
+# Per batch: the request count, the LSE's row stride (the prefill's token count), the block
+# table's row length (engine) and the block table / lengths sliced past the batch's decodes.
+@triton.jit(**unspecialized("num_seqs", "stride_lh", "stride_bt", "bt_ptr", "lens_ptr"))
 def prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr, lse_ptr,
     bt_ptr, qsl_ptr, lens_ptr, ks_ptr, vs_ptr,

@@ -177,3 +177,66 @@ def split_decodes_and_prefills(common_attn_metadata: Any) -> tuple[int, int, int
 def additional_config(vllm_config: Any) -> dict:
     extra = getattr(vllm_config, "additional_config", None)
     return dict(extra or {})
+
+
+def layer_kv_cache(layer: Any) -> torch.Tensor | None:
+    """The cache tensor vLLM bound to an attention layer, None before binding.
+
+    0.26 and later bind one tensor per layer (``layer.kv_cache``; an empty placeholder before);
+    a list per virtual engine is taken at its first entry.
+    """
+    cache = getattr(layer, "kv_cache", None)
+    if isinstance(cache, (list, tuple)):
+        cache = cache[0] if cache else None
+    if not isinstance(cache, torch.Tensor) or cache.numel() == 0:
+        return None
+    return cache
+
+
+def jit_warmup_enabled(vllm_config: Any) -> bool:
+    """vLLM's switch for start-up kernel warm-up: ``kernel_config.enable_jit_warmup`` (0.3x; off
+    with ``enforce_eager`` there, which also leaves vLLM's JIT monitor off). 0.26 has no switch
+    and always warms up and monitors."""
+    kernel_config = getattr(vllm_config, "kernel_config", None)
+    return bool(getattr(kernel_config, "enable_jit_warmup", True))
+
+
+_WORKER_WARMUP_HOOKS: list[Callable[[Any], None]] = []
+
+
+def run_before_worker_warmup(vllm_config: Any, hook: Callable[[Any], None]) -> bool:
+    """Have ``hook(worker)`` run first in the worker's ``compile_or_warm_up_model``.
+
+    Every supported release calls that method once per worker, after the KV cache is allocated
+    and bound to the layers and before the CUDA-graph capture; at its end vLLM (0.26+) starts
+    its monitor of JIT compilations during inference. The worker class is the one the platform
+    chose (``parallel_config.worker_cls``: GPU ``Worker``, ``CPUWorker``), already imported in
+    the worker process; its method is wrapped once per process. False (and nothing done) where
+    the config names no worker class (tests' fake configs).
+    """
+    import importlib
+
+    qualname = getattr(getattr(vllm_config, "parallel_config", None), "worker_cls", None)
+    if not isinstance(qualname, str) or "." not in qualname:
+        return False
+    module_name, _, class_name = qualname.rpartition(".")
+    try:
+        worker_cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        logger.debug("kvquant: no start-up warm-up hook: worker class %s (%s)", qualname, e)
+        return False
+    if hook not in _WORKER_WARMUP_HOOKS:
+        _WORKER_WARMUP_HOOKS.append(hook)
+    if "_kvquant_warmup_hooked" in vars(worker_cls):
+        return True
+    original = worker_cls.compile_or_warm_up_model
+
+    @functools.wraps(original)
+    def compile_or_warm_up_model(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        for run in list(_WORKER_WARMUP_HOOKS):
+            run(self)
+        return original(self, *args, **kwargs)
+
+    worker_cls.compile_or_warm_up_model = compile_or_warm_up_model
+    worker_cls._kvquant_warmup_hooked = True
+    return True

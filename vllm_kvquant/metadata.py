@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
-from . import compat
+from . import compat, warmup
 from .config import KVQuantConfig
 from .kernels.decode_attention import DEFAULT_CONFIG, DecodePlan, alloc_decode_workspace
 from .kernels.decode_config import device_num_sms
@@ -126,6 +126,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         self.decode_planner = None
         if decode_kernel(vllm_config) != "triton":
             self._init_other_decode(vllm_config, kv_cache_spec, list(layers))
+        warmup.register(self)  # every kernel variant compiled at start-up (vllm_kvquant/warmup.py)
 
     def _init_prefill_workspace(self, vllm_config: Any, kv_cache_spec: Any) -> ContextWorkspace | None:
         """The prefill's 16-bit workspace for FA3 (see :mod:`.prefill`), allocated now, once."""

@@ -292,11 +292,16 @@ class PrefillRunner:
         return ("fa3" if why_not is None else "triton"), why_not
 
     def _config(self, plan: PrefillPlan) -> PrefillKernelConfig:
+        return self.kernel_config(None if plan.all_rows else plan.max_query_len)
+
+    def kernel_config(self, max_query_len: int | None) -> PrefillKernelConfig:
+        """The Triton kernel's tiling for a batch whose longest request has ``max_query_len`` new
+        tokens (None: unknown, as in CUDA-graph plans); the start-up warm-up enumerates these."""
         # Mode quantized keeps one tile shape whatever the batch, so that a row's arithmetic (MMA
         # shape, reduction order) and hence its bits do not depend on the chunking either.
-        if plan.all_rows or self.mode == "quantized":
+        if max_query_len is None or self.mode == "quantized":
             return self._cfg_fixed
-        bucket = 1 << max(plan.max_query_len - 1, 0).bit_length()
+        bucket = 1 << max(max_query_len - 1, 0).bit_length()
         cfg = self._cfgs.get(bucket)
         if cfg is None:
             cfg = self._cfgs[bucket] = PrefillKernelConfig.make(**self._cfg_args, max_query_len=bucket)
