@@ -23,10 +23,16 @@ def run(spec: dict) -> dict:
     llm = LLM(**engine)
     startup_s = time.time() - t0
     steps_at_start = llm.collective_rpc("kvquant_step_report")  # start-up's dummy and capture runs
-    params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0, logprobs=1)
+    # max_tokens: one for every prompt, or a list cycled over each round's prompts (requests then
+    # finish one after another, so the decode batch takes every size); "sampling": more options.
+    max_tokens = spec.get("max_tokens", 16)
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens]
+    extra = spec.get("sampling", {})
     results = []
     # Each round runs after the previous one finished, so later rounds can hit the prefix cache.
     for round_prompts in spec["rounds"]:
+        params = [SamplingParams(max_tokens=lengths[i % len(lengths)], temperature=0.0, logprobs=1, **extra)
+                  for i in range(len(round_prompts))]  # fmt: skip
         outputs = llm.generate(round_prompts, params, use_tqdm=False)
         for prompt, out in zip(round_prompts, outputs):
             completion = out.outputs[0]

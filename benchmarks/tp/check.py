@@ -319,7 +319,7 @@ def serve_jobs(s: Settings, report: Report, m: str, tp: int) -> list[Job]:
 
 def throughput_jobs(s: Settings, report: Report, tp: int) -> list[Job]:
     from benchmarks.harness import device_slug
-    from benchmarks.serving.throughput import CONFIGS
+    from benchmarks.serving.throughput_configs import CONFIGS
 
     configs = "kvquant-fp8" if s.smoke else THROUGHPUT_CONFIGS
     gran = {"kvquant": "per_head", "vllm-fp8": "per_tensor"}  # vLLM's fp8: one scale (1.0) per layer
@@ -335,7 +335,7 @@ def throughput_jobs(s: Settings, report: Report, tp: int) -> list[Job]:
 
     def argv(left: float) -> list[str]:
         a = [sys.executable, "-m", "benchmarks.serving.throughput", "--configs", configs, "--out", str(out),
-             "--workdir", str(s.workdir / "throughput"), "--tensor-parallel-size", str(tp)]  # fmt: skip
+             "--workdir", str(s.workdir / "throughput"), "--tensor-parallel-size", str(tp), "--repeats", "1"]  # fmt: skip
         if s.smoke:
             return [*a, "--smoke"]
         # Short: KV-bound for bf16 (~60-70 of 128 requests fit at 0.2 x 80 GB per GPU), not for 8-bit.

@@ -1,0 +1,213 @@
+"""Where a vLLM engine step's GPU time goes, from a ``torch.profiler`` chrome trace (pure Python).
+
+``profile_step.py`` profiles an engine with vLLM's own profiler (``profiler_config``: the worker
+wraps every ``execute_model`` in a ``record_function`` named
+``execute_context_<requests>(<tokens>)_generation_<requests>(<tokens>)``, vLLM 0.26
+``gpu_worker.annotate_profile``); this module reads the trace it writes:
+
+- **steps**: each ``execute_*`` annotation starts a step, which owns every kernel *launched*
+  (``cuda_runtime`` / ``cuda_driver`` event, e.g. ``cudaLaunchKernel``, ``cuLaunchKernelEx``,
+  ``cudaGraphLaunch``) from its start to the next step's start, matched to the kernel by the
+  CUPTI correlation id, so sampling and kernels replayed from a CUDA graph count too. Kind:
+  ``decode`` (only generating requests), ``prefill`` (only requests without output yet; chunked
+  prefills included) or ``mixed``.
+- **kernel categories** by name (:data:`KERNEL_TABLE`, first match wins; memcpy/memset are
+  ``other``). FA3 and vLLM's Triton attention serve decodes and prefills in one launch, so their
+  time goes by step: ``decode_attention`` in decode steps, ``prefill_attention`` in prefill steps
+  and in mixed steps whose decodes ran our Triton decode kernel (FA3 then did only the prefill
+  part), else ``attention_mixed``.
+- **per step**: ``span_us``, from the step's first kernel start to the next step's first kernel
+  start (the last step: to its last kernel end); ``busy_us``, the union of its kernels'
+  intervals; ``idle_us = span_us - busy_us``, the GPU waiting for the host (scheduling, input
+  preparation, launches; the profiler's own host overhead included); and the kernel time per
+  category (a sum: kernels on concurrent streams count fully).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import gzip
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CATEGORIES = ("decode_attention", "prefill_attention", "attention_mixed", "cache_write", "gemm", "other")
+#: (category, pattern searched in the kernel name, what it matches); "attention" is split by step.
+KERNEL_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("decode_attention", r"^_decode_(split|reduce)_kernel\b", "kvquant Triton decode (kernels/decode_triton.py)"),
+    ("prefill_attention", r"^(prefill_attention_kernel|_fill_context_kernel)\b",
+     "kvquant Triton prefill / context merge (kernels/prefill_kernel.py), workspace fill (kernels/context_fill.py)"),
+    ("cache_write", r"^_quantize_to_cache_kernel\b|reshape_and_cache",
+     "kvquant quantize-on-write (kernels/quantize_cache.py); vLLM reshape_and_cache(_flash)"),
+    ("attention", r"flash_fwd|FlashAttnFwd|flash::|prepare_varlen|kernel_unified_attention|reduce_segments",
+     "FA3 (vLLM FLASH_ATTN, kvquant's FA3 prefill / kernel 'fa3'), vLLM TRITON_ATTN: split by step"),
+    ("gemm", r"nvjet|sm90_xmma|sm80_xmma|cutlass|gemm|gemv|cublas", "cuBLAS / CUTLASS matrix multiplies"),
+)  # fmt: skip
+_COMPILED = [(cat, re.compile(pat)) for cat, pat, _ in KERNEL_TABLE]
+_KERNEL_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+_LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+_STEP = re.compile(r"^execute_(?:\d+_)?context_(\d+)\((?:sq)?(\d+).*?\)_generation_(\d+)\((?:sq)?(\d+)")
+
+
+def kernel_family(name: str) -> str:
+    """The table's category of a kernel name (``attention`` is resolved per step), else ``other``."""
+    for cat, pattern in _COMPILED:
+        if pattern.search(name):
+            return cat
+    return "other"
+
+
+def short_name(name: str, limit: int = 120) -> str:
+    """A kernel name without template arguments and parameter lists (``void`` dropped)."""
+    name = re.sub(r"^void\s+", "", name)
+    for sep in ("<", "("):
+        if sep in name and not name.startswith(sep):
+            name = name.split(sep, 1)[0]
+    return name[:limit]
+
+
+def step_kind(num_context: int, num_generation: int) -> str:
+    if num_context and num_generation:
+        return "mixed"
+    return "prefill" if num_context else "decode"
+
+
+@dataclass
+class Kernel:
+    name: str
+    start: float  # us
+    dur: float  # us
+    family: str
+
+
+@dataclass
+class Step:
+    """One engine step: its annotation and the kernels it launched."""
+
+    annotation: str
+    start: float  # host time of the annotation start (us)
+    kind: str
+    context_tokens: int
+    generation_requests: int
+    kernels: list[Kernel] = field(default_factory=list)
+
+    def category(self, kernel: Kernel) -> str:
+        """The kernel's category in this step (call once every kernel is attributed)."""
+        if kernel.family != "attention":
+            return kernel.family
+        if self.kind == "mixed":
+            return "prefill_attention" if self._ours_decode else "attention_mixed"
+        return "decode_attention" if self.kind == "decode" else "prefill_attention"
+
+    @functools.cached_property
+    def _ours_decode(self) -> bool:
+        """Our Triton decode kernel ran this step's decodes (FA3 then did only the prefill part)."""
+        return any(k.family == "decode_attention" for k in self.kernels)
+
+    def busy_us(self) -> float:
+        """Union of the kernels' intervals."""
+        total, end = 0.0, float("-inf")
+        for k in sorted(self.kernels, key=lambda k: k.start):
+            s, e = max(k.start, end), k.start + k.dur
+            if e > s:
+                total += e - s
+            end = max(end, e)
+        return total
+
+
+def load_trace(path: Path) -> list[dict]:
+    """The ``traceEvents`` of a chrome trace (``.json`` or ``.json.gz``)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def find_steps(events: list[dict]) -> tuple[list[Step], dict]:
+    """The trace's steps with their kernels, and counts of what could not be attributed."""
+    steps = []
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "user_annotation":
+            m = _STEP.match(str(e.get("name", "")))
+            if m:
+                ctx_reqs, ctx_tok, gen_reqs = int(m.group(1)), int(m.group(2)), int(m.group(3))
+                steps.append(Step(e["name"], float(e["ts"]), step_kind(ctx_reqs, gen_reqs), ctx_tok, gen_reqs))
+    steps.sort(key=lambda s: s.start)
+    starts = [s.start for s in steps]
+    launches: dict[int, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in _LAUNCH_CATS:
+            corr = (e.get("args") or {}).get("correlation")
+            if corr is not None:
+                launches[corr] = float(e["ts"])
+    unattributed = {"no_launch": 0, "before_first_step": 0}
+    for e in events:
+        if e.get("ph") != "X" or e.get("cat") not in _KERNEL_CATS:
+            continue
+        launch = launches.get((e.get("args") or {}).get("correlation"))
+        if launch is None:
+            unattributed["no_launch"] += 1
+            continue
+        i = bisect.bisect_right(starts, launch) - 1
+        if i < 0:
+            unattributed["before_first_step"] += 1
+            continue
+        name = str(e.get("name", ""))
+        family = kernel_family(name) if e["cat"] == "kernel" else "other"
+        steps[i].kernels.append(Kernel(name, float(e["ts"]), float(e.get("dur", 0.0)), family))
+    return steps, unattributed
+
+
+def step_table(steps: list[Step]) -> list[dict]:
+    """Per step: kind, span, busy and idle time, kernel time per category (us)."""
+    rows = []
+    firsts = [min((k.start for k in s.kernels), default=None) for s in steps]
+    for i, step in enumerate(steps):
+        if firsts[i] is None:
+            continue
+        nxt = next((f for f in firsts[i + 1 :] if f is not None), None)
+        end = nxt if nxt is not None else max(k.start + k.dur for k in step.kernels)
+        busy = step.busy_us()
+        cats = dict.fromkeys(CATEGORIES, 0.0)
+        for k in step.kernels:
+            cats[step.category(k)] += k.dur
+        rows.append({"kind": step.kind, "span_us": end - firsts[i], "busy_us": busy,
+                     "idle_us": max(0.0, end - firsts[i] - busy), "kernels": len(step.kernels),
+                     "context_tokens": step.context_tokens, "generation_requests": step.generation_requests,
+                     **{f"{c}_us": v for c, v in cats.items()}})  # fmt: skip
+    return rows
+
+
+def summarize(steps: list[Step], top: int = 10) -> dict:
+    """Mean per step of each kind (span, busy, idle, categories) and the ``top`` kernels by time."""
+    table = step_table(steps)
+    by_kind: dict[str, list[dict]] = defaultdict(list)
+    for row in table:
+        by_kind[row["kind"]].append(row)
+    keys = ["span_us", "busy_us", "idle_us", *(f"{c}_us" for c in CATEGORIES), "kernels", "context_tokens",
+            "generation_requests"]  # fmt: skip
+    per_kind = {}
+    for kind in ("decode", "mixed", "prefill"):
+        rows = by_kind.get(kind, [])
+        if rows:
+            per_kind[kind] = {"steps": len(rows), **{f"mean_{k}": round(sum(r[k] for r in rows) / len(rows), 2) for k in keys}}
+    totals: dict[tuple[str, str], list[float]] = {}
+    for step in steps:
+        for k in step.kernels:
+            entry = totals.setdefault((short_name(k.name), step.category(k)), [0.0, 0])
+            entry[0] += k.dur
+            entry[1] += 1
+    grand = sum(v[0] for v in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    top_kernels = [{"name": n, "category": c, "total_us": round(t, 1), "count": cnt, "share": round(t / grand, 4)}
+                   for (n, c), (t, cnt) in ranked]  # fmt: skip
+    return {"steps": len(table), "per_kind": per_kind, "top_kernels": top_kernels, "kernel_time_us": round(grand, 1)}
+
+
+def analyze(path: Path, top: int = 10) -> dict:
+    """:func:`summarize` of one trace file, with what could not be attributed to a step."""
+    steps, unattributed = find_steps(load_trace(path))
+    return {**summarize(steps, top), "unattributed_kernels": unattributed, "trace": path.name}
