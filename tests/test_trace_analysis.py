@@ -111,7 +111,7 @@ def test_fa3_in_a_mixed_step_without_our_decode_is_mixed_attention() -> None:
 
 def test_summary_and_trace_files(tmp_path) -> None:
     summary = ta.summarize(ta.find_steps(_trace())[0], top=3)
-    assert summary["steps"] == 2 and set(summary["per_kind"]) == {"decode", "mixed"}
+    assert summary["steps"] == summary["annotated_steps"] == 2 and set(summary["per_kind"]) == {"decode", "mixed"}
     assert summary["per_kind"]["decode"] == {
         "steps": 1, "mean_span_us": 110.0, "mean_busy_us": 75.0, "mean_idle_us": 35.0, "mean_decode_attention_us": 30.0,
         "mean_prefill_attention_us": 0.0, "mean_attention_mixed_us": 0.0, "mean_cache_write_us": 0.0,

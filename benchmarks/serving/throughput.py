@@ -160,22 +160,9 @@ def summarize_runs(runs: list[dict]) -> dict:
     }
 
 
-def run_one(args) -> dict:
-    from vllm import LLM, SamplingParams
-
-    from benchmarks.harness import BENCH_EXTENSION_PATH, expose_benchmarks
-
-    expose_benchmarks()
-    config = args.one
-    model_dir = args.workdir / "model"
-    kw = engine_kwargs(config, model_dir, args, worker_extension_cls=BENCH_EXTENSION_PATH)
-    keys = ("attention_backend", "kv_cache_dtype", "compilation_config", "enforce_eager", "additional_config")
-    row: dict = {"name": args.row_name or config, "config": config, "kv_dtype": CONFIGS[config]["kv_dtype"],
-                 "engine_kwargs": {k: v for k, v in kw.items() if k in keys},
-                 "cudagraph_mode_requested": requested_cudagraph_mode(kw)}  # fmt: skip
-    t0 = time.time()
-    llm = LLM(**kw)
-    row["engine_start_s"] = round(time.time() - t0, 1)
+def describe_engine(llm, row: dict, per_seq: int) -> None:
+    """What the engine really runs, into ``row``: KV capacity, attention backend, the CUDA-graph mode
+    the worker settled on (after vLLM checked the backend's support), batch limits."""
     cache = llm.llm_engine.vllm_config.cache_config
     row["block_size"] = int(cache.block_size)
     row["num_gpu_blocks"] = int(cache.num_gpu_blocks or 0)
@@ -194,8 +181,26 @@ def run_one(args) -> dict:
         row["cudagraph_mode_error"] = f"{type(e).__name__}: {e}"
     row["max_num_seqs"] = int(llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
     row["max_num_batched_tokens"] = int(llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
-    per_seq = args.input_len + args.output_len
     row["theoretical_max_concurrency"] = min(row["kv_capacity_tokens"] // per_seq, row["max_num_seqs"])
+
+
+def run_one(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from benchmarks.harness import BENCH_EXTENSION_PATH, expose_benchmarks
+
+    expose_benchmarks()
+    config = args.one
+    model_dir = args.workdir / "model"
+    kw = engine_kwargs(config, model_dir, args, worker_extension_cls=BENCH_EXTENSION_PATH)
+    keys = ("attention_backend", "kv_cache_dtype", "compilation_config", "enforce_eager", "additional_config")
+    row: dict = {"name": args.row_name or config, "config": config, "kv_dtype": CONFIGS[config]["kv_dtype"],
+                 "engine_kwargs": {k: v for k, v in kw.items() if k in keys},
+                 "cudagraph_mode_requested": requested_cudagraph_mode(kw)}  # fmt: skip
+    t0 = time.time()
+    llm = LLM(**kw)
+    row["engine_start_s"] = round(time.time() - t0, 1)
+    describe_engine(llm, row, args.input_len + args.output_len)
 
     prompts = make_prompts(model_dir, args.num_requests, args.input_len, args.seed)
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -244,8 +249,11 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, description: str | None = None, extend=None):
+    """The options; ``extend(parser)`` adds a tool's own (profile_step.py shares the rest)."""
+    ap = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+    if extend is not None:
+        extend(ap)
     ap.add_argument("--configs", default=None,
                     help=f"comma-separated, in run order (default {','.join(DEFAULT_CONFIGS)}); known: {','.join(CONFIGS)}")
     ap.add_argument("--num-requests", type=int, default=256)
@@ -282,8 +290,8 @@ def parse_args(argv=None):
     return args
 
 
-def child_argv(args, row_name: str, config: str, json_path: Path) -> list[str]:
-    argv = [sys.executable, "-m", "benchmarks.serving.throughput", "--one", config, "--row-name", row_name,
+def child_argv(args, row_name: str, config: str, json_path: Path, module: str = "benchmarks.serving.throughput") -> list[str]:
+    argv = [sys.executable, "-m", module, "--one", config, "--row-name", row_name,
             "--json", str(json_path), "--repeats", str(args.repeats),
             "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
             "--output-len", str(args.output_len), "--warmup-requests", str(args.warmup_requests),
@@ -323,6 +331,27 @@ def run_in_group(argv: list[str], timeout: float) -> int | None:
         return None
 
 
+def run_child(args, fn) -> int:
+    """A child's work: ``fn(args)`` (one engine) with the process output kept, so that a failure's
+    row names the root cause; the row goes to ``--json``."""
+    from benchmarks.harness import OutputTee, root_cause
+
+    tee = OutputTee()
+    try:
+        with tee:
+            row = fn(args)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        cause = root_cause(tee.text())
+        err = f"{type(e).__name__}: {e}"
+        if cause and cause not in str(e):
+            err = f"{cause} [{err}]"
+        row = {"name": args.row_name or args.one, "config": args.one,
+               "kv_dtype": CONFIGS.get(args.one, {}).get("kv_dtype"), "error": err[:4000]}  # fmt: skip
+    args.json.write_text(json.dumps(row))
+    return 0
+
+
 def skip_reason(elapsed: float, durations: list[float], budget: float) -> str | None:
     """Why the next config must not start: it would not end within ``budget`` seconds of the run's
     start, judged by the longest config so far (60 s before the first)."""
@@ -332,12 +361,16 @@ def skip_reason(elapsed: float, durations: list[float], budget: float) -> str | 
     return None
 
 
-def run_rows(args, plan: list[tuple[str, str]], result: dict, out_path: Path, t_start: float, run=None) -> None:
-    """Each planned row in its own subprocess (``run(argv, timeout)``: :func:`run_in_group`), the
-    results file rewritten after each; rows that would not fit the time budget are recorded as skipped."""
+def run_rows(
+    args, plan: list[tuple[str, str]], result: dict, out_path: Path, t_start: float, run=None, argv_fn=None
+) -> None:  # fmt: skip
+    """Each planned row in its own subprocess (``argv_fn(args, row_name, config, json_path)``, default
+    :func:`child_argv`, run by ``run(argv, timeout)``, default :func:`run_in_group`), the results file
+    rewritten after each; rows that would not fit the time budget are recorded as skipped."""
     from benchmarks.harness import write_result
 
     run = run or run_in_group
+    argv_fn = argv_fn or child_argv
     durations: list[float] = []
     for row_name, config in plan:
         base = {"name": row_name, "config": config, "kv_dtype": CONFIGS[config]["kv_dtype"]}
@@ -352,7 +385,7 @@ def run_rows(args, plan: list[tuple[str, str]], result: dict, out_path: Path, t_
         t0 = time.time()
         log(f"=== {row_name}")
         timeout = max(30.0, min(args.child_timeout, args.time_budget - elapsed + 60.0))
-        rc = run(child_argv(args, row_name, config, json_path), timeout)
+        rc = run(argv_fn(args, row_name, config, json_path), timeout)
         if json_path.exists():
             row = json.loads(json_path.read_text())
         elif rc is None:
@@ -375,22 +408,7 @@ def main(argv=None) -> int:
         args.gpu_memory_utilization = 0.35 if torch.cuda.is_available() else 0.3
 
     if args.one:  # child: one config, result to --json
-        from benchmarks.harness import OutputTee, root_cause
-
-        tee = OutputTee()
-        try:
-            with tee:
-                row = run_one(args)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            cause = root_cause(tee.text())
-            err = f"{type(e).__name__}: {e}"
-            if cause and cause not in str(e):
-                err = f"{cause} [{err}]"
-            row = {"name": args.row_name or args.one, "config": args.one,
-                   "kv_dtype": CONFIGS.get(args.one, {}).get("kv_dtype"), "error": err[:4000]}  # fmt: skip
-        args.json.write_text(json.dumps(row))
-        return 0
+        return run_child(args, run_one)
 
     from benchmarks.common import device_info, versions
     from benchmarks.harness import command, device_slug, write_result

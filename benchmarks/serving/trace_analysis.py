@@ -182,7 +182,8 @@ def step_table(steps: list[Step]) -> list[dict]:
 
 
 def summarize(steps: list[Step], top: int = 10) -> dict:
-    """Mean per step of each kind (span, busy, idle, categories) and the ``top`` kernels by time."""
+    """Mean per step of each kind (span, busy, idle, categories) and the ``top`` kernels by time;
+    ``steps`` counts the steps that ran kernels, ``annotated_steps`` all (CPU engines run none)."""
     table = step_table(steps)
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for row in table:
@@ -200,11 +201,12 @@ def summarize(steps: list[Step], top: int = 10) -> dict:
             entry = totals.setdefault((short_name(k.name), step.category(k)), [0.0, 0])
             entry[0] += k.dur
             entry[1] += 1
-    grand = sum(v[0] for v in totals.values()) or 1.0
+    grand = sum(v[0] for v in totals.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     top_kernels = [{"name": n, "category": c, "total_us": round(t, 1), "count": cnt, "share": round(t / grand, 4)}
                    for (n, c), (t, cnt) in ranked]  # fmt: skip
-    return {"steps": len(table), "per_kind": per_kind, "top_kernels": top_kernels, "kernel_time_us": round(grand, 1)}
+    return {"annotated_steps": len(steps), "steps": len(table), "per_kind": per_kind, "top_kernels": top_kernels,
+            "kernel_time_us": round(grand, 1)}  # fmt: skip
 
 
 def analyze(path: Path, top: int = 10) -> dict:

@@ -1,0 +1,205 @@
+"""Where each engine step's GPU time goes, kvquant fp8 against vLLM's fp8: the throughput workload
+under ``torch.profiler``.
+
+Each config (default ``kvquant-fp8,vllm-fp8-flash``; the engines of ``throughput_configs.py``)
+runs in its own subprocess: the engine starts with vLLM's profiler (``profiler_config``:
+``profiler="torch"``, CPU and CUDA activities, no stacks or shapes), serves a short warm-up, then
+``llm.start_profile()``, the workload of ``throughput.py`` (``--num-requests`` prompts of
+``--input-len`` random tokens, ``--output-len`` tokens each), ``llm.stop_profile()``. The worker
+records ``--max-iterations`` engine steps after skipping ``--delay-iterations`` (the first steps
+of the workload are its prefill ramp: prefill-only, then mixed steps, then decodes), writes a
+chrome trace, and ``trace_analysis.py`` turns it into GPU time per decode step and per mixed
+step by category (decode attention, prefill attention, cache write, GEMMs, other kernels) plus
+the idle GPU time between kernels (host gaps), and the top 10 kernels.
+
+The profiler adds host time (every op is recorded), so ``idle_us`` is an upper bound of the host
+gaps without it and the profiled run's tokens/s (``profiled_run``) is below ``throughput.py``'s;
+the kernel times are the kernels'.
+
+Results: ``benchmarks/results/profile-<device>.json`` (top level: device, versions, command,
+copy_gbps, compile, workload, window, the kernel table; ``rows``), rewritten after every config.
+The traces stay in ``--workdir`` (``--keep-traces``; deleted otherwise).
+
+    python -m benchmarks.serving.profile_step --compile --gpu-memory-utilization 0.2
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.serving import throughput as thr
+from benchmarks.serving import trace_analysis
+from benchmarks.serving.throughput_configs import (
+    CONFIGS,
+    LLAMA3_8B,
+    SMOKE_MODEL,
+    engine_kwargs,
+    make_prompts,
+    plan_rows,
+    requested_cudagraph_mode,
+    write_model_dir,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = "benchmarks.serving.profile_step"
+DEFAULT_CONFIGS = ["kvquant-fp8", "vllm-fp8-flash"]
+
+
+def _extend(ap) -> None:
+    ap.add_argument("--delay-iterations", type=int, default=0, help="engine steps skipped after start_profile")
+    ap.add_argument("--max-iterations", type=int, default=160, help="engine steps recorded")
+    ap.add_argument("--keep-traces", action="store_true", help="keep the chrome traces in --workdir")
+
+
+def parse_args(argv=None):
+    args = thr.parse_args(argv, description=__doc__.splitlines()[0], extend=_extend)
+    if args.max_iterations < 1 or args.delay_iterations < 0:
+        raise SystemExit(f"--max-iterations must be >= 1 and --delay-iterations >= 0, got {args.max_iterations}, "
+                         f"{args.delay_iterations}")  # fmt: skip
+    return args
+
+
+def profiler_config(trace_dir: Path, args) -> dict:
+    """vLLM's ``ProfilerConfig`` (0.26) for one engine: torch profiler, a bounded window of steps."""
+    return {
+        "profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
+        "torch_profiler_record_shapes": False, "torch_profiler_use_gzip": True,
+        "torch_profiler_dump_cuda_time_total": False, "delay_iterations": args.delay_iterations,
+        "max_iterations": args.max_iterations, "ignore_frontend": True,
+    }  # fmt: skip
+
+
+def find_trace(trace_dir: Path, wait_s: float = 120.0) -> Path:
+    """The newest chrome trace the worker wrote (waits for its export to finish)."""
+    deadline = time.time() + wait_s
+    while True:
+        traces = sorted(trace_dir.glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
+        if traces:
+            size = traces[-1].stat().st_size
+            time.sleep(1.0)
+            if traces[-1].stat().st_size == size:
+                return traces[-1]
+        elif time.time() > deadline:
+            raise FileNotFoundError(f"no torch profiler trace in {trace_dir} after {wait_s:.0f} s")
+        else:
+            time.sleep(1.0)
+
+
+def run_profiled(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from benchmarks.harness import BENCH_EXTENSION_PATH, expose_benchmarks
+
+    expose_benchmarks()
+    config, row_name = args.one, args.row_name or args.one
+    model_dir = args.workdir / "model"
+    trace_dir = args.workdir / f"trace-{row_name.replace('#', '-')}"
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    trace_dir.mkdir(parents=True)
+    kw = engine_kwargs(config, model_dir, args, worker_extension_cls=BENCH_EXTENSION_PATH,
+                       profiler_config=profiler_config(trace_dir, args))  # fmt: skip
+    row: dict = {"name": row_name, "config": config, "kv_dtype": CONFIGS[config]["kv_dtype"],
+                 "cudagraph_mode_requested": requested_cudagraph_mode(kw)}  # fmt: skip
+    t0 = time.time()
+    llm = LLM(**kw)
+    row["engine_start_s"] = round(time.time() - t0, 1)
+    thr.describe_engine(llm, row, args.input_len + args.output_len)
+    prompts = make_prompts(model_dir, args.num_requests, args.input_len, args.seed)
+    warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate(prompts[: min(len(prompts), args.warmup_requests)], warm, use_tqdm=False)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.start_profile()
+    row["profiled_run"] = thr.timed_run(llm, prompts, params, args.input_len)
+    llm.stop_profile()
+    trace = find_trace(trace_dir)
+    row["trace_mib"] = round(trace.stat().st_size / 2**20, 1)
+    t0 = time.time()
+    row.update(trace_analysis.analyze(trace))
+    row["analysis_s"] = round(time.time() - t0, 1)
+    if args.keep_traces:
+        row["trace_path"] = str(trace)
+    else:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    return row
+
+
+def child_argv(args, row_name: str, config: str, json_path: Path) -> list[str]:
+    argv = thr.child_argv(args, row_name, config, json_path, module=MODULE)
+    argv += ["--delay-iterations", str(args.delay_iterations), "--max-iterations", str(args.max_iterations)]
+    return argv + (["--keep-traces"] if args.keep_traces else [])
+
+
+def print_table(rows: list[dict]) -> None:
+    cats = [f"{c}_us" for c in trace_analysis.CATEGORIES]
+    print("\nconfig            step     steps   span    busy    idle  " + "  ".join(c[:-3][:10] for c in cats))
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['name']:<17} ERROR {r['error'][:150]}")
+            continue
+        for kind, m in r["per_kind"].items():
+            vals = "  ".join(f"{m[f'mean_{c}']:>10.0f}" for c in cats)
+            print(f"{r['name']:<17} {kind:<8} {m['steps']:>5} {m['mean_span_us']:>7.0f} {m['mean_busy_us']:>7.0f} "
+                  f"{m['mean_idle_us']:>7.0f}  {vals}")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    t_start = time.time()
+    args = parse_args(argv)
+    import torch
+
+    if args.gpu_memory_utilization is None:
+        args.gpu_memory_utilization = 0.35 if torch.cuda.is_available() else 0.3
+    if args.one:  # child: one config, result to --json
+        return thr.run_child(args, run_profiled)
+
+    from benchmarks.common import device_info, versions
+    from benchmarks.harness import command, device_slug, write_result
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else DEFAULT_CONFIGS
+    try:
+        plan = plan_rows(names)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    model_config = SMOKE_MODEL if args.smoke else LLAMA3_8B
+    copy_gbps = None
+    if torch.cuda.is_available():
+        from benchmarks.common import measure_copy_gbps
+
+        copy_gbps = round(measure_copy_gbps(), 1)
+        torch.cuda.empty_cache()
+    write_model_dir(args.workdir / "model", model_config)
+    out_path = args.out or REPO / "benchmarks" / "results" / f"profile-{device_slug()}{'-smoke' if args.smoke else ''}.json"
+    result = {
+        "device": device_info(),
+        "versions": versions(),
+        "command": command(MODULE, argv),
+        "compile": not args.fast_start and not args.eager,
+        "copy_gbps": copy_gbps,
+        "workload": {"num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
+                     "prompts": "random token ids, ignore_eos=True, greedy", "load_format": "dummy",
+                     "gpu_memory_utilization": args.gpu_memory_utilization, "fast_start": args.fast_start,
+                     "eager": args.eager},
+        "window": {"delay_iterations": args.delay_iterations, "max_iterations": args.max_iterations},
+        "categories": [{"category": c, "pattern": p, "matches": m} for c, p, m in trace_analysis.KERNEL_TABLE],
+        "method": trace_analysis.__doc__.split("\n\n", 1)[1].strip(),
+        "rows": [],
+    }  # fmt: skip
+    write_result(out_path, result)
+    thr.run_rows(args, plan, result, out_path, t_start, argv_fn=child_argv)
+    result["total_seconds"] = round(time.time() - t_start, 1)
+    write_result(out_path, result)
+    print_table(result["rows"])
+    print(f"\nwrote {out_path} ({result['total_seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
