@@ -10,7 +10,8 @@
 #                 kernels-a, kernels-b, kernels-c: pytest -m gpu over the kernel / graph-capture test
 #                 files (carry .gpu/fi: FlashInfer's JIT cache, else its decode kernels compile for minutes);
 #                 engines: tests/test_backend_gpu.py (nine engines side by side, fixed KV bytes);
-#                 serve: tests/test_serve.py + tests/test_serve_bad_input.py (one shared server);
+#                 serve: tests/test_serve.py + tests/test_serve_bad_input.py (one shared server),
+#                        tests/test_jit_warmup_gpu.py (three engines: no Triton JIT while serving);
 #                 a skipped engine or serve test fails its lane (KVQUANT_FAIL_ON_SKIP=1). Each lane's
 #                 pytest temp dir is /tmp/kvq-pytest/LANE; every *.log in it (each engine's and the
 #                 server's output) comes back under logs/tmp/, also when a lane ran out of time
@@ -21,15 +22,27 @@
 #               second call: KVQ_SERVE_CONFIGS=vllm-fp8), KVQ_SERVE_ARGS extra flags; writes
 #               benchmarks/results/serve-load-<device>-<configs>.json. Merge the parts anywhere:
 #               python3 -m benchmarks.serving.serve_load --merge A.json B.json --out benchmarks/results/serve-load-nvidia-h200.json
-#   throughput  benchmarks/serving/throughput.py, one workload; part a (kvquant and vLLM fp8 FLASH_ATTN
-#               on one card) on GPU 0, part b on GPU 1 when there is one, else KVQ_THR_PART=b
-#               runs part b instead of a (never both on one GPU: they would share it)
+#   throughput  benchmarks/serving/throughput.py --compile --repeats 3, one workload (KVQ_WORKLOAD 1024x512,
+#               256 requests, or 7424x512, 48), one part per call (KVQ_THR_PART, default a; on N GPUs the
+#               first N parts, one per GPU: parts never share a GPU); each part <= 3 engines (~1 min start
+#               + warm-up + 3 runs each) in one <= 10 min call; kvquant and vLLM's fp8 of one CUDA-graph
+#               mode share a part, so their ratio is measured on one card in one call:
+#                 1024x512  a: vllm-fp8-flash kvquant-fp8 kvquant-int8 (vLLM's default compilation)
+#                           b: vllm-fp8-flash-full kvquant-fp8-full kvquant-int8-full (cudagraph_mode FULL)
+#                           c: vllm-bf16 kvquant-fp8-fa3 vllm-int8-per-token-head
+#                           d: kvquant-fp8 kvquant-fp8 vllm-fp8-flash (two engine starts of one config)
+#                 7424x512  a: vllm-fp8-flash kvquant-fp8 kvquant-int8   b: vllm-bf16 vllm-int8-per-token-head kvquant-fp8-fa3
+#               writes benchmarks/results/throughput-part-P-WL.json; merge the parts anywhere:
+#               python3 -m benchmarks.serving.merge_throughput benchmarks/results/throughput-part-?-1024x512.json
+#   profile     benchmarks/serving/profile_step.py --compile: kvquant-fp8 and vllm-fp8-flash, 160 engine
+#               steps of the 1024x512 workload each under torch.profiler (KVQ_PROFILE_ARGS extra flags);
+#               writes benchmarks/results/profile-<device>.json
 #   tp          benchmarks/tp/check.py (needs 2 GPUs)
 # Every lane's log and every results JSON come back in $OUT/results.tgz (the device returns at most 8 files);
 # $OUT/summary.txt lists each lane's exit code and duration.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: scripts/gpu-run.sh check|bench|accuracy|serve-load|throughput|tp}
+stage=${1:?usage: scripts/gpu-run.sh check|bench|accuracy|serve-load|throughput|profile|tp}
 OUT=${OUT:-/tmp/kvquant-gpu-out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
@@ -78,6 +91,9 @@ pytest_lane() {
   shift 3
   lane "$name" "$limit" "$env $PYTEST --basetemp=$TMP_ROOT/$name --junitxml=$LOGS/$name.xml $*"
 }
+# Issue 20: three engines serve a mixed workload without Triton JIT; in the serve lane, whose
+# session shares the calibrated tiny model.
+SERVE_TESTS="$SERVE_TESTS tests/test_jit_warmup_gpu.py"
 
 case $stage in
 check)
@@ -102,21 +118,32 @@ serve-load)
       --time-budget ${KVQ_SERVE_BUDGET:-540} --out benchmarks/results/serve-load-$slug-${configs//,/+}.json ${KVQ_SERVE_ARGS:-}"
   ;;
 throughput)
-  # Rows of one workload; kvquant and vLLM's fp8 FLASH_ATTN share part a, so that their ratio is
-  # measured on one card. Parts never share a GPU (throughput would be split between them).
   wl=${KVQ_WORKLOAD:-1024x512}
-  n=${KVQ_REQUESTS:-256}
-  common="--compile --input-len ${wl%x*} --output-len ${wl#*x} --num-requests $n --time-budget 540 --child-timeout 300"
-  part_a="--configs vllm-fp8-flash,kvquant-fp8,kvquant-int8 --out benchmarks/results/throughput-part-a-$wl.json"
-  part_b="--configs vllm-bf16,vllm-int8-per-token-head,vllm-fp8-triton --out benchmarks/results/throughput-part-b-$wl.json"
-  if [ "$NGPU" -ge 2 ]; then
-    lane "thr-$wl-a" 570 "python3 -m benchmarks.serving.throughput $common $part_a"
-    lane "thr-$wl-b" 570 "python3 -m benchmarks.serving.throughput $common $part_b"
-  elif [ "${KVQ_THR_PART:-a}" = b ]; then
-    lane "thr-$wl-b" 570 "python3 -m benchmarks.serving.throughput $common $part_b"
-  else
-    lane "thr-$wl-a" 570 "python3 -m benchmarks.serving.throughput $common $part_a"
-  fi
+  case $wl in 1024x512) n=256 parts="a b c d" ;; 7424x512) n=48 parts="a b" ;; *) n=${KVQ_REQUESTS:?KVQ_REQUESTS for $wl} parts="a" ;; esac
+  n=${KVQ_REQUESTS:-$n}
+  thr_configs() {  # thr_configs PART: the part's configs (see the header)
+    case $wl:$1 in
+    *:a) echo vllm-fp8-flash,kvquant-fp8,kvquant-int8 ;;
+    1024x512:b) echo vllm-fp8-flash-full,kvquant-fp8-full,kvquant-int8-full ;;
+    1024x512:c) echo vllm-bf16,kvquant-fp8-fa3,vllm-int8-per-token-head ;;
+    1024x512:d) echo kvquant-fp8,kvquant-fp8,vllm-fp8-flash ;;
+    7424x512:b) echo vllm-bf16,vllm-int8-per-token-head,kvquant-fp8-fa3 ;;
+    esac
+  }
+  want=${KVQ_THR_PART:-$(echo $parts | cut -d' ' -f1-"$NGPU")}
+  [ "$(echo ${want//,/ } | wc -w)" -le "$NGPU" ] || { echo "throughput parts '$want' need one GPU each, $NGPU visible" >&2; exit 2; }
+  common="--compile --repeats ${KVQ_REPEATS:-3} --input-len ${wl%x*} --output-len ${wl#*x} --num-requests $n \
+    --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} --time-budget 540 --child-timeout 300"
+  for part in ${want//,/ }; do
+    configs=$(thr_configs "$part")
+    [ -n "$configs" ] || { echo "no throughput part $part for $wl (parts: $parts)" >&2; exit 2; }
+    lane "thr-$wl-$part" 570 "python3 -m benchmarks.serving.throughput $common --configs $configs \
+      --out benchmarks/results/throughput-part-$part-$wl.json"
+  done
+  ;;
+profile)
+  lane profile 570 "python3 -m benchmarks.serving.profile_step --compile --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} \
+    --time-budget 540 --child-timeout 330 ${KVQ_PROFILE_ARGS:-}"
   ;;
 tp)
   [ "$NGPU" -ge 2 ] || { echo "tp needs 2 GPUs, $NGPU visible" >&2; exit 2; }

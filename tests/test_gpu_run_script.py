@@ -53,19 +53,67 @@ def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
     assert all(f"{n}.xml" in c for n, c in by_name.items())
 
 
-@pytest.mark.parametrize("stage", ["bench", "accuracy", "serve-load", "throughput"])
+@pytest.mark.parametrize("stage", ["bench", "accuracy", "serve-load", "throughput", "profile"])
 def test_other_stages_use_one_lane_on_one_gpu(stage, tmp_path) -> None:
     rc, lanes = plan(stage, 1, tmp_path)
     assert rc == 0 and len(lanes) == 1 and lanes[0]["gpu"] == 0 and lanes[0]["limit"] <= 575, lanes
 
 
-def test_serve_load_parts_and_throughput_parts(tmp_path) -> None:
+def test_serve_load_parts(tmp_path) -> None:
     _, (lane,) = plan("serve-load", 1, tmp_path, KVQ_SERVE_CONFIGS="vllm-fp8")
     assert "--configs vllm-fp8" in lane["cmd"] and "serve-load-nvidia-h200-vllm-fp8.json" in lane["cmd"]
+
+
+def _configs(cmd: str) -> list[str]:
+    return re.search(r"--configs (\S+)", cmd)[1].split(",")
+
+
+#: The issue-20 configs each workload must cover, over its parts.
+NEEDED = {
+    "1024x512": {"kvquant-fp8", "kvquant-int8", "vllm-fp8-flash", "kvquant-fp8-full", "kvquant-int8-full",
+                 "vllm-fp8-flash-full", "vllm-bf16", "vllm-int8-per-token-head", "kvquant-fp8-fa3"},
+    "7424x512": {"kvquant-fp8", "kvquant-int8", "vllm-fp8-flash", "vllm-bf16"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("workload, parts, requests", [("1024x512", "abcd", 256), ("7424x512", "ab", 48)])
+def test_throughput_parts_fit_one_call_each(workload, parts, requests, tmp_path) -> None:
+    from benchmarks.serving.throughput_configs import CONFIGS
+
+    seen: set[str] = set()
+    for part in parts:
+        rc, (lane,) = plan("throughput", 1, tmp_path, KVQ_WORKLOAD=workload, KVQ_THR_PART=part)
+        cmd = lane["cmd"]
+        assert rc == 0 and lane["name"] == f"thr-{workload}-{part}" and lane["gpu"] == 0 and lane["limit"] <= 575
+        assert f"throughput-part-{part}-{workload}.json" in cmd and f"--num-requests {requests}" in cmd
+        assert "--compile" in cmd and "--repeats 3" in cmd and "--time-budget 540" in cmd
+        configs = _configs(cmd)
+        assert len(configs) <= 3 and all(c in CONFIGS for c in configs), configs  # ~2.5 min per engine
+        # Every kvquant config shares its part with vLLM's fp8 of the same CUDA-graph mode ...
+        for c in configs:
+            if c.startswith("kvquant-") and c != "kvquant-fp8-fa3":
+                assert ("vllm-fp8-flash-full" if c.endswith("-full") else "vllm-fp8-flash") in configs, (part, configs)
+        seen |= set(configs)
+    assert NEEDED[workload] <= seen
+    # ... and one part starts one kvquant config twice (the spread between engine starts).
+    if workload == "1024x512":
+        _, (lane,) = plan("throughput", 1, tmp_path, KVQ_THR_PART="d")
+        assert _configs(lane["cmd"]).count("kvquant-fp8") == 2
+
+
+def test_throughput_parts_never_share_a_gpu(tmp_path) -> None:
     _, lanes = plan("throughput", 2, tmp_path)
     assert [(x["name"], x["gpu"]) for x in lanes] == [("thr-1024x512-a", 0), ("thr-1024x512-b", 1)]
-    _, (lane,) = plan("throughput", 1, tmp_path, KVQ_THR_PART="b")
-    assert lane["name"] == "thr-1024x512-b"
+    rc, lanes = plan("throughput", 1, tmp_path, KVQ_THR_PART="a,b")
+    assert rc == 2 and not lanes
+    rc, lanes = plan("throughput", 1, tmp_path, KVQ_WORKLOAD="7424x512", KVQ_THR_PART="c")
+    assert rc == 2 and not lanes
+
+
+def test_profile_stage(tmp_path) -> None:
+    _, (lane,) = plan("profile", 1, tmp_path, KVQ_PROFILE_ARGS="--max-iterations 100")
+    assert lane["cmd"].startswith("python3 -m benchmarks.serving.profile_step --compile")
+    assert "--max-iterations 100" in lane["cmd"] and "--time-budget 540" in lane["cmd"]
 
 
 def test_tp_refuses_one_gpu(tmp_path) -> None:
