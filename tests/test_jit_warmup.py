@@ -169,3 +169,13 @@ def test_per_batch_arguments_select_no_variant() -> None:
         "prefill_attention_kernel": ["bt_ptr", "lens_ptr", "num_seqs", "stride_lh", "stride_bt"],
         "_fill_context_kernel": ["bt_ptr", "seq_lens_ptr", "stride_bt"],
     }
+
+
+def test_prefill_mode_quantized_warms_its_one_tiling() -> None:
+    from vllm_kvquant.config import KVQuantConfig
+
+    setup = make_setup(kv_dtype="fp8_e4m3", num_blocks=8, max_num_seqs=2, options={"prefill": "quantized"})
+    setup.impl.options = KVQuantConfig(prefill="quantized")  # what the impl reads from vLLM's config
+    setup.layer.kv_cache = setup.kv_cache
+    report = warmup.warm_up_builder(setup.builder, max_tokens=64)
+    assert setup.impl._prefill.mode == "quantized" and report.launches["prefill"] == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.serving import throughput as thr
+from benchmarks.serving.run_timing import summarize_runs
 from benchmarks.serving.throughput_configs import CONFIGS, engine_kwargs, plan_rows, requested_cudagraph_mode
 
 
@@ -51,9 +52,9 @@ def test_engine_arguments_of_the_issue_configs(compile_) -> None:
 
 def test_repeats_summary() -> None:
     runs = [{"output_tokens_per_s": v} for v in (7000.0, 7210.0, 7100.0)]
-    assert thr.summarize_runs(runs) == {"median_output_tokens_per_s": 7100.0, "min_output_tokens_per_s": 7000.0,
+    assert summarize_runs(runs) == {"median_output_tokens_per_s": 7100.0, "min_output_tokens_per_s": 7000.0,
                                         "max_output_tokens_per_s": 7210.0, "spread_pct": 2.96}  # fmt: skip
-    assert thr.summarize_runs([{"output_tokens_per_s": 5.0}])["spread_pct"] == 0.0
+    assert summarize_runs([{"output_tokens_per_s": 5.0}])["spread_pct"] == 0.0
     assert _args().repeats == 3 and _args("--smoke").repeats == 2
     with pytest.raises(SystemExit):
         _args("--repeats", "0")

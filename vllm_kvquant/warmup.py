@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 from . import compat
-from .kernels.decode_config import DEFAULT_CONFIG, DecodeKernelConfig, choose_num_splits, next_pow2
+from .kernels.decode_attention import DEFAULT_CONFIG  # the builder's
+from .kernels.decode_config import DecodeKernelConfig, choose_num_splits, next_pow2
 from .kernels.quantize_cache import pick_config
 from .layer_scales import layer_state
 from .prefill import PrefillPlan, PrefillRunner
@@ -70,7 +71,7 @@ def decode_batch_sizes(
     ``kernels.decode_plan.DecodePlan.build`` chooses them."""
     first: dict[tuple[bool, int], int] = {}
     for n in range(1, max(1, int(max_num_seqs)) + 1):
-        splits = choose_num_splits(n, num_kv_heads, head_size, num_sms, None, config)
+        splits = choose_num_splits(n, num_kv_heads, head_size, num_sms, None, config=config)
         first.setdefault((splits > 1, max(2, next_pow2(splits)) if splits > 1 else 0), n)
     return tuple(sorted(first.values()))
 

@@ -25,7 +25,6 @@ The traces stay in ``--workdir`` (``--keep-traces``; deleted otherwise).
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -33,16 +32,8 @@ from pathlib import Path
 
 from benchmarks.serving import throughput as thr
 from benchmarks.serving import trace_analysis
-from benchmarks.serving.throughput_configs import (
-    CONFIGS,
-    LLAMA3_8B,
-    SMOKE_MODEL,
-    engine_kwargs,
-    make_prompts,
-    plan_rows,
-    requested_cudagraph_mode,
-    write_model_dir,
-)
+from benchmarks.serving.run_timing import timed_run
+from benchmarks.serving import throughput_configs as tc
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = "benchmarks.serving.profile_step"
@@ -100,20 +91,20 @@ def run_profiled(args) -> dict:
     trace_dir = args.workdir / f"trace-{row_name.replace('#', '-')}"
     shutil.rmtree(trace_dir, ignore_errors=True)
     trace_dir.mkdir(parents=True)
-    kw = engine_kwargs(config, model_dir, args, worker_extension_cls=BENCH_EXTENSION_PATH,
+    kw = tc.engine_kwargs(config, model_dir, args, worker_extension_cls=BENCH_EXTENSION_PATH,
                        profiler_config=profiler_config(trace_dir, args))  # fmt: skip
-    row: dict = {"name": row_name, "config": config, "kv_dtype": CONFIGS[config]["kv_dtype"],
-                 "cudagraph_mode_requested": requested_cudagraph_mode(kw)}  # fmt: skip
+    row: dict = {"name": row_name, "config": config, "kv_dtype": tc.CONFIGS[config]["kv_dtype"],
+                 "cudagraph_mode_requested": tc.requested_cudagraph_mode(kw)}  # fmt: skip
     t0 = time.time()
     llm = LLM(**kw)
     row["engine_start_s"] = round(time.time() - t0, 1)
     thr.describe_engine(llm, row, args.input_len + args.output_len)
-    prompts = make_prompts(model_dir, args.num_requests, args.input_len, args.seed)
+    prompts = tc.make_prompts(model_dir, args.num_requests, args.input_len, args.seed)
     warm = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompts[: min(len(prompts), args.warmup_requests)], warm, use_tqdm=False)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.start_profile()
-    row["profiled_run"] = thr.timed_run(llm, prompts, params, args.input_len)
+    row["profiled_run"] = timed_run(llm, prompts, params, args.input_len)
     llm.stop_profile()
     trace = find_trace(trace_dir)
     row["trace_mib"] = round(trace.stat().st_size / 2**20, 1)
@@ -153,51 +144,20 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     t_start = time.time()
     args = parse_args(argv)
-    import torch
-
-    if args.gpu_memory_utilization is None:
-        args.gpu_memory_utilization = 0.35 if torch.cuda.is_available() else 0.3
     if args.one:  # child: one config, result to --json
         return thr.run_child(args, run_profiled)
 
-    from benchmarks.common import device_info, versions
-    from benchmarks.harness import command, device_slug, write_result
+    from benchmarks.harness import device_slug
 
     names = [n.strip() for n in args.configs.split(",") if n.strip()] if args.configs else DEFAULT_CONFIGS
-    try:
-        plan = plan_rows(names)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    model_config = SMOKE_MODEL if args.smoke else LLAMA3_8B
-    copy_gbps = None
-    if torch.cuda.is_available():
-        from benchmarks.common import measure_copy_gbps
-
-        copy_gbps = round(measure_copy_gbps(), 1)
-        torch.cuda.empty_cache()
-    write_model_dir(args.workdir / "model", model_config)
+    plan, _, result = thr.start_result(args, argv, MODULE, names)
     out_path = args.out or REPO / "benchmarks" / "results" / f"profile-{device_slug()}{'-smoke' if args.smoke else ''}.json"
-    result = {
-        "device": device_info(),
-        "versions": versions(),
-        "command": command(MODULE, argv),
-        "compile": not args.fast_start and not args.eager,
-        "copy_gbps": copy_gbps,
-        "workload": {"num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
-                     "prompts": "random token ids, ignore_eos=True, greedy", "load_format": "dummy",
-                     "gpu_memory_utilization": args.gpu_memory_utilization, "fast_start": args.fast_start,
-                     "eager": args.eager},
+    result.update({
         "window": {"delay_iterations": args.delay_iterations, "max_iterations": args.max_iterations},
         "categories": [{"category": c, "pattern": p, "matches": m} for c, p, m in trace_analysis.KERNEL_TABLE],
         "method": trace_analysis.__doc__.split("\n\n", 1)[1].strip(),
-        "rows": [],
-    }  # fmt: skip
-    write_result(out_path, result)
-    thr.run_rows(args, plan, result, out_path, t_start, argv_fn=child_argv)
-    result["total_seconds"] = round(time.time() - t_start, 1)
-    write_result(out_path, result)
-    print_table(result["rows"])
-    print(f"\nwrote {out_path} ({result['total_seconds']} s)")
+    })  # fmt: skip
+    thr.run_and_finish(args, plan, result, out_path, t_start, print_table, argv_fn=child_argv)
     return 0
 
 

@@ -42,14 +42,13 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
+from benchmarks.serving.run_timing import summarize_runs, timed_run
 from benchmarks.serving.throughput_configs import (  # CONFIGS: also read by benchmarks/tp/check.py
     CONFIGS,
     DEFAULT_CONFIGS,
@@ -60,7 +59,6 @@ from benchmarks.serving.throughput_configs import (  # CONFIGS: also read by ben
     make_prompts,
     plan_rows,
     requested_cudagraph_mode,
-    write_model_dir,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,96 +68,36 @@ def log(*a) -> None:
     print("[throughput]", *a, flush=True)
 
 
+# ----------------------------------------------------------------------------- model dir
+def write_model_dir(path: Path, config: dict) -> dict[str, Path]:
+    """config.json + tokenizer + per-head sidecars of plausible scales for both 8-bit formats."""
+    import torch
+
+    from vllm_kvquant.scales import CalibrationInfo, ModelFacts, build_scales_file, save_scales
+    from vllm_kvquant.tiny_model import _train_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    if not (path / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=_train_tokenizer(512), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        )
+        tok.save_pretrained(path)
+    n_layers, n_kv = config["num_hidden_layers"], config["num_key_value_heads"]
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(n_layers)]
+    facts = ModelFacts(n_layers, n_kv, config["head_dim"], tuple(names))
+    info = CalibrationInfo(method="absmax", tool="benchmarks.serving.throughput", tool_version="0",
+                           data="synthetic plausible amax (|K| 16, |V| 4): dummy weights")  # fmt: skip
+    stats = {n: (torch.full((n_kv,), 16.0), torch.full((n_kv,), 4.0)) for n in names}
+    sidecars = {}
+    for dtype in ("fp8_e4m3", "int8"):
+        sidecars[dtype] = path / f"scales-{dtype}.json"
+        save_scales(build_scales_file(stats, dtype, "per_head", facts, info), sidecars[dtype])
+    return sidecars
+
+
 # ----------------------------------------------------------------------------- one config (child)
-class MetricSampler(threading.Thread):
-    """Polls ``llm.get_metrics()`` and keeps the peaks of the gauges that matter."""
-
-    def __init__(self, llm, period: float = 0.2) -> None:
-        super().__init__(daemon=True)
-        self.llm, self.period = llm, period
-        self.stop_event = threading.Event()
-        self.peak_running = 0.0
-        self.peak_waiting = 0.0
-        self.peak_kv_usage = 0.0
-        self.samples = 0
-        self.error: str | None = None
-
-    def read(self) -> dict[str, float]:
-        vals: dict[str, float] = {}
-        for m in self.llm.get_metrics():
-            v = getattr(m, "value", None)
-            if isinstance(v, (int, float)):
-                vals[m.name] = vals.get(m.name, 0.0) + float(v)
-        return vals
-
-    def run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
-                vals = self.read()
-                self.peak_running = max(self.peak_running, vals.get("vllm:num_requests_running", 0.0))
-                self.peak_waiting = max(self.peak_waiting, vals.get("vllm:num_requests_waiting", 0.0))
-                self.peak_kv_usage = max(self.peak_kv_usage, vals.get("vllm:kv_cache_usage_perc", 0.0))
-                self.samples += 1
-            except Exception as e:  # noqa: BLE001
-                self.error = f"{type(e).__name__}: {e}"
-            self.stop_event.wait(self.period)
-
-
-def counter(vals: dict[str, float], stem: str) -> float | None:
-    for k, v in vals.items():
-        if k == stem or k == stem + "_total":
-            return v
-    return None
-
-
-def timed_run(llm, prompts: list[dict], params, input_len: int) -> dict:
-    """The whole workload in one ``llm.generate``: wall time, tokens/s and the sampled gauges."""
-    sampler = MetricSampler(llm)
-    try:
-        before = sampler.read()
-    except Exception as e:  # noqa: BLE001
-        before, sampler.error = {}, f"{type(e).__name__}: {e}"
-    sampler.start()
-    t0 = time.time()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.time() - t0
-    sampler.stop_event.set()
-    sampler.join(timeout=5)
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    run = {
-        "wall_s": round(wall, 2),
-        "output_tokens": out_tokens,
-        "output_tokens_per_s": round(out_tokens / wall, 1),
-        "total_tokens_per_s": round((out_tokens + len(prompts) * input_len) / wall, 1),
-        "peak_running_requests": int(sampler.peak_running) if sampler.samples else None,
-        "peak_waiting_requests": int(sampler.peak_waiting) if sampler.samples else None,
-        "peak_kv_cache_usage": round(sampler.peak_kv_usage, 4) if sampler.samples else None,
-        "metric_samples": sampler.samples,
-    }  # fmt: skip
-    try:
-        after = sampler.read()
-        p0, p1 = counter(before, "vllm:num_preemptions"), counter(after, "vllm:num_preemptions")
-        if p1 is not None:
-            run["preemptions"] = int(p1 - (p0 or 0))
-    except Exception as e:  # noqa: BLE001
-        sampler.error = sampler.error or f"{type(e).__name__}: {e}"
-    if sampler.error:
-        run["metrics_error"] = sampler.error
-    return run
-
-
-def summarize_runs(runs: list[dict]) -> dict:
-    """Median, min and max output tokens/s over the runs, and the spread (max - min) / median."""
-    rates = sorted(r["output_tokens_per_s"] for r in runs)
-    median = statistics.median(rates)
-    return {
-        "median_output_tokens_per_s": round(median, 1),
-        "min_output_tokens_per_s": rates[0],
-        "max_output_tokens_per_s": rates[-1],
-        "spread_pct": round(100 * (rates[-1] - rates[0]) / median, 2) if median else None,
-    }
-
-
 def describe_engine(llm, row: dict, per_seq: int) -> None:
     """What the engine really runs, into ``row``: KV capacity, attention backend, the CUDA-graph mode
     the worker settled on (after vLLM checked the backend's support), batch limits."""
@@ -286,6 +224,10 @@ def parse_args(argv=None, description: str | None = None, extend=None):
         args.time_budget = 1e9
     if args.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.gpu_memory_utilization is None:
+        import torch
+
+        args.gpu_memory_utilization = 0.35 if torch.cuda.is_available() else 0.3
     args.workdir = args.workdir.resolve()
     return args
 
@@ -399,24 +341,14 @@ def run_rows(
         log(json.dumps({k: v for k, v in row.items() if k != "runs"})[:800])
 
 
-def main(argv=None) -> int:
-    t_start = time.time()
-    args = parse_args(argv)
+def start_result(args, argv, module: str, names: list[str]) -> tuple[list[tuple[str, str]], dict, dict]:
+    """The parent's set-up (shared with profile_step.py): the row plan, the model directory, the
+    copy bandwidth measured now, and the results file's common top level."""
     import torch
 
-    if args.gpu_memory_utilization is None:
-        args.gpu_memory_utilization = 0.35 if torch.cuda.is_available() else 0.3
-
-    if args.one:  # child: one config, result to --json
-        return run_child(args, run_one)
-
     from benchmarks.common import device_info, versions
-    from benchmarks.harness import command, device_slug, write_result
+    from benchmarks.harness import command
 
-    if args.configs:
-        names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    else:
-        names = SMOKE_CONFIGS if args.smoke else DEFAULT_CONFIGS
     try:
         plan = plan_rows(names)
     except ValueError as e:
@@ -429,31 +361,56 @@ def main(argv=None) -> int:
         copy_gbps = round(measure_copy_gbps(), 1)
         torch.cuda.empty_cache()
     write_model_dir(args.workdir / "model", model_config)
-    workload = f"{args.input_len}x{args.output_len}"
-    out_path = args.out or REPO / "benchmarks" / "results" / f"throughput-{device_slug()}-{workload}{'-smoke' if args.smoke else ''}.json"
     result = {
         "device": device_info(),
         "versions": versions(),
-        "command": command("benchmarks.serving.throughput", argv),
+        "command": command(module, argv),
         # vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE graphs) or the fast-start mode.
         "compile": not args.fast_start and not args.eager,
         "copy_gbps": copy_gbps,
-        "model": {k: model_config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")},
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "repeats": args.repeats,
         "workload": {"num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
                      "prompts": "random token ids, ignore_eos=True, greedy", "load_format": "dummy",
                      "gpu_memory_utilization": args.gpu_memory_utilization, "fast_start": args.fast_start,
                      "eager": args.eager},
-        "rows": [],
     }  # fmt: skip
+    return plan, model_config, result
+
+
+def run_and_finish(args, plan, result: dict, out_path: Path, t_start: float, table, argv_fn=None) -> None:
+    """Every row (:func:`run_rows`), then the total time, the file and the table."""
+    from benchmarks.harness import write_result
+
+    result["rows"] = []
     write_result(out_path, result)
-    run_rows(args, plan, result, out_path, t_start)
+    run_rows(args, plan, result, out_path, t_start, argv_fn=argv_fn)
     result["total_seconds"] = round(time.time() - t_start, 1)
     write_result(out_path, result)
-    print_table(result["rows"])
+    table(result["rows"])
     print(f"\nwrote {out_path} ({result['total_seconds']} s)")
+
+
+def main(argv=None) -> int:
+    t_start = time.time()
+    args = parse_args(argv)
+    if args.one:  # child: one config, result to --json
+        return run_child(args, run_one)
+
+    from benchmarks.harness import device_slug
+
+    if args.configs:
+        names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    else:
+        names = SMOKE_CONFIGS if args.smoke else DEFAULT_CONFIGS
+    plan, model_config, result = start_result(args, argv, "benchmarks.serving.throughput", names)
+    workload = f"{args.input_len}x{args.output_len}"
+    out_path = args.out or REPO / "benchmarks" / "results" / f"throughput-{device_slug()}-{workload}{'-smoke' if args.smoke else ''}.json"
+    result.update({
+        "model": {k: model_config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")},
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "repeats": args.repeats,
+    })  # fmt: skip
+    run_and_finish(args, plan, result, out_path, t_start, print_table)
     return 0
 
 

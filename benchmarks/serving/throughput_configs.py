@@ -3,7 +3,7 @@
 A config names an attention backend and KV format (``CONFIGS``); :func:`engine_kwargs` turns it
 plus the run's options into ``LLM(...)`` arguments, the same for every tool, so a profile and a
 throughput row of one name ran the same engine. The model is Llama-3-8B's shape with dummy
-weights (:func:`write_model_dir`), the prompts random token ids (:func:`make_prompts`).
+weights (``throughput.write_model_dir``), the prompts random token ids (:func:`make_prompts`).
 """
 
 from __future__ import annotations
@@ -113,34 +113,6 @@ def requested_cudagraph_mode(kw: dict) -> str:
     if kw.get("enforce_eager"):
         return "NONE"
     return str(kw.get("compilation_config", {}).get("cudagraph_mode", "FULL_AND_PIECEWISE (vLLM default)"))
-
-
-def write_model_dir(path: Path, config: dict) -> dict[str, Path]:
-    """config.json + tokenizer + per-head sidecars of plausible scales for both 8-bit formats."""
-    import torch
-    from transformers import PreTrainedTokenizerFast
-
-    from vllm_kvquant.scales import CalibrationInfo, ModelFacts, build_scales_file, save_scales
-    from vllm_kvquant.tiny_model import _train_tokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=1))
-    if not (path / "tokenizer.json").exists():
-        tok = PreTrainedTokenizerFast(
-            tokenizer_object=_train_tokenizer(512), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-        )
-        tok.save_pretrained(path)
-    n_layers, n_kv = config["num_hidden_layers"], config["num_key_value_heads"]
-    names = [f"model.layers.{i}.self_attn.attn" for i in range(n_layers)]
-    facts = ModelFacts(n_layers, n_kv, config["head_dim"], tuple(names))
-    info = CalibrationInfo(method="absmax", tool="benchmarks.serving.throughput", tool_version="0",
-                           data="synthetic plausible amax (|K| 16, |V| 4): dummy weights")  # fmt: skip
-    stats = {n: (torch.full((n_kv,), 16.0), torch.full((n_kv,), 4.0)) for n in names}
-    sidecars = {}
-    for dtype in ("fp8_e4m3", "int8"):
-        sidecars[dtype] = path / f"scales-{dtype}.json"
-        save_scales(build_scales_file(stats, dtype, "per_head", facts, info), sidecars[dtype])
-    return sidecars
 
 
 def make_prompts(model_dir: Path, num_requests: int, input_len: int, seed: int) -> list[dict]:
