@@ -3,7 +3,8 @@ the backend's own (vllm_kvquant/warmup.py), a mixed workload must not compile a 
 
 vLLM (0.26+) monitors compilations once its ``compile_or_warm_up_model`` is done and logs each as
 ``Triton kernel JIT compilation during inference: <kernel>`` (``vllm/utils/jit_monitor.py``;
-``jit_monitor_verbose`` logs every one, with its constexprs). Three engines on the calibrated tiny
+``jit_monitor_verbose`` logs every one, with its constexprs). A line naming one of the backend's
+kernels fails the test; lines naming vLLM's own kernels are reported as a warning. Three engines on the calibrated tiny
 model, side by side, each in its own process (tests/engine_runner.py) with its whole log kept:
 
 - ``fp8-graphs``: vLLM's default compilation (FULL_AND_PIECEWISE), no prefill workspace, so
@@ -25,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +36,9 @@ pytestmark = pytest.mark.gpu
 HERE = Path(__file__).resolve().parent
 JIT_LINE = "JIT compilation during inference"  # vllm/utils/jit_monitor.py, 0.26.0
 WARMUP_LINE = "kvquant: compiled the backend's Triton kernels"
+#: Every Triton kernel the backend launches (kernels/): a monitor line naming one fails the test.
+OUR_KERNELS = ("_quantize_to_cache_kernel", "_decode_split_kernel", "_decode_reduce_kernel", "prefill_attention_kernel",
+               "_fill_context_kernel")  # fmt: skip
 
 
 def _rounds() -> list[list[str]]:
@@ -101,7 +106,10 @@ def test_no_triton_jit_while_serving(name, runs) -> None:
     log = run["log"]
     assert WARMUP_LINE in log, f"{name}: the backend's warm-up did not run\n{log[-8000:]}"
     jit = [line for line in log.splitlines() if JIT_LINE in line]
-    assert not jit, f"{name}: {len(jit)} compilation(s) while serving:\n" + "\n".join(jit[:20])
+    ours = [line for line in jit if any(k in line for k in OUR_KERNELS)]
+    assert not ours, f"{name}: {len(ours)} of the backend's kernels compiled while serving:\n" + "\n".join(ours[:20])
+    if jit:  # vLLM's own kernels: reported, not ours to warm up
+        warnings.warn(f"{name}: vLLM compiled {len(jit)} of its own kernels while serving: " + " | ".join(jit[:5]))
     outputs = [len(r["token_ids"]) for r in run["results"]]
     assert outputs[:40] == list(range(1, 41)), outputs[:40]  # every decode batch size from 40 to 1
     (steps,) = run["step_report"]
