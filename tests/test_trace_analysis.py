@@ -79,22 +79,24 @@ def _trace() -> list[dict]:
     kernel("_decode_split_kernel", 290, 20, 6)
     launch("cudaLaunchKernel", 220, 7)
     kernel("sm90_xmma_gemm_bf16", 300, 30, 7)  # overlaps the decode kernel by 10 us (another stream)
-    kernel("lost_kernel", 340, 5, 99)  # no launch event recorded
+    kernel("lost_kernel", 335, 5, 99)  # no launch event recorded: placed after the GEMM (GPU order)
+    kernel("early_orphan", 10, 5, 98)  # no launch event and nothing ran before it: left out
     return ev
 
 
 def test_steps_from_annotations_and_launches() -> None:
     steps, unattributed = ta.find_steps(_trace())
     assert [s.kind for s in steps] == ["decode", "mixed"]
-    assert unattributed == {"no_launch": 1, "before_first_step": 1}
-    assert [len(s.kernels) for s in steps] == [4, 4]
+    assert unattributed == {"by_gpu_order": 1, "no_launch": 1, "before_first_step": 1}
+    assert [len(s.kernels) for s in steps] == [4, 5] and steps[1].kernels[-1].name == "lost_kernel"
     table = ta.step_table(steps)
     decode, mixed = table
     # decode: first kernel 120 -> next step's first kernel 230; busy 120..190 and 195..200 = 75 us.
     assert decode["span_us"] == 110 and decode["busy_us"] == 75 and decode["idle_us"] == 35
     assert decode["decode_attention_us"] == 30 and decode["gemm_us"] == 40 and decode["other_us"] == 5
-    # mixed: 230..330 (last kernel end), busy 230..330 = 100 us; FA3 is prefill (our kernel did the decodes).
-    assert mixed["span_us"] == 100 and mixed["busy_us"] == 100 and mixed["idle_us"] == 0
+    # mixed: 230..340 (last kernel end), busy 230..330 and 335..340 = 105 us; FA3 is prefill (our kernel
+    # did the decodes).
+    assert mixed["span_us"] == 110 and mixed["busy_us"] == 105 and mixed["idle_us"] == 5
     assert mixed["prefill_attention_us"] == 50 and mixed["decode_attention_us"] == 20 and mixed["cache_write_us"] == 10
     assert mixed["attention_mixed_us"] == 0 and mixed["context_tokens"] == 512 and mixed["generation_requests"] == 63
 
@@ -118,7 +120,7 @@ def test_summary_and_trace_files(tmp_path) -> None:
         "mean_gemm_us": 40.0, "mean_other_us": 5.0, "mean_kernels": 4.0, "mean_context_tokens": 0.0,
         "mean_generation_requests": 64.0,
     }  # fmt: skip
-    assert summary["kernel_time_us"] == 185.0
+    assert summary["kernel_time_us"] == 190.0
     assert [(k["name"], k["category"], k["total_us"], k["count"]) for k in summary["top_kernels"]] == [
         ("flash::FlashAttnFwdSm90", "prefill_attention", 50.0, 1), ("_decode_split_kernel", "decode_attention", 45.0, 2),
         ("nvjet_tst_128x64", "gemm", 40.0, 1)]  # fmt: skip
@@ -126,7 +128,7 @@ def test_summary_and_trace_files(tmp_path) -> None:
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": _trace()}, f)
     result = ta.analyze(path)
-    assert result["steps"] == 2 and result["unattributed_kernels"]["no_launch"] == 1 and result["trace"] == path.name
+    assert result["steps"] == 2 and result["kernel_attribution"]["by_gpu_order"] == 1 and result["trace"] == path.name
     plain = tmp_path / "w.json"
     plain.write_text(json.dumps(_trace()))
     assert ta.analyze(plain)["per_kind"] == result["per_kind"]

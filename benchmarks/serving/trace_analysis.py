@@ -8,7 +8,8 @@ wraps every ``execute_model`` in a ``record_function`` named
 - **steps**: each ``execute_*`` annotation starts a step, which owns every kernel *launched*
   (``cuda_runtime`` / ``cuda_driver`` event, e.g. ``cudaLaunchKernel``, ``cuLaunchKernelEx``,
   ``cudaGraphLaunch``) from its start to the next step's start, matched to the kernel by the
-  CUPTI correlation id, so sampling and kernels replayed from a CUDA graph count too. Kind:
+  CUPTI correlation id, so sampling and kernels replayed from a CUDA graph count too; a kernel
+  whose launch was not recorded goes to the step of the kernel that ran just before it. Kind:
   ``decode`` (only generating requests), ``prefill`` (only requests without output yet; chunked
   prefills included) or ``mixed``.
 - **kernel categories** by name (:data:`KERNEL_TABLE`, first match wins; memcpy/memset are
@@ -127,7 +128,8 @@ def load_trace(path: Path) -> list[dict]:
 
 
 def find_steps(events: list[dict]) -> tuple[list[Step], dict]:
-    """The trace's steps with their kernels, and counts of what could not be attributed."""
+    """The trace's steps with their kernels, and counts: kernels placed by GPU order (no launch
+    recorded), and kernels left out (before the first step; no launch and nothing ran before)."""
     steps = []
     for e in events:
         if e.get("ph") == "X" and e.get("cat") == "user_annotation":
@@ -143,22 +145,35 @@ def find_steps(events: list[dict]) -> tuple[list[Step], dict]:
             corr = (e.get("args") or {}).get("correlation")
             if corr is not None:
                 launches[corr] = float(e["ts"])
-    unattributed = {"no_launch": 0, "before_first_step": 0}
+    counts = {"by_gpu_order": 0, "no_launch": 0, "before_first_step": 0}
+    placed: list[tuple[float, int]] = []  # (GPU start, step) of the kernels placed by their launch
+    orphans: list[Kernel] = []
     for e in events:
         if e.get("ph") != "X" or e.get("cat") not in _KERNEL_CATS:
             continue
+        name = str(e.get("name", ""))
+        kernel = Kernel(name, float(e["ts"]), float(e.get("dur", 0.0)), kernel_family(name) if e["cat"] == "kernel" else "other")
         launch = launches.get((e.get("args") or {}).get("correlation"))
         if launch is None:
-            unattributed["no_launch"] += 1
+            orphans.append(kernel)
             continue
         i = bisect.bisect_right(starts, launch) - 1
         if i < 0:
-            unattributed["before_first_step"] += 1
+            counts["before_first_step"] += 1
             continue
-        name = str(e.get("name", ""))
-        family = kernel_family(name) if e["cat"] == "kernel" else "other"
-        steps[i].kernels.append(Kernel(name, float(e["ts"]), float(e.get("dur", 0.0)), family))
-    return steps, unattributed
+        steps[i].kernels.append(kernel)
+        placed.append((kernel.start, i))
+    # A kernel whose launch was not recorded belongs to the step of the placed kernel that ran just
+    # before it (one stream runs kernels in launch order).
+    placed.sort()
+    for kernel in orphans:
+        j = bisect.bisect_right(placed, (kernel.start, len(steps))) - 1
+        if j < 0:
+            counts["no_launch"] += 1
+            continue
+        steps[placed[j][1]].kernels.append(kernel)
+        counts["by_gpu_order"] += 1
+    return steps, counts
 
 
 def step_table(steps: list[Step]) -> list[dict]:
@@ -211,5 +226,5 @@ def summarize(steps: list[Step], top: int = 10) -> dict:
 
 def analyze(path: Path, top: int = 10) -> dict:
     """:func:`summarize` of one trace file, with what could not be attributed to a step."""
-    steps, unattributed = find_steps(load_trace(path))
-    return {**summarize(steps, top), "unattributed_kernels": unattributed, "trace": path.name}
+    steps, attribution = find_steps(load_trace(path))
+    return {**summarize(steps, top), "kernel_attribution": attribution, "trace": path.name}
