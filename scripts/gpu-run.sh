@@ -5,13 +5,13 @@
 #
 # Every stage fits one <= 10 min call on ONE GPU (the lent single-H200 machines). Lanes of a
 # stage run side by side; lane i gets GPU i mod (number of GPUs), so on one GPU they share it.
-#   check       all GPU tests, five lanes on the same GPU (target <= 8 min on an H200; Triton
+#   check       all GPU tests, six lanes on the same GPU (target <= 8 min on an H200; Triton
 #               compiling on the host is most of the kernel lanes' time, so they split three ways):
 #                 kernels-a, kernels-b, kernels-c: pytest -m gpu over the kernel / graph-capture test
 #                 files (carry .gpu/fi: FlashInfer's JIT cache, else its decode kernels compile for minutes);
 #                 engines: tests/test_backend_gpu.py (nine engines side by side, fixed KV bytes);
-#                 serve: tests/test_serve.py + tests/test_serve_bad_input.py (one shared server),
-#                        tests/test_jit_warmup_gpu.py (three engines: no Triton JIT while serving);
+#                 serve: tests/test_serve.py + tests/test_serve_bad_input.py (one shared server);
+#                 jit: tests/test_jit_warmup_gpu.py (three engines: no Triton JIT while serving);
 #                 a skipped engine or serve test fails its lane (KVQUANT_FAIL_ON_SKIP=1). Each lane's
 #                 pytest temp dir is /tmp/kvq-pytest/LANE; every *.log in it (each engine's and the
 #                 server's output) comes back under logs/tmp/, also when a lane ran out of time
@@ -92,15 +92,16 @@ pytest_lane() {
   shift 3
   lane "$name" "$limit" "$env $PYTEST --basetemp=$TMP_ROOT/$name --junitxml=$LOGS/$name.xml $*"
 }
-# Issue 20: three engines serve a mixed workload without Triton JIT; in the serve lane, whose
-# session shares the calibrated tiny model.
-SERVE_TESTS="$SERVE_TESTS tests/test_jit_warmup_gpu.py"
+# Three engines serve a mixed workload without Triton JIT: a lane of its own (its chain of
+# calibrate then engine starts would add minutes to the serve lane's).
+JIT_TESTS="tests/test_jit_warmup_gpu.py"
 
 case $stage in
 check)
   # The engine lanes start first: they hold the longest chain (calibrate, then engines or a server).
   pytest_lane engines 560 KVQUANT_FAIL_ON_SKIP=1 "$ENGINE_TESTS"
   pytest_lane serve 560 KVQUANT_FAIL_ON_SKIP=1 "$SERVE_TESTS"
+  pytest_lane jit 560 KVQUANT_FAIL_ON_SKIP=1 "$JIT_TESTS"
   pytest_lane kernels-a 560 "" "-m gpu $KERNEL_TESTS_A ${KVQ_EXTRA_TESTS:-}"
   pytest_lane kernels-b 560 "" "-m gpu $KERNEL_TESTS_B"
   pytest_lane kernels-c 560 "" "-m gpu $KERNEL_TESTS_C"

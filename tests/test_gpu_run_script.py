@@ -30,7 +30,7 @@ def plan(stage: str, ngpu: int, tmp_path: Path, **env: str) -> tuple[int, list[d
 def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
     rc, lanes = plan("check", 1, tmp_path)
     names = [lane["name"] for lane in lanes]
-    assert rc == 0 and names == ["engines", "serve", "kernels-a", "kernels-b", "kernels-c"], names
+    assert rc == 0 and names == ["engines", "serve", "jit", "kernels-a", "kernels-b", "kernels-c"], names
     assert all(lane["gpu"] == 0 and lane["limit"] <= 570 for lane in lanes)
     files = [f for lane in lanes for f in re.findall(r"tests/\S+\.py", lane["cmd"])]
     listed = set(files)
@@ -46,7 +46,8 @@ def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
     assert "tests/test_backend_gpu.py" in by_name["engines"]
     for f in ("tests/test_serve.py", "tests/test_serve_bad_input.py"):
         assert f in by_name["serve"]  # test_serve*.py carry no gpu mark: not behind -m gpu
-    for name in ("engines", "serve"):
+    assert "tests/test_jit_warmup_gpu.py" in by_name["jit"]
+    for name in ("engines", "serve", "jit"):
         assert "-m gpu" not in by_name[name] and "KVQUANT_FAIL_ON_SKIP=1" in by_name[name]
     # each lane in its own temp dir (the logs come back from there) and its own JUnit XML
     assert len({re.search(r"--basetemp=(\S+)", c)[1] for c in by_name.values()}) == len(lanes)
