@@ -2,7 +2,7 @@
 the stream just ends) and the server keeps serving, with nothing lost.
 
 The session's kvquant server (tests/conftest.py, shared with tests/test_serve.py: one start) and
-the checks of the load harness ``benchmarks/serving/serve_load.py`` (its ``bad_input`` record
+the checks of the load harness ``benchmarks/serving/serve_load_checks.py`` (its ``bad_input`` record
 on the GPU), so the GPU run and CI check the same things:
 
 - a prompt longer than ``max_model_len``: 400 and a message naming the limit;
@@ -15,74 +15,61 @@ on the GPU), so the GPU run and CI check the same things:
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 from serve_client import MODEL_NAME, concurrency_prompts  # noqa: E402 - tests/ is on sys.path under pytest
 
-HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "serving" / "serve_load.py"
-
-
-def _load_harness():
-    spec = importlib.util.spec_from_file_location("kvquant_serve_load", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-serve_load = _load_harness()
+from benchmarks.serving import serve_load_checks as checks  # noqa: E402
+from benchmarks.serving.serve_load_server import served_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(kvquant_server):
     url, _, max_model_len = kvquant_server
-    assert serve_load.served_model(url) == {"id": MODEL_NAME, "max_model_len": max_model_len}
+    assert served_model(url) == {"id": MODEL_NAME, "max_model_len": max_model_len}
     return url, max_model_len
 
 
 def test_overlong_prompt_is_a_400_naming_the_limit(server) -> None:
     url, max_model_len = server
-    got = serve_load.check_overlong_prompt(url, MODEL_NAME, max_model_len)
+    got = checks.check_overlong_prompt(url, MODEL_NAME, max_model_len)
     assert got["ok"], got
     assert got["status"] == 400 and str(max_model_len) in got["message"], got
 
 
 def test_malformed_json_is_a_4xx(server) -> None:
     url, _ = server
-    got = serve_load.check_malformed_json(url, MODEL_NAME)
+    got = checks.check_malformed_json(url, MODEL_NAME)
     assert got["ok"] and 400 <= got["status"] < 500, got
 
 
 def test_unknown_model_is_a_404(server) -> None:
     url, _ = server
-    got = serve_load.check_unknown_model(url)
+    got = checks.check_unknown_model(url)
     assert got["ok"] and got["status"] == 404, got
 
 
 def test_disconnect_mid_stream_is_aborted_and_nothing_leaks(server) -> None:
     url, max_model_len = server
     prompt = concurrency_prompts(1)[0]
-    before = serve_load.complete(url, MODEL_NAME, prompt, 8)
+    before = checks.complete(url, MODEL_NAME, prompt, 8)
     # max_tokens: about a second of decoding even on a GPU, so the abort lands mid-stream
-    got = serve_load.check_disconnect_mid_stream(url, MODEL_NAME, prompt, max_tokens=max_model_len - 128)
+    got = checks.check_disconnect_mid_stream(url, MODEL_NAME, prompt, max_tokens=max_model_len - 128)
     assert got["status"] == 200 and got["events_read"] == 3, got
     assert got["drained"]["ok"], got  # no running request and vllm:kv_cache_usage_perc back to 0
     assert got["drained"]["metric"] == "vllm:kv_cache_usage_perc", got
     assert got["tokens_generated"] < got["max_tokens"], got  # aborted, not run to the end unseen
-    assert serve_load.complete(url, MODEL_NAME, prompt, 8)["tokens"] == before["tokens"]
+    assert checks.complete(url, MODEL_NAME, prompt, 8)["tokens"] == before["tokens"]
 
 
 def test_bad_input_while_loaded_loses_nothing(server) -> None:
     """The harness's whole ``bad_input`` record, as on the GPU: the checks above with
     background requests running, every background answer equal to the idle server's."""
     url, max_model_len = server
-    record = serve_load.bad_input_checks(url, MODEL_NAME, max_model_len, concurrency_prompts(4), max_tokens=8,
+    record = checks.bad_input_checks(url, MODEL_NAME, max_model_len, concurrency_prompts(4), max_tokens=8,
                                          stream_tokens=max_model_len - 128, workers=4)  # fmt: skip
     print("BAD-INPUT", json.dumps(record))
     assert [c["ok"] for c in record["checks"]] == [True] * 4, record["checks"]

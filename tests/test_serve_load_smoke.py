@@ -1,4 +1,4 @@
-"""benchmarks/serving/serve_load.py --smoke end to end on CPU (~2-3 min): a tiny dummy-weight
+"""``python -m benchmarks.serving.serve_load --smoke`` end to end on CPU (~2-3 min): a tiny dummy-weight
 model served with kvquant, vLLM's own ``vllm bench serve`` client over a small grid, then the
 consistency, no-leak and bad-input checks, then the trained tiny model (the session's, see
 tests/conftest.py) loaded and checked for consistency; the results JSON has what the GPU run
@@ -7,24 +7,27 @@ must show."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
-HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "serving" / "serve_load.py"
 
 
 @pytest.mark.vllm
 def test_serve_load_smoke(calibrated_tiny_model, tmp_path) -> None:
+    from benchmarks.harness import benchmarks_path
+
     out = tmp_path / "serve-load.json"
     trained = calibrated_tiny_model[0]  # the session's trained tiny model: not trained again
+    # The benchmarks package (not the checkout's root) on the path, as in tests/test_profile_step.py.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(benchmarks_path()), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(HARNESS), "--smoke", "--workdir", str(tmp_path / "work"), "--out", str(out),
-         "--trained-model", str(trained)],
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "benchmarks.serving.serve_load", "--smoke", "--workdir", str(tmp_path / "work"),
+         "--out", str(out), "--trained-model", str(trained)],
+        capture_output=True, text=True, timeout=900, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

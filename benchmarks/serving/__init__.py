@@ -1,1 +1,2 @@
-"""Serving benchmarks: end-to-end throughput with a KV-cache-bound workload, and merging lanes of it."""
+"""Serving benchmarks: end-to-end throughput with a KV-cache-bound workload, merging lanes of it, and
+``vllm serve`` under load (``serve_load``)."""

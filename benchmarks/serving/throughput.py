@@ -69,8 +69,9 @@ def log(*a) -> None:
 
 
 # ----------------------------------------------------------------------------- model dir
-def write_model_dir(path: Path, config: dict) -> dict[str, Path]:
-    """config.json + tokenizer + per-head sidecars of plausible scales for both 8-bit formats."""
+def write_model_dir(path: Path, config: dict, tool: str = "benchmarks.serving.throughput") -> dict[str, Path]:
+    """config.json + tokenizer + per-head sidecars of plausible scales for both 8-bit formats
+    (``tool``: the sidecars' calibration tool; serve_load.py writes its model here too)."""
     import torch
 
     from vllm_kvquant.scales import CalibrationInfo, ModelFacts, build_scales_file, save_scales
@@ -87,7 +88,7 @@ def write_model_dir(path: Path, config: dict) -> dict[str, Path]:
     n_layers, n_kv = config["num_hidden_layers"], config["num_key_value_heads"]
     names = [f"model.layers.{i}.self_attn.attn" for i in range(n_layers)]
     facts = ModelFacts(n_layers, n_kv, config["head_dim"], tuple(names))
-    info = CalibrationInfo(method="absmax", tool="benchmarks.serving.throughput", tool_version="0",
+    info = CalibrationInfo(method="absmax", tool=tool, tool_version="0",
                            data="synthetic plausible amax (|K| 16, |V| 4): dummy weights")  # fmt: skip
     stats = {n: (torch.full((n_kv,), 16.0), torch.full((n_kv,), 4.0)) for n in names}
     sidecars = {}
