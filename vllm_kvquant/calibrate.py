@@ -75,6 +75,19 @@ class CalibrationData:
 # ----------------------------------------------------------------------------- arguments
 
 
+def scale_defaults(args: Namespace) -> Namespace:
+    """``args`` with granularity and margin filled in where they were left out (None): the most
+    accurate measured for the storage format (``scales.calibration.DEFAULT_GRANULARITY`` / ``DEFAULT_MARGINS``)."""
+    from .scales import default_granularity, default_margin
+
+    resolved = Namespace(**vars(args))
+    if getattr(args, "granularity", None) is None:
+        resolved.granularity = default_granularity(args.dtype).value
+    if getattr(args, "margin", None) is None:
+        resolved.margin = default_margin(args.dtype, resolved.granularity)
+    return resolved
+
+
 def check_args(args: Namespace) -> None:
     """Reject bad options before anything is loaded (``ValueError`` -> exit code 2 in the CLI)."""
     if not args.margin > 0:  # also catches NaN
@@ -87,6 +100,11 @@ def check_args(args: Namespace) -> None:
         raise ValueError(f"--method {args.method!r} is not supported; use one of {list(METHODS)}")
     if args.method == "percentile" and not 0 < args.percentile <= 100:
         raise ValueError(f"--percentile must be in (0, 100], got {args.percentile}")
+    if args.method == "percentile" and args.granularity == "per_channel":
+        raise ValueError(
+            "--method percentile keeps one sample of |x| per KV head, not per channel: use --granularity per_head "
+            "(or per_tensor) with it, or --method absmax (the default) with per_channel and a --margin"
+        )
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     gmu = getattr(args, "gpu_memory_utilization", None)
@@ -454,6 +472,7 @@ def run_calibration(args: Namespace) -> "ScalesFile":
     """Calibrate and write the sidecar; returns the written :class:`ScalesFile`."""
     from .scales import SIDECAR_FILENAME, save_scales
 
+    args = scale_defaults(args)
     check_args(args)
     texts = read_texts(args.data)  # bad data fails before vLLM is imported
     args, notes = resolve_defaults(args, model_shape(args), on_cpu_platform())
@@ -473,7 +492,7 @@ def run_calibration(args: Namespace) -> "ScalesFile":
     out = Path(args.out) if args.out else Path(args.model) / SIDECAR_FILENAME
     out = save_scales(scales, out)
     print(
-        f"wrote {out}: {len(scales.layers)} layers, {args.dtype}, {args.granularity}, "
+        f"wrote {out}: {len(scales.layers)} layers, {args.dtype}, {args.granularity}, margin {args.margin:g}, "
         f"{len(data.samples)} samples, {data.num_tokens} tokens"
     )
     return scales
