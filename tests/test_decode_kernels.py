@@ -97,6 +97,20 @@ def test_refusals_name_the_option_and_the_reason(kernel, kwargs, needle):
     assert f"additional_config['kvquant']['kernel'] = {kernel!r}" in msg
 
 
+def test_per_channel_scales_refuse_fa3_and_fold_into_flashinfer():
+    """fa3's descales are per KV head: per-channel scales are a start-up refusal naming the option."""
+    with pytest.raises(KVQuantConfigError) as e:
+        resolve_kernel("fa3", kv_dtype="fp8_e4m3", model_dtype=torch.bfloat16, head_size=128, env=HOPPER_OK,
+                       per_channel=True)  # fmt: skip
+    msg = str(e.value)
+    assert "additional_config['kvquant']['kernel'] = 'fa3'" in msg and "cannot apply per-channel scales" in msg
+    assert "--granularity per_head" in msg
+    assert resolve_kernel("flashinfer", kv_dtype="fp8_e4m3", model_dtype=torch.bfloat16, head_size=128,
+                          env=HOPPER_OK, per_channel=True) == "flashinfer"  # fmt: skip
+    assert resolve_kernel("triton", kv_dtype="int8", model_dtype=torch.bfloat16, head_size=128,
+                          env=HOPPER_OK, per_channel=True) == "triton"  # fmt: skip
+
+
 def test_every_reason_is_listed():
     with pytest.raises(KVQuantConfigError) as e:
         _resolve("fa3", DecodeEnv("cuda", (8, 6), "FA3 missing here", None), "int8", torch.float16, 72)
