@@ -42,6 +42,33 @@ DEFAULT_MARGINS: dict[tuple[KVCacheDType, Granularity], float] = {
 }
 
 
+def rope_partners(head_size: int, rope: Mapping | None) -> list[int]:
+    """Each K channel's RoPE partner, the channel it rotates with (itself where RoPE leaves it alone).
+
+    ``rope``: ``{"rotary_dim", "neox"}`` (vLLM's rotary embedding); neox style pairs channel ``i``
+    with ``i + rotary_dim / 2``, GPT-J style ``2i`` with ``2i + 1``; channels from ``rotary_dim`` on
+    are not rotated; None (no RoPE): every channel is its own partner.
+    """
+    partners = list(range(head_size))
+    if not rope:
+        return partners
+    rot = min(int(rope["rotary_dim"]), head_size)
+    half = rot // 2
+    for i in range(half):
+        a, b = (i, i + half) if rope.get("neox", True) else (2 * i, 2 * i + 1)
+        partners[a], partners[b] = b, a
+    return partners
+
+
+def pair_amax(amax: "torch.Tensor", partners: Sequence[int]) -> "torch.Tensor":
+    """``[heads, head_size]`` amax with each channel raised to its RoPE partner's: the two channels of
+    a pair trade energy as the position grows, so a range seen on one at short positions is the
+    pair's range at long ones (per-channel K scales clipped long held-out contexts; see README)."""
+    import torch
+
+    return torch.maximum(amax, amax[:, list(partners)])
+
+
 def default_granularity(kv_dtype: KVCacheDType | str) -> Granularity:
     return DEFAULT_GRANULARITY[KVCacheDType(kv_dtype)]
 
@@ -220,8 +247,13 @@ def build_scales_file(
     model: ModelFacts,
     calibration: CalibrationInfo,
     floor: float = DEFAULT_FLOOR,
+    rope: Mapping | None = None,
 ) -> ScalesFile:
-    """Whole-model stats -> a validated :class:`ScalesFile` (margin from ``calibration.margin``, default 1)."""
+    """Whole-model stats -> a validated :class:`ScalesFile` (margin from ``calibration.margin``, default 1).
+
+    per_channel: V per channel; K per RoPE pair (``rope``, see :func:`rope_partners`): stored as one
+    scale per channel, the two channels of a pair equal.
+    """
     margin = calibration.margin if calibration.margin is not None else 1.0
     granularity = Granularity(granularity)
     channels = model.head_size if granularity is Granularity.PER_CHANNEL else 1
@@ -243,6 +275,8 @@ def build_scales_file(
                 f"layer '{name}': per_channel needs K/V statistics of shape [{model.num_kv_heads}, {model.head_size}] "
                 f"(KV heads x head size), got {tuple(k.shape)}"
             )
+        if granularity is Granularity.PER_CHANNEL:
+            k = pair_amax(k.detach().float(), rope_partners(model.head_size, rope))
         ks = scales_from_amax(k, kv_dtype, margin, floor, granularity)
         vs = scales_from_amax(v, kv_dtype, margin, floor, granularity)
         layers[name] = LayerScales(name, tuple(ks.reshape(-1).tolist()), tuple(vs.reshape(-1).tolist()), channels)

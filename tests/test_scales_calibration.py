@@ -167,3 +167,26 @@ def test_default_granularity_and_margin() -> None:
     assert default_granularity("fp8_e4m3") is Granularity.PER_HEAD
     assert default_margin("int8", "per_channel") > 1.0
     assert default_margin("int8", "per_head") == default_margin("fp8_e4m3", "per_head") == 1.0
+
+
+def test_rope_partners_and_pair_amax() -> None:
+    from vllm_kvquant.scales.calibration import pair_amax, rope_partners
+
+    assert rope_partners(8, {"rotary_dim": 8, "neox": True}) == [4, 5, 6, 7, 0, 1, 2, 3]
+    assert rope_partners(8, {"rotary_dim": 8, "neox": False}) == [1, 0, 3, 2, 5, 4, 7, 6]
+    assert rope_partners(8, {"rotary_dim": 4, "neox": True}) == [2, 3, 0, 1, 4, 5, 6, 7]  # partial rotary
+    assert rope_partners(4, None) == [0, 1, 2, 3]
+    amax = torch.tensor([[1.0, 8.0, 2.0, 3.0]])
+    assert pair_amax(amax, rope_partners(4, {"rotary_dim": 4, "neox": True})).tolist() == [[2.0, 8.0, 2.0, 8.0]]
+
+
+def test_per_channel_k_scales_are_shared_per_rope_pair_and_v_stays_per_channel() -> None:
+    k = torch.tensor([[127.0, 12.7, 1.27, 254.0], [1.0, 2.0, 3.0, 4.0]])
+    v = torch.tensor([[127.0, 12.7, 1.27, 254.0], [1.0, 2.0, 3.0, 4.0]])
+    stats = {n: (k, v) for n in NAMES}
+    facts = ModelFacts(2, 2, 4, NAMES)
+    scales = build_scales_file(stats, "int8", "per_channel", facts, CalibrationInfo("absmax"),
+                               rope={"rotary_dim": 4, "neox": True})  # fmt: skip
+    layer = scales.layers[NAMES[0]]
+    assert layer.k_scale == pytest.approx([1.0, 2.0, 1.0, 2.0, 3 / 127, 4 / 127, 3 / 127, 4 / 127])
+    assert layer.v_scale == pytest.approx([1.0, 0.1, 0.01, 2.0, 1 / 127, 2 / 127, 3 / 127, 4 / 127])

@@ -395,9 +395,11 @@ def record_with_engine(
     return per_rank
 
 
-def model_facts_of(llm: Any) -> dict[str, int]:
+def model_facts_of(llm: Any) -> dict[str, Any]:
+    """KV heads, head size and RoPE layout (``rope``: which K channels rotate together, or None)."""
     model_config = llm.llm_engine.vllm_config.model_config
-    return {"num_kv_heads": model_config.get_total_num_kv_heads(), "head_size": model_config.get_head_size()}
+    return {"num_kv_heads": model_config.get_total_num_kv_heads(), "head_size": model_config.get_head_size(),
+            "rope": llm.collective_rpc("kvquant_rope_layout")[0]}  # fmt: skip
 
 
 def record_statistics(args: Namespace, data: CalibrationData) -> tuple[list[RankStats], dict[str, int]]:
@@ -454,18 +456,24 @@ def scales_from_rank_stats(
     kv_dtype: str,
     granularity: str,
     info: "CalibrationInfo",
+    rope: Mapping[str, Any] | None = None,
 ) -> "ScalesFile":
     """Per-rank statistics (rank order) -> validated sidecar; independent of the tp it was recorded with.
 
     Ranks hold the KV heads :func:`kv_heads_for_rank` gives them (replicated heads are maxed),
-    then ``scale = max(stat * margin / qmax, 1e-8)`` per head (per_tensor: max over heads first).
+    then ``scale = max(stat * margin / qmax, 1e-8)`` per head (per_tensor: max over heads first;
+    per_channel: per channel, K's two channels of a RoPE pair (``rope``) sharing the larger).
     """
+    from dataclasses import replace
+
     from .scales import ModelFacts, build_scales_file, combine_rank_stats
 
     stats = combine_rank_stats(per_rank, num_kv_heads, tp_size)
     names = sorted(stats, key=layer_order)
     model = ModelFacts(num_layers=len(names), num_kv_heads=num_kv_heads, head_size=head_size, layer_names=names)
-    return build_scales_file(stats, kv_dtype, granularity, model, info)
+    if granularity == "per_channel":  # provenance: which K channels share a scale (None: none do)
+        info = replace(info, extra={**info.extra, "k_rope_pairs": dict(rope) if rope else None})
+    return build_scales_file(stats, kv_dtype, granularity, model, info, rope=rope)
 
 
 def run_calibration(args: Namespace) -> "ScalesFile":
@@ -488,6 +496,7 @@ def run_calibration(args: Namespace) -> "ScalesFile":
         kv_dtype=args.dtype,
         granularity=args.granularity,
         info=calibration_info(args, data),
+        rope=facts.get("rope"),
     )
     out = Path(args.out) if args.out else Path(args.model) / SIDECAR_FILENAME
     out = save_scales(scales, out)

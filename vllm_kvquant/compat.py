@@ -177,3 +177,22 @@ def split_decodes_and_prefills(common_attn_metadata: Any) -> tuple[int, int, int
 def additional_config(vllm_config: Any) -> dict:
     extra = getattr(vllm_config, "additional_config", None)
     return dict(extra or {})
+
+
+def worker_model(worker: Any) -> torch.nn.Module | None:
+    """The model a vLLM worker runs (``get_model()`` where the worker has it, else its runner's)."""
+    get_model = getattr(worker, "get_model", None)
+    if get_model is not None:
+        return get_model()
+    runner = getattr(worker, "model_runner", None)
+    return getattr(runner, "model", None)
+
+
+def rope_layout(model: torch.nn.Module | None) -> dict | None:
+    """``{"head_size", "rotary_dim", "neox"}`` of the model's first rotary embedding (vLLM's
+    ``RotaryEmbeddingBase`` attributes, the same in every supported release); None without one."""
+    for module in model.modules() if model is not None else ():
+        if all(hasattr(module, a) for a in ("rotary_dim", "is_neox_style", "head_size")):
+            return {"head_size": int(module.head_size), "rotary_dim": int(module.rotary_dim),
+                    "neox": bool(module.is_neox_style)}  # fmt: skip
+    return None

@@ -50,6 +50,13 @@ class KVQuantWorkerExtension:
             **step_counts(),
         }
 
+    def kvquant_rope_layout(self) -> dict | None:
+        """The model's RoPE layout (which K channels rotate into each other): per-channel K scales
+        are calibrated per RoPE pair (``scales.calibration.rope_partners``)."""
+        from . import compat
+
+        return compat.rope_layout(compat.worker_model(self))
+
     def kvquant_start_recording(self, method: str, percentile: float, seed: int) -> int:
         from . import calibration_hooks
         from .scales import AmaxRecorder

@@ -73,6 +73,7 @@ def calibrate_all(args: argparse.Namespace, schemes: list[dict], workdir: Path) 
         scales = scales_from_rank_stats(
             per_rank, num_kv_heads=facts["num_kv_heads"], head_size=facts["head_size"], tp_size=1,
             kv_dtype=cargs.dtype, granularity=cargs.granularity, info=calibration_info(cargs, data),
+            rope=facts.get("rope"),
         )  # fmt: skip
         path = save_scales(scales, workdir / f"scales-{i}.json")
         out.append({**scheme, "granularity": cargs.granularity, "margin": cargs.margin, "sidecar": str(path),

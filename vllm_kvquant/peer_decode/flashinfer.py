@@ -181,8 +181,9 @@ def _by_kv_head(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def _scale_view(scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """A per-KV-head ``[Hkv]`` or per-channel ``[Hkv, D]`` scale as ``[1, Hkv, 1, 1 or D]``."""
-    return scale.reshape(1, num_kv_heads, 1, -1)
+    """A per-tensor ``[1]``, per-KV-head ``[Hkv]`` or per-channel ``[Hkv, D]`` scale as
+    ``[1, 1 or Hkv, 1, 1 or D]``."""
+    return scale.reshape(1, 1, 1, 1) if scale.numel() == 1 else scale.reshape(1, num_kv_heads, 1, -1)
 
 
 def fold_k_scale(query: torch.Tensor, k_scale: torch.Tensor, out: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
