@@ -382,7 +382,9 @@ def test_decode_benchmark_smoke(tmp_path):
     assert out.exists() and set(result) >= {"device", "versions", "command", "copy_gbps", "rows"}
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == list(ROW_NAMES)
-    for name in ("kvquant-triton-fp8", "kvquant-triton-int8"):
+    for name in ("kvquant-triton-fp8", "kvquant-triton-int8", "kvquant-triton-fp8-per-channel",
+                 "kvquant-triton-int8-per-channel"):  # fmt: skip
         assert rows[name]["status"] == "ok" and rows[name]["us"] > 0 and rows[name]["max_abs_err_ref"] < 2e-2
+    assert rows["kvquant-triton-int8-per-channel"]["scales"] == "per-channel" and rows["kvquant-triton-int8"]["kv_dtype"] == "int8"
     assert "needs a CUDA GPU" in rows["kvquant-fa3-fp8"]["reason"]
     assert all(rows[n]["status"] == "skipped" and rows[n]["reason"] for n in ROW_NAMES if "triton-" not in n or "vllm" in n)
