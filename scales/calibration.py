@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: keeps it positive while still representing the (zero) values exactly.
 DEFAULT_FLOOR = 1e-8
 
-Stats = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+#: ``{layer: (K stat, V stat[, K RoPE pair-norm amax])}``
+Stats = dict[str, tuple["torch.Tensor", ...]]
 
 #: ``vllm-kvquant calibrate``'s granularity when none is given, per storage format: the most
 #: accurate one measured (README, "Choosing the granularity"). int8's uniform grid gains from a
@@ -35,8 +36,7 @@ DEFAULT_GRANULARITY: dict[KVCacheDType, Granularity] = {
     KVCacheDType.FP8_E4M3: Granularity.PER_HEAD,
 }
 #: Headroom over the calibration amax when no --margin is given, per (format, granularity):
-#: per-channel ranges are narrow, and held-out text (longer contexts above all: RoPE turns a
-#: channel pair's energy from one channel to the other as positions grow) exceeds them.
+#: per-channel ranges are narrow, and held-out text goes beyond them (measured: README).
 DEFAULT_MARGINS: dict[tuple[KVCacheDType, Granularity], float] = {
     (KVCacheDType.INT8, Granularity.PER_CHANNEL): 1.25,
 }
@@ -58,15 +58,6 @@ def rope_partners(head_size: int, rope: Mapping | None) -> list[int]:
         a, b = (i, i + half) if rope.get("neox", True) else (2 * i, 2 * i + 1)
         partners[a], partners[b] = b, a
     return partners
-
-
-def pair_amax(amax: "torch.Tensor", partners: Sequence[int]) -> "torch.Tensor":
-    """``[heads, head_size]`` amax with each channel raised to its RoPE partner's: the two channels of
-    a pair trade energy as the position grows, so a range seen on one at short positions is the
-    pair's range at long ones (per-channel K scales clipped long held-out contexts; see README)."""
-    import torch
-
-    return torch.maximum(amax, amax[:, list(partners)])
 
 
 def default_granularity(kv_dtype: KVCacheDType | str) -> Granularity:
@@ -110,9 +101,18 @@ class _Reservoir:
 
 
 class AmaxRecorder:
-    """Per-layer, per-KV-head statistics of |K| and |V| (``method`` = absmax or percentile)."""
+    """Per-layer, per-KV-head statistics of |K| and |V| (``method`` = absmax or percentile).
 
-    def __init__(self, method: str = "absmax", percentile: float = 99.99, max_samples: int = 65536, seed: int = 0) -> None:
+    ``k_partners`` (:func:`rope_partners`): also keep, per KV head and channel, the max of K's RoPE
+    pair norm ``sqrt(k_i^2 + k_partner(i)^2)``. RoPE rotates a pair without changing its norm, so
+    that bounds either channel of the pair at any position, also beyond the calibration samples'
+    (per-channel K scales take it; a channel's own amax clipped 4x longer held-out contexts).
+    """
+
+    def __init__(
+        self, method: str = "absmax", percentile: float = 99.99, max_samples: int = 65536, seed: int = 0,
+        k_partners: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
         import torch
 
         if method not in ("absmax", "percentile"):
@@ -127,6 +127,7 @@ class AmaxRecorder:
         self._samples: dict[str, list[_Reservoir]] = {}
         self.num_tokens: dict[str, int] = {}
         self.nonfinite: dict[str, int] = {}
+        self.k_partners = list(k_partners) if k_partners is not None else None
 
     @property
     def layer_names(self) -> list[str]:
@@ -150,9 +151,11 @@ class AmaxRecorder:
             per_channel.append(a.amax(dim=0).cpu() if a.shape[0] else torch.zeros(a.shape[1:]))  # [heads, head_size]
             if self.method == "percentile":
                 per_head.append(a.transpose(0, 1).reshape(a.shape[1], -1).cpu())  # [heads, tokens*head_size]
+            if name == "key" and self.k_partners is not None:
+                per_channel.append(self._pair_norm_amax(layer, a))
         if key.shape[1] != value.shape[1]:
             raise ScalesError(f"layer '{layer}': key has {key.shape[1]} KV heads but value has {value.shape[1]}")
-        amax = per_channel
+        amax = [per_channel[0], per_channel[-1], *per_channel[1:-1]]  # (K, V[, K pair norm])
         if layer not in self._amax:
             self._amax[layer] = amax
             self._samples[layer] = [_Reservoir(self.max_samples, self._generator) for _ in range(2)]
@@ -171,11 +174,28 @@ class AmaxRecorder:
 
     record = update  # the backend's KVRecorder protocol calls ``record(layer_name, key, value)``
 
+    def _pair_norm_amax(self, layer: str, abs_k: "torch.Tensor") -> "torch.Tensor":
+        """``[heads, head_size]``: max over tokens of ``sqrt(k_i^2 + k_partner(i)^2)`` (|k_i| unpaired)."""
+        import torch
+
+        partners = self.k_partners
+        if len(partners) != abs_k.shape[-1]:
+            raise ScalesError(
+                f"layer '{layer}': K has head size {abs_k.shape[-1]} but the RoPE pairing covers {len(partners)} channels"
+            )
+        if not abs_k.shape[0]:
+            return torch.zeros(abs_k.shape[1:])
+        paired = torch.tensor(partners) != torch.arange(len(partners))
+        other = abs_k[..., partners]
+        norm = torch.where(paired, torch.sqrt(abs_k * abs_k + other * other), abs_k)
+        return norm.amax(dim=0).cpu()
+
     def stats(self) -> Stats:
-        """``{layer: (k_stat, v_stat)}`` as fp32 CPU tensors: absmax ``[heads, head_size]`` (per channel;
-        per-head scales take the max over channels), percentile ``[heads]``."""
+        """``{layer: (k_stat, v_stat[, k_pair_norm])}`` as fp32 CPU tensors: absmax ``[heads, head_size]``
+        (per channel; per-head scales take the max over channels), with ``k_partners`` also K's RoPE
+        pair-norm amax; percentile ``[heads]``."""
         if self.method == "absmax":
-            return {n: (k.clone(), v.clone()) for n, (k, v) in self._amax.items()}
+            return {n: tuple(t.clone() for t in stats) for n, stats in self._amax.items()}
         return {n: (rk.percentile(self.percentile), rv.percentile(self.percentile)) for n, (rk, rv) in self._samples.items()}
 
 
@@ -195,20 +215,20 @@ def combine_rank_stats(per_rank: Sequence[Mapping[str, tuple["torch.Tensor", "to
             raise ScalesError(f"rank {rank} recorded other layers than rank 0 (differing: {diff[:5]})")
     out: Stats = {}
     for name in names:
-        tail = tuple(torch.as_tensor(per_rank[0][name][0]).shape[1:])
-        k_all = torch.zeros(total_num_kv_heads, *tail)
-        v_all = torch.zeros(total_num_kv_heads, *tail)
+        first = [torch.as_tensor(t) for t in per_rank[0][name]]
+        combined = [torch.zeros(total_num_kv_heads, *t.shape[1:]) for t in first]
         for rank, stats in enumerate(per_rank):
             heads = torch.tensor(kv_heads_for_rank(total_num_kv_heads, tp_size, rank))
-            k, v = (t.detach().float().cpu() for t in stats[name])
-            if k.shape != (len(heads), *tail) or v.shape != (len(heads), *tail):
+            tensors = [t.detach().float().cpu() for t in stats[name]]
+            want = [(len(heads), *t.shape[1:]) for t in first]
+            if [tuple(t.shape) for t in tensors] != want:
                 raise ScalesError(
-                    f"layer '{name}': rank {rank} has K statistics of shape {tuple(k.shape)} and V {tuple(v.shape)}, "
-                    f"expected {(len(heads), *tail)} (KV heads {heads.tolist()})"
+                    f"layer '{name}': rank {rank} has statistics of shapes {[tuple(t.shape) for t in tensors]} "
+                    f"(K, V[, K pair norm]), expected {want} (KV heads {heads.tolist()})"
                 )
-            k_all[heads] = torch.maximum(k_all[heads], k)
-            v_all[heads] = torch.maximum(v_all[heads], v)
-        out[name] = (k_all, v_all)
+            for all_heads, t in zip(combined, tensors):
+                all_heads[heads] = torch.maximum(all_heads[heads], t)
+        out[name] = tuple(combined)
     return out
 
 
@@ -247,12 +267,11 @@ def build_scales_file(
     model: ModelFacts,
     calibration: CalibrationInfo,
     floor: float = DEFAULT_FLOOR,
-    rope: Mapping | None = None,
 ) -> ScalesFile:
     """Whole-model stats -> a validated :class:`ScalesFile` (margin from ``calibration.margin``, default 1).
 
-    per_channel: V per channel; K per RoPE pair (``rope``, see :func:`rope_partners`): stored as one
-    scale per channel, the two channels of a pair equal.
+    per_channel: V per channel; K per RoPE pair where the stats hold K's pair norms (a third tensor,
+    :class:`AmaxRecorder` with ``k_partners``): stored per channel, a pair's two channels equal.
     """
     margin = calibration.margin if calibration.margin is not None else 1.0
     granularity = Granularity(granularity)
@@ -264,7 +283,7 @@ def build_scales_file(
                 f"layer '{name}' was never seen during calibration (no K/V recorded); "
                 f"recorded layers: {list(stats)[:5]}"
             )
-        k, v = stats[name]
+        k, v = stats[name][:2]
         if k.shape[:1] != (model.num_kv_heads,) or v.shape[:1] != (model.num_kv_heads,):
             raise ScalesError(
                 f"layer '{name}': statistics cover {k.shape[0] if k.dim() else 1} K / {v.shape[0] if v.dim() else 1} "
@@ -273,10 +292,11 @@ def build_scales_file(
         if granularity is Granularity.PER_CHANNEL and (k.dim() != 2 or k.shape[1] != model.head_size):
             raise ScalesError(
                 f"layer '{name}': per_channel needs K/V statistics of shape [{model.num_kv_heads}, {model.head_size}] "
-                f"(KV heads x head size), got {tuple(k.shape)}"
+                f"(KV heads x head size), got {tuple(k.shape)} (the percentile method keeps one sample per KV head: "
+                "use --method absmax)"
             )
-        if granularity is Granularity.PER_CHANNEL:
-            k = pair_amax(k.detach().float(), rope_partners(model.head_size, rope))
+        if granularity is Granularity.PER_CHANNEL and len(stats[name]) > 2:
+            k = stats[name][2]  # K's RoPE pair norms: a bound at any position (AmaxRecorder)
         ks = scales_from_amax(k, kv_dtype, margin, floor, granularity)
         vs = scales_from_amax(v, kv_dtype, margin, floor, granularity)
         layers[name] = LayerScales(name, tuple(ks.reshape(-1).tolist()), tuple(vs.reshape(-1).tolist()), channels)

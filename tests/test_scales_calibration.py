@@ -100,7 +100,7 @@ def test_combine_tp_equals_tp1(heads: int, tp: int) -> None:
 def test_combine_replicated_takes_max() -> None:
     per_rank = [{"x": (torch.tensor([1.0]), torch.tensor([5.0]))}, {"x": (torch.tensor([2.0]), torch.tensor([4.0]))}]
     assert [t.tolist() for t in combine_rank_stats(per_rank, 1, 2)["x"]] == [[2.0], [5.0]]
-    with pytest.raises(ScalesError, match=r"layer 'x': rank 0 has K statistics of shape \(1,\) and V \(1,\), expected \(2,\)"):
+    with pytest.raises(ScalesError, match=r"layer 'x': rank 0 has statistics of shapes \[\(1,\), \(1,\)\] .*expected \[\(2,\), \(2,\)\]"):
         combine_rank_stats(per_rank[:1], 2, 1)
     with pytest.raises(ScalesError, match="got statistics from 1 ranks, expected tp_size = 2"):
         combine_rank_stats(per_rank[:1], 2, 2)
@@ -169,24 +169,37 @@ def test_default_granularity_and_margin() -> None:
     assert default_margin("int8", "per_head") == default_margin("fp8_e4m3", "per_head") == 1.0
 
 
-def test_rope_partners_and_pair_amax() -> None:
-    from vllm_kvquant.scales.calibration import pair_amax, rope_partners
+def test_rope_partners() -> None:
+    from vllm_kvquant.scales.calibration import rope_partners
 
     assert rope_partners(8, {"rotary_dim": 8, "neox": True}) == [4, 5, 6, 7, 0, 1, 2, 3]
     assert rope_partners(8, {"rotary_dim": 8, "neox": False}) == [1, 0, 3, 2, 5, 4, 7, 6]
     assert rope_partners(8, {"rotary_dim": 4, "neox": True}) == [2, 3, 0, 1, 4, 5, 6, 7]  # partial rotary
     assert rope_partners(4, None) == [0, 1, 2, 3]
-    amax = torch.tensor([[1.0, 8.0, 2.0, 3.0]])
-    assert pair_amax(amax, rope_partners(4, {"rotary_dim": 4, "neox": True})).tolist() == [[2.0, 8.0, 2.0, 8.0]]
 
 
-def test_per_channel_k_scales_are_shared_per_rope_pair_and_v_stays_per_channel() -> None:
-    k = torch.tensor([[127.0, 12.7, 1.27, 254.0], [1.0, 2.0, 3.0, 4.0]])
-    v = torch.tensor([[127.0, 12.7, 1.27, 254.0], [1.0, 2.0, 3.0, 4.0]])
-    stats = {n: (k, v) for n in NAMES}
-    facts = ModelFacts(2, 2, 4, NAMES)
-    scales = build_scales_file(stats, "int8", "per_channel", facts, CalibrationInfo("absmax"),
-                               rope={"rotary_dim": 4, "neox": True})  # fmt: skip
-    layer = scales.layers[NAMES[0]]
-    assert layer.k_scale == pytest.approx([1.0, 2.0, 1.0, 2.0, 3 / 127, 4 / 127, 3 / 127, 4 / 127])
-    assert layer.v_scale == pytest.approx([1.0, 0.1, 0.01, 2.0, 1 / 127, 2 / 127, 3 / 127, 4 / 127])
+def test_k_pair_norms_bound_every_rotation_and_set_per_channel_k_scales() -> None:
+    """RoPE turns a pair (i, i + d/2) by any angle: the recorded pair norm bounds both channels at
+    every position, so per-channel K scales from it never clip a rotation of what was seen."""
+    from vllm_kvquant.scales.calibration import rope_partners
+
+    partners = rope_partners(4, {"rotary_dim": 4, "neox": True})  # pairs (0, 2) and (1, 3)
+    rec = AmaxRecorder(k_partners=partners)
+    key = torch.tensor([[[3.0, 0.5, 4.0, 0.0]], [[0.0, -1.0, 1.0, 0.5]]])  # 2 tokens, 1 head
+    value = torch.tensor([[[1.0, 2.0, 3.0, 4.0]], [[0.5, 0.5, 0.5, 0.5]]])
+    rec.record(NAMES[0], key, value)
+    k_amax, v_amax, k_pair = rec.stats()[NAMES[0]]
+    assert k_amax.tolist() == [[3.0, 1.0, 4.0, 0.5]] and v_amax.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    assert k_pair[0].tolist() == pytest.approx([5.0, 1.25**0.5, 5.0, 1.25**0.5])
+    angle = torch.atan2(torch.tensor(4.0), torch.tensor(3.0))  # rotate pair (0, 2) so that channel 0 holds the whole norm
+    rotated = key[0, 0, 0] * torch.cos(angle) + key[0, 0, 2] * torch.sin(angle)
+    assert float(rotated) == pytest.approx(5.0, rel=1e-4) and float(rotated) > k_amax[0, 0]
+    stats = {n: rec.stats()[NAMES[0]] for n in NAMES}
+    facts = ModelFacts(2, 1, 4, NAMES)
+    channel = build_scales_file(stats, "int8", "per_channel", facts, CalibrationInfo("absmax")).layers[NAMES[0]]
+    assert channel.k_scale == pytest.approx([5 / 127, 1.25**0.5 / 127, 5 / 127, 1.25**0.5 / 127])
+    assert channel.v_scale == pytest.approx([1 / 127, 2 / 127, 3 / 127, 4 / 127])
+    head = build_scales_file(stats, "int8", "per_head", facts, CalibrationInfo("absmax")).layers[NAMES[0]]
+    assert head.k_scale == pytest.approx([4 / 127])  # per head: the plain amax, as before
+    with pytest.raises(ScalesError, match="RoPE pairing covers 4 channels"):
+        rec.record(NAMES[1], torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))

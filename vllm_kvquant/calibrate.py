@@ -391,7 +391,7 @@ def record_with_engine(
                 logger.warning("kvquant calibrate: layer '%s' recorded %d tokens for %d fed", name, seen, expected)
         for name, count in raw["nonfinite"].items():
             logger.warning("kvquant calibrate: layer '%s' on rank %d produced %d NaN/Inf K/V values (ignored)", name, rank, count)
-        per_rank.append({n: (torch.tensor(k), torch.tensor(v)) for n, (k, v) in raw["stats"].items()})
+        per_rank.append({n: tuple(torch.tensor(t) for t in ts) for n, ts in raw["stats"].items()})
     return per_rank
 
 
@@ -462,7 +462,7 @@ def scales_from_rank_stats(
 
     Ranks hold the KV heads :func:`kv_heads_for_rank` gives them (replicated heads are maxed),
     then ``scale = max(stat * margin / qmax, 1e-8)`` per head (per_tensor: max over heads first;
-    per_channel: per channel, K's two channels of a RoPE pair (``rope``) sharing the larger).
+    per_channel: per channel, K's from its RoPE pair's norm when recorded; ``rope`` is provenance).
     """
     from dataclasses import replace
 
@@ -471,9 +471,10 @@ def scales_from_rank_stats(
     stats = combine_rank_stats(per_rank, num_kv_heads, tp_size)
     names = sorted(stats, key=layer_order)
     model = ModelFacts(num_layers=len(names), num_kv_heads=num_kv_heads, head_size=head_size, layer_names=names)
-    if granularity == "per_channel":  # provenance: which K channels share a scale (None: none do)
-        info = replace(info, extra={**info.extra, "k_rope_pairs": dict(rope) if rope else None})
-    return build_scales_file(stats, kv_dtype, granularity, model, info, rope=rope)
+    if granularity == "per_channel":  # provenance: K's RoPE pairs sharing a scale (None: K per channel)
+        paired = bool(rope) and all(len(t) > 2 for t in stats.values())
+        info = replace(info, extra={**info.extra, "k_rope_pairs": dict(rope) if paired else None})
+    return build_scales_file(stats, kv_dtype, granularity, model, info)
 
 
 def run_calibration(args: Namespace) -> "ScalesFile":

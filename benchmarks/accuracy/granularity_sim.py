@@ -9,7 +9,9 @@ from absmax statistics over calibration windows, exactly like ``vllm-kvquant cal
 
 - ``tensor`` / ``head``: one scale per layer / per KV head;
 - ``channel``: one per KV head and channel;
-- ``pair`` (K only): one per RoPE pair (channels ``i`` and ``i + d/2`` share the larger amax).
+- ``pair`` (K only): one per RoPE pair (channels ``i`` and ``i + d/2`` share the larger amax);
+- ``pairnorm`` (K only): one per RoPE pair from the amax of the pair's norm ``sqrt(k_i^2 + k_{i+d/2}^2)``,
+  which RoPE leaves unchanged: a bound on either channel at any position.
 
 Perplexity is measured on held-out windows of the calibration length and on windows 4x longer
 (positions beyond any calibration sample: RoPE rotates a channel pair's energy between its two
@@ -47,8 +49,10 @@ class Scheme:
         return f"{self.kv_dtype} K {self.k_gran} / V {self.v_gran} margin {self.margin:g}"
 
 
-def reduce_amax(amax: torch.Tensor, gran: str) -> torch.Tensor:
-    """Per-channel amax ``[heads, d]`` -> the amax each channel is scaled by (same shape)."""
+def reduce_amax(amax: torch.Tensor, gran: str, pair_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel amax ``[heads, d]`` (and K's pair-norm amax) -> the amax each channel is scaled by."""
+    if gran == "pairnorm":
+        return pair_norm
     if gran == "tensor":
         return amax.amax().expand_as(amax)
     if gran == "head":
@@ -76,7 +80,7 @@ class Sim:
     def __init__(self, num_layers: int, chunk: int) -> None:
         self.chunk = chunk
         self.mode = "reference"
-        self.amax: list[list[torch.Tensor] | None] = [None] * num_layers  # per layer: [k, v] of [heads, d]
+        self.amax: list[list[torch.Tensor] | None] = [None] * num_layers  # per layer: [k, v, k pair norm] of [heads, d]
         self.scales: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kv_dtype = "none"
 
@@ -86,15 +90,18 @@ class Sim:
         if self.mode == "quant":
             q = QMAX[scheme.kv_dtype]
             self.scales = [
-                (reduce_amax(k, scheme.k_gran).clamp(min=1e-8) * scheme.margin / q,
+                (reduce_amax(k, scheme.k_gran, kn).clamp(min=1e-8) * scheme.margin / q,
                  reduce_amax(v, scheme.v_gran).clamp(min=1e-8) * scheme.margin / q)
-                for k, v in self.amax
+                for k, v, kn in self.amax
             ]  # fmt: skip
 
     def attention(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         layer = module.layer_idx
         if self.mode == "record":
-            stats = [key.abs().amax(dim=(0, 2)).float(), value.abs().amax(dim=(0, 2)).float()]
+            half = key.shape[-1] // 2
+            norm = torch.sqrt(key[..., :half].float() ** 2 + key[..., half:].float() ** 2)  # RoPE-invariant
+            norm = torch.cat([norm, norm], dim=-1)
+            stats = [key.abs().amax(dim=(0, 2)).float(), value.abs().amax(dim=(0, 2)).float(), norm.amax(dim=(0, 2))]
             old = self.amax[layer]
             self.amax[layer] = stats if old is None else [torch.maximum(o, n) for o, n in zip(old, stats)]
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -142,7 +149,8 @@ def default_schemes() -> list[Scheme]:
     per-head / per-tensor baselines, fp8's candidates."""
     out = []
     for margin in (1.0, 1.1, 1.25, 1.5):
-        out += [Scheme("int8", "channel", "channel", margin), Scheme("int8", "pair", "channel", margin)]
+        out += [Scheme("int8", "channel", "channel", margin), Scheme("int8", "pair", "channel", margin),
+                Scheme("int8", "pairnorm", "channel", margin)]
     out += [Scheme("int8", "head", "head"), Scheme("int8", "channel", "head")]
     out += [Scheme("fp8_e4m3", "head", "head"), Scheme("fp8_e4m3", "tensor", "tensor"),
             Scheme("fp8_e4m3", "channel", "channel"), Scheme("fp8_e4m3", "pair", "channel"),
