@@ -129,15 +129,14 @@ def _quantize_to_cache_kernel(
         v_dst = vc_ptr + b3 * stride_vcb + o3 * stride_vcs + h3 * stride_vch + d3 * stride_vcd
 
     # Per channel ([heads, head_size], contiguous): each channel is quantized with its own scale.
-    if K_CHANNEL:
+    if K_CHANNEL or V_CHANNEL:
         hd_off = offs_h[:, None] * HEAD_SIZE + offs_d[None, :]
         hd_mask = h_mask[:, None] & (offs_d < HEAD_SIZE)[None, :]
+    if K_CHANNEL:
         ks = tl.load(ks_ptr + hd_off, mask=hd_mask, other=1.0).to(tl.float32)[None, :, :]
     else:
         ks = tl.load(ks_ptr + offs_h * ks_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
     if V_CHANNEL:
-        hd_off = offs_h[:, None] * HEAD_SIZE + offs_d[None, :]
-        hd_mask = h_mask[:, None] & (offs_d < HEAD_SIZE)[None, :]
         vs = tl.load(vs_ptr + hd_off, mask=hd_mask, other=1.0).to(tl.float32)[None, :, :]
     else:
         vs = tl.load(vs_ptr + offs_h * vs_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
