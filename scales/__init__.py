@@ -8,7 +8,6 @@ from .calibration import (
     build_scales_file,
     combine_rank_stats,
     default_granularity,
-    default_margin,
     scales_from_amax,
 )
 from .convert import FORMATS as CONVERT_FORMATS
@@ -59,7 +58,6 @@ __all__ = [
     "build_scales_file",
     "combine_rank_stats",
     "default_granularity",
-    "default_margin",
     "convert_scales",
     "convert_to_sidecar",
     "detect_format",

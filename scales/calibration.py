@@ -35,11 +35,6 @@ DEFAULT_GRANULARITY: dict[KVCacheDType, Granularity] = {
     KVCacheDType.INT8: Granularity.PER_CHANNEL,
     KVCacheDType.FP8_E4M3: Granularity.PER_HEAD,
 }
-#: Headroom over the calibration amax when no --margin is given, per (format, granularity):
-#: per-channel ranges are narrow, and held-out text goes beyond them (measured: README).
-DEFAULT_MARGINS: dict[tuple[KVCacheDType, Granularity], float] = {
-    (KVCacheDType.INT8, Granularity.PER_CHANNEL): 1.25,
-}
 
 
 def rope_partners(head_size: int, rope: Mapping | None) -> list[int]:
@@ -64,8 +59,6 @@ def default_granularity(kv_dtype: KVCacheDType | str) -> Granularity:
     return DEFAULT_GRANULARITY[KVCacheDType(kv_dtype)]
 
 
-def default_margin(kv_dtype: KVCacheDType | str, granularity: Granularity | str) -> float:
-    return DEFAULT_MARGINS.get((KVCacheDType(kv_dtype), Granularity(granularity)), 1.0)
 
 
 class _Reservoir:

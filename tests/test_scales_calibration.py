@@ -160,13 +160,11 @@ def test_per_channel_needs_channel_stats() -> None:
         scales_from_amax(torch.ones(2), "int8", granularity="per_channel")
 
 
-def test_default_granularity_and_margin() -> None:
-    from vllm_kvquant.scales import default_granularity, default_margin
+def test_default_granularity() -> None:
+    from vllm_kvquant.scales import default_granularity
 
     assert default_granularity("int8") is Granularity.PER_CHANNEL
     assert default_granularity("fp8_e4m3") is Granularity.PER_HEAD
-    assert default_margin("int8", "per_channel") > 1.0
-    assert default_margin("int8", "per_head") == default_margin("fp8_e4m3", "per_head") == 1.0
 
 
 def test_rope_partners() -> None:

@@ -76,15 +76,13 @@ class CalibrationData:
 
 
 def scale_defaults(args: Namespace) -> Namespace:
-    """``args`` with granularity and margin filled in where they were left out (None): the most
-    accurate measured for the storage format (``scales.calibration.DEFAULT_GRANULARITY`` / ``DEFAULT_MARGINS``)."""
-    from .scales import default_granularity, default_margin
+    """``args`` with the granularity filled in where it was left out (None): the most accurate
+    measured for the storage format (``scales.calibration.DEFAULT_GRANULARITY``)."""
+    from .scales import default_granularity
 
     resolved = Namespace(**vars(args))
     if getattr(args, "granularity", None) is None:
         resolved.granularity = default_granularity(args.dtype).value
-    if getattr(args, "margin", None) is None:
-        resolved.margin = default_margin(args.dtype, resolved.granularity)
     return resolved
 
 
@@ -103,7 +101,7 @@ def check_args(args: Namespace) -> None:
     if args.method == "percentile" and args.granularity == "per_channel":
         raise ValueError(
             "--method percentile keeps one sample of |x| per KV head, not per channel: use --granularity per_head "
-            "(or per_tensor) with it, or --method absmax (the default) with per_channel and a --margin"
+            "(or per_tensor) with it, or --method absmax (the default) with per_channel"
         )
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")

@@ -32,9 +32,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default="fp8_e4m3", help="KV storage format")
     p.add_argument("--method", choices=["absmax", "percentile"], default="absmax", help="statistic per KV head (default absmax)")
     p.add_argument("--percentile", type=float, default=99.99, help="with --method percentile: percentile of |x|, in (0, 100]")
-    p.add_argument("--margin", type=float, default=None,
-                   help="multiply amax by this (> 0) before dividing by qmax (default: 1.25 for int8 per_channel, "
-                   "1.0 otherwise)")
+    p.add_argument("--margin", type=float, default=1.0, help="multiply amax by this (> 0) before dividing by qmax")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks to calibrate on; the file does not depend on it")
     p.add_argument("--seed", type=int, default=0, help="seed of the window selection (and the engine)")
     p.add_argument("--out", help="output path (default: MODEL/kvquant_scales.json)")

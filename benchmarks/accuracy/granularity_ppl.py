@@ -48,7 +48,7 @@ def calibration_args(args: argparse.Namespace, scheme: dict) -> Namespace:
     raw = Namespace(
         model=args.model, data=args.calib, num_samples=args.num_samples, seq_len=args.seq_len,
         granularity=scheme["granularity"], dtype=scheme["dtype"], method="absmax", percentile=99.99,
-        margin=scheme["margin"], tensor_parallel_size=1, seed=0, out=None, model_dtype="bfloat16",
+        margin=1.0 if scheme["margin"] is None else scheme["margin"], tensor_parallel_size=1, seed=0, out=None, model_dtype="bfloat16",
         gpu_memory_utilization=None, kv_cache_memory_bytes=args.kv_cache_bytes, max_model_len=args.seq_len + 1,
     )  # fmt: skip
     return scale_defaults(raw)
