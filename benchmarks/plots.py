@@ -253,7 +253,8 @@ def plot_decode(path: Path, out: Path, plt) -> Path | None:
 #: Columns of the README's decode table, in order: (row name, header).
 DECODE_COLUMNS = (
     ("kvquant-triton-fp8", "kvquant triton fp8"), ("kvquant-triton-int8", "kvquant triton int8"),
-    ("kvquant-fa3-fp8", "kvquant fa3 fp8"), ("kvquant-flashinfer-fp8", "kvquant flashinfer fp8"),
+    ("kvquant-triton-fp8-per-channel", "kvquant triton fp8 per-channel"),
+    ("kvquant-triton-int8-per-channel", "kvquant triton int8 per-channel"), ("kvquant-fa3-fp8", "kvquant fa3 fp8"), ("kvquant-flashinfer-fp8", "kvquant flashinfer fp8"),
     ("vllm-fa3-bf16", "vLLM FA3 bf16"), ("vllm-fa3-fp8", "vLLM FA3 fp8"), ("vllm-triton-fp8", "vLLM Triton fp8"),
     ("flashinfer-fp8", "FlashInfer fp8"), ("flashinfer-bf16", "FlashInfer bf16"),
 )  # fmt: skip

@@ -25,6 +25,7 @@ import torch
 from .decode_config import next_pow2
 from .launch import unspecialized
 from .prefill_attention import _interpreting
+from .scales_layout import broadcast_scale, scale_granularity
 
 try:
     import triton
@@ -47,6 +48,18 @@ def workspace_offsets(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
 
 if HAVE_TRITON:
 
+    @triton.jit
+    def _load_scales(scale_ptr, offs_h, offs_d, hd_mask, NUM_KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                     GRAN: tl.constexpr):  # fmt: skip
+        """The scale of every [token, head, channel] element: per channel ``[1, H, D]``, per head
+        ``[1, H, 1]``, per tensor a scalar (``GRAN``: :mod:`.scales_layout`'s 2, 1, 0)."""
+        if GRAN == 2:
+            return tl.load(scale_ptr + offs_h[:, None] * HEAD_SIZE + offs_d[None, :], mask=hd_mask, other=0.0)[None, :, :]
+        elif GRAN == 1:
+            return tl.load(scale_ptr + offs_h, mask=offs_h < NUM_KV_HEADS, other=0.0)[None, :, None]
+        else:
+            return tl.load(scale_ptr)
+
     # The block table and lengths are sliced past the batch's decodes; the row length is the engine's.
     @triton.jit(**unspecialized("stride_bt", "bt_ptr", "seq_lens_ptr"))
     def _fill_context_kernel(
@@ -56,7 +69,7 @@ if HAVE_TRITON:
         stride_kb, stride_kt, stride_kh, stride_cvb, stride_cvt, stride_cvh,
         stride_bt,
         NUM_KV_HEADS: tl.constexpr, HKV_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, K_PER_HEAD: tl.constexpr, V_PER_HEAD: tl.constexpr, FROM_CACHE_ONLY: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, K_GRAN: tl.constexpr, V_GRAN: tl.constexpr, FROM_CACHE_ONLY: tl.constexpr,
     ):  # fmt: skip
         req = tl.program_id(0)
         page = tl.program_id(1)
@@ -82,14 +95,8 @@ if HAVE_TRITON:
         h3 = offs_h[None, :, None]
         d3 = offs_d[None, None, :]
         row = (q_start + pos - ctx_len).to(tl.int64)[:, None, None]
-        if K_PER_HEAD:
-            k_scale = tl.load(k_scale_ptr + offs_h, mask=offs_h < NUM_KV_HEADS, other=0.0)[None, :, None]
-        else:
-            k_scale = tl.load(k_scale_ptr)
-        if V_PER_HEAD:
-            v_scale = tl.load(v_scale_ptr + offs_h, mask=offs_h < NUM_KV_HEADS, other=0.0)[None, :, None]
-        else:
-            v_scale = tl.load(v_scale_ptr)
+        k_scale = _load_scales(k_scale_ptr, offs_h, offs_d, hd_mask, NUM_KV_HEADS, HEAD_SIZE, K_GRAN)
+        v_scale = _load_scales(v_scale_ptr, offs_h, offs_d, hd_mask, NUM_KV_HEADS, HEAD_SIZE, V_GRAN)
         out_ty = ws_k_ptr.dtype.element_ty
         ws_off = dst * (BLOCK_SIZE * NUM_KV_HEADS * HEAD_SIZE) + t3 * (NUM_KV_HEADS * HEAD_SIZE) + h3 * HEAD_SIZE + d3
 
@@ -147,7 +154,8 @@ def fill_context(
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         block_table.stride(0),
         NUM_KV_HEADS=hkv, HKV_PAD=next_pow2(hkv), HEAD_SIZE=d, HEAD_PAD=max(16, next_pow2(d)),
-        BLOCK_SIZE=block_size, K_PER_HEAD=k_scale.numel() > 1, V_PER_HEAD=v_scale.numel() > 1,
+        BLOCK_SIZE=block_size, K_GRAN=scale_granularity(k_scale, hkv, d, "k_scale"),
+        V_GRAN=scale_granularity(v_scale, hkv, d, "v_scale"),
         FROM_CACHE_ONLY=from_cache_only, num_warps=4,
     )  # fmt: skip
 
@@ -161,8 +169,8 @@ def fill_context_ref(
     qsl = query_start_loc[: num_reqs + 1].tolist()
     lens = seq_lens[:num_reqs].tolist()
     offs = offsets[:num_reqs].tolist()
-    ks = k_scale.float().reshape(-1, 1)
-    vs = v_scale.float().reshape(-1, 1)
+    ks = broadcast_scale(k_scale, hkv, ws_key.shape[3])
+    vs = broadcast_scale(v_scale, hkv, ws_key.shape[3])
     for i in range(num_reqs):
         n, new = lens[i], qsl[i + 1] - qsl[i]
         ctx = n - new

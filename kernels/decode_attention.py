@@ -15,7 +15,10 @@ Design (memory bound: the point of an 8-bit cache is half the bytes per decode s
   online softmax in fp32 with ``exp2``.  ``softmax_scale * k_scale * log2(e)`` multiplies the
   fp32 score tile (one scalar per program: per-head scales are per KV head; scaling the
   [group x tile] scores instead of pre-scaling Q costs nothing and avoids rounding Q twice);
-  ``v_scale`` multiplies the output once at the end.
+  ``v_scale`` multiplies the output once at the end.  Per-channel scales (``[num_kv_heads,
+  head_size]``) cost the same: each program loads its KV head's two ``[head_size]`` vectors once,
+  folds K's into the query before the loop (``(q * s_k / max s_k) . k_stored``, ``max s_k`` into
+  the scalar) and multiplies the output by V's (``(sum p v_stored) * s_v``); the loop is unchanged.
 - Split-KV (flash-decoding): grid ``(num_seqs, num_kv_heads, num_splits)``.  ``num_splits``
   depends only on (num_seqs, num_kv_heads, head_size, SM count, max_num_splits), never on the
   values of ``seq_lens``, so the launch is CUDA-graph safe; each split derives its tile range
@@ -49,6 +52,7 @@ from .decode_config import MAX_HEAD_SIZE, MAX_NUM_SPLITS, DecodeKernelConfig, _c
 from .decode_plan import DecodeLayer, DecodePlan, uses_reference
 from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype
 from .reference import paged_decode_attention_ref
+from .scales_layout import flat_scale
 
 __all__ = [
     "MAX_NUM_SPLITS",
@@ -107,10 +111,7 @@ def _validate(query, key_cache, value_cache, block_table, seq_lens, k_scale, v_s
             f"block_table ({block_table.shape[0]} rows) and seq_lens ({seq_lens.shape[0]}) must cover {num_seqs} sequences"
         )
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if not isinstance(scale, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(scale).__name__}")
-        if scale.numel() not in (1, num_kv_heads):
-            raise ValueError(f"{name} has {scale.numel()} values; expected 1 or num_kv_heads={num_kv_heads}")
+        flat_scale(scale, name, num_kv_heads, head_size)
     if out is not None and (out.shape != query.shape or out.dtype != query.dtype):
         raise ValueError(f"out must be {query.dtype} {tuple(query.shape)}, got {out.dtype} {tuple(out.shape)}")
     if max_num_splits is not None and int(max_num_splits) < 1:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import torch
 
@@ -34,6 +33,7 @@ from .decode_triton import HAVE_TRITON, decode_reduce_kernel, decode_split_kerne
 from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype
 from .launch import FastKernel
 from .reference import paged_decode_attention_ref
+from .scales_layout import flat_scale
 
 if HAVE_TRITON:
     import triton.language as tl
@@ -166,8 +166,8 @@ class DecodeLayer:
         for name, t in (("value_cache", value_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
             if t.device != device:
                 raise ValueError(f"{name} is on {t.device} but key_cache is on {device}")
-        self.k_scale = _scale_arg("k_scale", k_scale, num_kv_heads)
-        self.v_scale = _scale_arg("v_scale", v_scale, num_kv_heads)
+        self.k_scale, k_gran = flat_scale(k_scale, "k_scale", num_kv_heads, head_size)
+        self.v_scale, v_gran = flat_scale(v_scale, "v_scale", num_kv_heads, head_size)
         cfg = config or DEFAULT_CONFIG
         block_n = cfg.tile_tokens(head_size)
         if block_n < 16 or block_n & (block_n - 1):
@@ -200,7 +200,7 @@ class DecodeLayer:
         self._split_ptrs = (kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), vs.data_ptr(), *scalars)
         self._split_const = (
             head_size, head_pad, num_q_heads // num_kv_heads, max(16, next_pow2(num_q_heads // num_kv_heads)),
-            block_size, block_n, min_tiles, ks.numel() > 1, vs.numel() > 1, use_window, self.cap > 0.0, dot_dtype,
+            block_size, block_n, min_tiles, k_gran, v_gran, use_window, self.cap > 0.0, dot_dtype,
             asm_dequant, q_rescale,
         )  # fmt: skip
         self._reduce_const = (head_size, head_pad, block_n, min_tiles, use_window)
@@ -272,17 +272,3 @@ class DecodeLayer:
         else:
             out[rows] = ref.to(out.dtype)
         return out
-
-
-def _scale_arg(name: str, scale: Any, num_kv_heads: int) -> torch.Tensor:
-    """A flat fp32 view (a copy only when the dtype or layout differs) of a per-tensor or per-head scale."""
-    if not isinstance(scale, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(scale).__name__}")
-    if scale.numel() not in (1, num_kv_heads):
-        raise ValueError(f"{name} has {scale.numel()} values; expected 1 or num_kv_heads={num_kv_heads}")
-    if not scale.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {scale.dtype}")
-    scale = scale.reshape(-1)
-    if scale.dtype != torch.float32:
-        scale = scale.float()
-    return scale.contiguous()

@@ -31,7 +31,7 @@ decode_split_kernel = None
 decode_reduce_kernel = None
 
 if HAVE_TRITON:
-    from .jit_helpers import load_head_scale
+    from .jit_helpers import fold_k_scale, load_kv_scale
 
     # int8 -> fp16, four per instance: ``0x6400 | (x ^ 0x80)`` is the fp16 ``1152 + x`` (two byte
     # permutes), then one packed fp16 subtract per pair.
@@ -144,7 +144,7 @@ if HAVE_TRITON:
         # layer constexprs
         HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
-        K_PER_HEAD: tl.constexpr, V_PER_HEAD: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+        K_GRAN: tl.constexpr, V_GRAN: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
         DOT_DTYPE: tl.constexpr, ASM_DEQUANT: tl.constexpr, Q_RESCALE: tl.constexpr,
         # plan constexprs
         SPLIT: tl.constexpr, VARLEN: tl.constexpr,
@@ -173,6 +173,8 @@ if HAVE_TRITON:
             mask=g_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
+        # Per-channel K scales fold into the query: (q * s_k) . k_stored, then one scalar as before.
+        q, k_scale = fold_k_scale(q, load_kv_scale(k_scale_ptr, kvh, offs_d, HEAD_SIZE, K_GRAN), K_GRAN)
         if Q_RESCALE:
             # A bf16 query into fp16 dots: divide by a power of two that keeps |q| <= 2**14 (no
             # overflow). Components that end up below 2**-14 become fp16 subnormals and lose bits.
@@ -184,8 +186,8 @@ if HAVE_TRITON:
             q_mult = 1.0
             q = q.to(DOT_DTYPE)
 
-        k_scale = load_head_scale(k_scale_ptr, kvh, K_PER_HEAD) * q_mult
-        v_scale = load_head_scale(v_scale_ptr, kvh, V_PER_HEAD)
+        k_scale = k_scale * q_mult
+        v_scale = load_kv_scale(v_scale_ptr, kvh, offs_d, HEAD_SIZE, V_GRAN)  # per channel: [HEAD_PAD]
         if USE_SOFTCAP:
             qk_scale = sm_scale * k_scale / soft_cap  # tanh argument
             cap_log2 = soft_cap * 1.4426950408889634

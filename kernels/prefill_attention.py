@@ -30,7 +30,9 @@ Design (flash-attention style, fp32 accumulation, online softmax in base 2):
   The 8-bit values convert exactly to fp16/bf16 and go through the tensor cores unscaled:
   ``k_scale`` is folded into the logits' multiplier and ``v_scale`` is applied to the
   accumulator once, after the loop, while it holds only the cache's P.V (the online-softmax
-  rescales are linear, so this is exact).
+  rescales are linear, so this is exact). Per-channel scales (``[num_kv_heads, head_size]``):
+  K's fold into the query of the cache loop (``(q * s_k / max s_k) . k_stored``, one extra
+  rounding of that query), V's multiply the accumulator per channel; the loop is unchanged.
 - ``FULL`` then walks the step's own K/V up to the causal diagonal; tiles wholly below the
   diagonal skip the causal mask.
 - Sliding window (``k_pos > q_pos - window``) starts each loop at the first tile a row can
@@ -55,6 +57,7 @@ from .dtypes import SUPPORTED_ACT_DTYPES, SUPPORTED_HEAD_SIZES, KVQuantDType, as
 from .launch import FastKernel
 from .prefill_kernel import MODE_FULL, MODE_MERGE, MODE_QUANTIZED, prefill_attention_kernel
 from .reference import PREFILL_MODES, paged_prefill_attention_ref
+from .scales_layout import flat_scale, scale_granularity
 
 __all__ = [
     "MODE_FULL", "MODE_MERGE", "MODE_QUANTIZED", "PrefillKernelConfig", "launch_prefill", "make_launcher",
@@ -187,7 +190,8 @@ def launch_prefill(
     )  # fmt: skip
     const = (
         cfg.num_heads // cfg.num_kv_heads, cfg.group_pad, cfg.block_m, cfg.block_n, cfg.head_size, cfg.head_pad,
-        key_cache.shape[1], k_scale.numel() > 1, v_scale.numel() > 1, kv_int8, cfg.soft_cap != 0.0,
+        key_cache.shape[1], scale_granularity(k_scale, cfg.num_kv_heads, cfg.head_size),
+        scale_granularity(v_scale, cfg.num_kv_heads, cfg.head_size), kv_int8, cfg.soft_cap != 0.0,
         cfg.window != 0, _TL_DTYPE[query.dtype], cfg.interpret, mode, all_rows, lens_are_seq,
     )  # fmt: skip
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -205,18 +209,11 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(f"paged_prefill_attention: {msg}")
 
 
-def _scale_arg(scale: torch.Tensor, name: str, num_kv_heads: int, device: torch.device) -> torch.Tensor:
-    _check(isinstance(scale, torch.Tensor), f"{name} must be a tensor")
-    _check(scale.is_floating_point(), f"{name} must be a floating-point tensor, got {scale.dtype}")
-    _check(
-        scale.numel() in (1, num_kv_heads),
-        f"{name} has {scale.numel()} values; expected 1 (per tensor) or {num_kv_heads} (per KV head)",
-    )
-    _check(scale.device == device, f"{name} is on {scale.device}, query on {device}")
-    scale = scale.reshape(-1)
-    if scale.dtype != torch.float32:
-        scale = scale.to(torch.float32)
-    return scale
+def _scale_arg(scale: torch.Tensor, name: str, num_kv_heads: int, head_size: int, device: torch.device) -> torch.Tensor:
+    try:
+        return flat_scale(scale, name, num_kv_heads, head_size, device)[0]
+    except ValueError as e:
+        raise ValueError(f"paged_prefill_attention: {e}") from None
 
 
 def _validate(query, key, value, key_cache, value_cache, block_table, query_start_loc, context_lens,
@@ -256,8 +253,8 @@ def _validate(query, key, value, key_cache, value_cache, block_table, query_star
                     ("block_table", block_table), ("query_start_loc", query_start_loc),
                     ("context_lens", context_lens)):
         _check(t.device == device, f"{name} is on {t.device}, query on {device}")
-    k_scale = _scale_arg(k_scale, "k_scale", num_kv_heads, device)
-    v_scale = _scale_arg(v_scale, "v_scale", num_kv_heads, device)
+    k_scale = _scale_arg(k_scale, "k_scale", num_kv_heads, head_size, device)
+    v_scale = _scale_arg(v_scale, "v_scale", num_kv_heads, head_size, device)
     if sliding_window is not None:
         _check(sliding_window >= 0, f"sliding_window must be >= 0 (0 or None = off), got {sliding_window}")
     if logits_soft_cap is not None:

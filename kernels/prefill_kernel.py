@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .jit_helpers import load_head_scale
+from .jit_helpers import fold_k_scale, load_kv_scale
 from .launch import unspecialized
 
 MODE_FULL, MODE_MERGE, MODE_QUANTIZED = 0, 1, 2
@@ -84,7 +84,7 @@ def prefill_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
-    PAGE: tl.constexpr, K_PER_HEAD: tl.constexpr, V_PER_HEAD: tl.constexpr,
+    PAGE: tl.constexpr, K_GRAN: tl.constexpr, V_GRAN: tl.constexpr,
     KV_INT8: tl.constexpr, SOFT_CAP: tl.constexpr, WINDOW: tl.constexpr,
     DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     MODE: tl.constexpr, ALL_ROWS: tl.constexpr, LENS_ARE_SEQ: tl.constexpr,
@@ -134,8 +134,10 @@ def prefill_attention_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
 
     # ---- the quantized cache, dequantized in registers ----
-    k_scale = load_head_scale(ks_ptr, kvh, K_PER_HEAD)
-    v_scale = load_head_scale(vs_ptr, kvh, V_PER_HEAD)
+    # Per-channel K scales fold into the query of the cache loop: (q * s_k) . k_stored.
+    q_ctx, k_scale = fold_k_scale(q, load_kv_scale(ks_ptr, kvh, offs_d, HEAD, K_GRAN), K_GRAN)
+    q_ctx = q_ctx.to(DTYPE)
+    v_scale = load_kv_scale(vs_ptr, kvh, offs_d, HEAD, V_GRAN)  # per channel: [HEAD_PAD]
     mult = ctx_mult * k_scale
     q_pos = ctx_len + q_rel  # absolute positions
     if MODE == 2:  # QUANTIZED: the step's own tokens are in the cache too
@@ -171,7 +173,7 @@ def prefill_attention_kernel(
         else:
             k = k.to(tl.float8e4nv, bitcast=True).to(DTYPE)
             v = v.to(tl.float8e4nv, bitcast=True).to(DTYPE)
-        s = _logits_log2(q, k, mult, soft_cap, SOFT_CAP, DOT_FP32)
+        s = _logits_log2(q_ctx, k, mult, soft_cap, SOFT_CAP, DOT_FP32)
         visible = n_ok[None, :]
         if MODE == 2:
             visible = visible & (offs_n[None, :] <= q_pos[:, None])
@@ -179,7 +181,7 @@ def prefill_attention_kernel(
             visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, DTYPE, DOT_FP32)
-    # The accumulator holds only the cache's P.V so far: apply v_scale once.
+    # The accumulator holds only the cache's P.V so far: apply v_scale once (per channel: a row vector).
     acc = acc * v_scale
 
     # ---- FULL: this step's own K/V, causal ----

@@ -36,6 +36,7 @@ from triton.language.extra import libdevice
 from .dtypes import KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype, qmax_of
 from .launch import FastKernel
 from .reference import quantize_to_cache_ref
+from .scales_layout import PER_CHANNEL, PER_TENSOR, flat_scale
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _RINT_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds fp32 |y| < 2**22 half-to-even
@@ -92,7 +93,8 @@ def _quantize_to_cache_kernel(
     ks_stride, vs_stride,
     # per layer (CONTIG_D: also per call strides) and per launch config
     NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, QMAX: tl.constexpr,
-    IS_INT8: tl.constexpr, USE_RINT: tl.constexpr, SOFT_FP8: tl.constexpr, CONTIG_D: tl.constexpr,
+    IS_INT8: tl.constexpr, USE_RINT: tl.constexpr, SOFT_FP8: tl.constexpr,
+    K_CHANNEL: tl.constexpr, V_CHANNEL: tl.constexpr, CONTIG_D: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, RECIPROCAL: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -126,8 +128,18 @@ def _quantize_to_cache_kernel(
         k_dst = kc_ptr + b3 * stride_kcb + o3 * stride_kcs + h3 * stride_kch + d3 * stride_kcd
         v_dst = vc_ptr + b3 * stride_vcb + o3 * stride_vcs + h3 * stride_vch + d3 * stride_vcd
 
-    ks = tl.load(ks_ptr + offs_h * ks_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
-    vs = tl.load(vs_ptr + offs_h * vs_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
+    # Per channel ([heads, head_size], contiguous): each channel is quantized with its own scale.
+    if K_CHANNEL or V_CHANNEL:
+        hd_off = offs_h[:, None] * HEAD_SIZE + offs_d[None, :]
+        hd_mask = h_mask[:, None] & (offs_d < HEAD_SIZE)[None, :]
+    if K_CHANNEL:
+        ks = tl.load(ks_ptr + hd_off, mask=hd_mask, other=1.0).to(tl.float32)[None, :, :]
+    else:
+        ks = tl.load(ks_ptr + offs_h * ks_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
+    if V_CHANNEL:
+        vs = tl.load(vs_ptr + hd_off, mask=hd_mask, other=1.0).to(tl.float32)[None, :, :]
+    else:
+        vs = tl.load(vs_ptr + offs_h * vs_stride, mask=h_mask, other=1.0).to(tl.float32)[None, :, None]
 
     k = tl.load(k_src, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_src, mask=mask, other=0.0).to(tl.float32)
@@ -216,17 +228,10 @@ def _as_3d(x: torch.Tensor, name: str, num_heads: int, head_size: int) -> torch.
     return x
 
 
-def _flat_scale(s: torch.Tensor, name: str, num_heads: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    if not s.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor, got {s.dtype}")
-    if s.numel() not in (1, num_heads):
-        raise ValueError(f"{name} has {s.numel()} values; expected 1 (per tensor) or {num_heads} (per head)")
-    if s.device != device:
-        raise ValueError(f"{name} is on {s.device} but the cache is on {device}")
-    s = s.reshape(-1)
-    if s.dtype != torch.float32:
-        s = s.float()
-    return s, (0 if s.numel() == 1 else s.stride(0))
+def _scale_and_stride(s: torch.Tensor, name: str, num_heads: int, head_size: int, device: torch.device):
+    """``(flat fp32 scale, head stride, per channel)``: head stride 0 for one shared scale."""
+    flat, granularity = flat_scale(s, name, num_heads, head_size, device)
+    return flat, (0 if granularity == PER_TENSOR else 1), granularity == PER_CHANNEL
 
 
 class CacheWriter:
@@ -247,8 +252,8 @@ class CacheWriter:
             raise ValueError(f"value_cache is on {value_cache.device} but key_cache is on {key_cache.device}")
         self.device = device = key_cache.device
         self.num_heads, self.head_size = num_heads, head_size
-        self.k_scale, ks_stride = _flat_scale(k_scale, "k_scale", num_heads, device)
-        self.v_scale, vs_stride = _flat_scale(v_scale, "v_scale", num_heads, device)
+        self.k_scale, ks_stride, k_channel = _scale_and_stride(k_scale, "k_scale", num_heads, head_size, device)
+        self.v_scale, vs_stride, v_channel = _scale_and_stride(v_scale, "v_scale", num_heads, head_size, device)
         kc = self.key_cache = as_storage(key_cache, kv_dtype)
         vc = self.value_cache = as_storage(value_cache, kv_dtype)
         self.reference = device.type == "cpu" and not _interpret()
@@ -263,7 +268,7 @@ class CacheWriter:
         self._layer_ptrs = (kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), vs.data_ptr(), *layer)
         self._const = (
             num_heads, head_size, triton.next_power_of_2(head_size), qmax_of(kv_dtype), kv_dtype is KVQuantDType.INT8,
-            device.type == "cuda" and not _interpret(), soft_fp8,
+            device.type == "cuda" and not _interpret(), soft_fp8, k_channel, v_channel,
         )  # fmt: skip
         self._cache_contig = kc.stride(3) == 1 and vc.stride(3) == 1
         self._plans: dict[int, tuple] = {}

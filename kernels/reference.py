@@ -7,8 +7,9 @@ after dequantizing the whole context.
 Conventions shared with the kernels:
 - A cache is ``[num_blocks, block_size, num_kv_heads, head_size]`` (any strides), holding
   ``torch.float8_e4m3fn`` for ``fp8_e4m3`` or ``torch.int8`` for ``int8``.
-- A scale is an fp32 tensor of shape ``[1]`` (per tensor) or ``[num_kv_heads]`` (per head);
-  ``real = quantized * scale``.
+- A scale is an fp32 tensor of ``1`` (per tensor), ``num_kv_heads`` (per head) or
+  ``num_kv_heads * head_size`` values (per head and channel, ``[num_kv_heads, head_size]``);
+  ``real = quantized * scale`` (:mod:`.scales_layout`).
 - ``slot_mapping[t] = block * block_size + offset``; negative slots are padding and skipped.
 """
 
@@ -19,21 +20,13 @@ import math
 import torch
 
 from .dtypes import KVQuantDType, qmax_of, torch_dtype_of
-
-
-def _scale_per_head(scale: torch.Tensor, num_heads: int) -> torch.Tensor:
-    scale = scale.to(torch.float32).reshape(-1)
-    if scale.numel() == 1:
-        return scale.expand(num_heads)
-    if scale.numel() != num_heads:
-        raise ValueError(f"scale has {scale.numel()} values for {num_heads} KV heads")
-    return scale
+from .scales_layout import broadcast_scale
 
 
 def quantize_ref(x: torch.Tensor, scale: torch.Tensor, kv_dtype: KVQuantDType | str) -> torch.Tensor:
     """Quantize ``x[..., num_kv_heads, head_size]`` with saturation (never NaN/Inf)."""
     kv_dtype = KVQuantDType(kv_dtype)
-    s = _scale_per_head(scale, x.shape[-2]).to(x.device)[:, None]
+    s = broadcast_scale(scale, x.shape[-2], x.shape[-1]).to(x.device)
     qmax = qmax_of(kv_dtype)
     y = (x.to(torch.float32) / s).clamp(-qmax, qmax)
     if kv_dtype is KVQuantDType.INT8:
@@ -43,7 +36,7 @@ def quantize_ref(x: torch.Tensor, scale: torch.Tensor, kv_dtype: KVQuantDType | 
 
 def dequantize_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_ref`, in fp32."""
-    s = _scale_per_head(scale, q.shape[-2]).to(q.device)[:, None]
+    s = broadcast_scale(scale, q.shape[-2], q.shape[-1]).to(q.device)
     return q.to(torch.float32) * s
 
 

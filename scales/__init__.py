@@ -2,7 +2,14 @@
 from other tools and the calibration math. Importing this package loads neither torch nor vLLM.
 """
 
-from .calibration import DEFAULT_FLOOR, AmaxRecorder, build_scales_file, combine_rank_stats, scales_from_amax
+from .calibration import (
+    DEFAULT_FLOOR,
+    AmaxRecorder,
+    build_scales_file,
+    combine_rank_stats,
+    default_granularity,
+    scales_from_amax,
+)
 from .convert import FORMATS as CONVERT_FORMATS
 from .convert import convert_scales, convert_to_sidecar, detect_format
 from .errors import (
@@ -50,6 +57,7 @@ __all__ = [
     "SidecarNotFoundError",
     "build_scales_file",
     "combine_rank_stats",
+    "default_granularity",
     "convert_scales",
     "convert_to_sidecar",
     "detect_format",

@@ -1,8 +1,9 @@
 """Calibration math: K/V statistics -> scales. Pure torch (imported lazily), no vLLM.
 
 The recorder sees each layer's K and V as ``[tokens, kv_heads, head_size]`` (what the
-backend is about to quantize) and keeps, per KV head, the running max of |x| or, in
-percentile mode, a bounded uniform sample of |x| to take a percentile of.
+backend is about to quantize) and keeps, per KV head and channel, the running max of |x|
+(any granularity is derived from it) or, in percentile mode, a bounded uniform sample of |x|
+per KV head to take a percentile of.
 """
 
 from __future__ import annotations
@@ -23,7 +24,41 @@ if TYPE_CHECKING:  # pragma: no cover
 #: keeps it positive while still representing the (zero) values exactly.
 DEFAULT_FLOOR = 1e-8
 
-Stats = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
+#: ``{layer: (K stat, V stat[, K RoPE pair-norm amax])}``
+Stats = dict[str, tuple["torch.Tensor", ...]]
+
+#: ``vllm-kvquant calibrate``'s granularity when none is given, per storage format: the most
+#: accurate one measured (README, "Choosing the granularity"). int8's uniform grid gains from a
+#: scale per channel (small channels keep their resolution); fp8's error is relative to each value,
+#: so per-channel ranges buy nothing and clip more where held-out values exceed the calibration's.
+DEFAULT_GRANULARITY: dict[KVCacheDType, Granularity] = {
+    KVCacheDType.INT8: Granularity.PER_CHANNEL,
+    KVCacheDType.FP8_E4M3: Granularity.PER_HEAD,
+}
+
+
+def rope_partners(head_size: int, rope: Mapping | None) -> list[int]:
+    """Each K channel's RoPE partner, the channel it rotates with (itself where RoPE leaves it alone).
+
+    ``rope``: ``{"rotary_dim", "neox"}`` (vLLM's rotary embedding); neox style pairs channel ``i``
+    with ``i + rotary_dim / 2``, GPT-J style ``2i`` with ``2i + 1``; channels from ``rotary_dim`` on
+    are not rotated; None (no RoPE): every channel is its own partner.
+    """
+    partners = list(range(head_size))
+    if not rope:
+        return partners
+    rot = min(int(rope["rotary_dim"]), head_size)
+    half = rot // 2
+    for i in range(half):
+        a, b = (i, i + half) if rope.get("neox", True) else (2 * i, 2 * i + 1)
+        partners[a], partners[b] = b, a
+    return partners
+
+
+def default_granularity(kv_dtype: KVCacheDType | str) -> Granularity:
+    return DEFAULT_GRANULARITY[KVCacheDType(kv_dtype)]
+
+
 
 
 class _Reservoir:
@@ -59,9 +94,18 @@ class _Reservoir:
 
 
 class AmaxRecorder:
-    """Per-layer, per-KV-head statistics of |K| and |V| (``method`` = absmax or percentile)."""
+    """Per-layer, per-KV-head statistics of |K| and |V| (``method`` = absmax or percentile).
 
-    def __init__(self, method: str = "absmax", percentile: float = 99.99, max_samples: int = 65536, seed: int = 0) -> None:
+    ``k_partners`` (:func:`rope_partners`): also keep, per KV head and channel, the max of K's RoPE
+    pair norm ``sqrt(k_i^2 + k_partner(i)^2)``. RoPE rotates a pair without changing its norm, so
+    that bounds either channel of the pair at any position, also beyond the calibration samples'
+    (per-channel K scales take it; a channel's own amax clipped 4x longer held-out contexts).
+    """
+
+    def __init__(
+        self, method: str = "absmax", percentile: float = 99.99, max_samples: int = 65536, seed: int = 0,
+        k_partners: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
         import torch
 
         if method not in ("absmax", "percentile"):
@@ -76,6 +120,7 @@ class AmaxRecorder:
         self._samples: dict[str, list[_Reservoir]] = {}
         self.num_tokens: dict[str, int] = {}
         self.nonfinite: dict[str, int] = {}
+        self.k_partners = list(k_partners) if k_partners is not None else None
 
     @property
     def layer_names(self) -> list[str]:
@@ -85,7 +130,7 @@ class AmaxRecorder:
         """Fold one batch in; ``key``/``value`` are ``[tokens, kv_heads, head_size]``."""
         import torch
 
-        per_head = []
+        per_head, per_channel = [], []
         for name, x in (("key", key), ("value", value)):
             if x.dim() != 3:
                 raise ScalesError(
@@ -96,10 +141,14 @@ class AmaxRecorder:
             if bad:
                 self.nonfinite[layer] = self.nonfinite.get(layer, 0) + bad
                 a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-            per_head.append(a.transpose(0, 1).reshape(a.shape[1], -1).cpu())  # [heads, tokens*head_size]
+            per_channel.append(a.amax(dim=0).cpu() if a.shape[0] else torch.zeros(a.shape[1:]))  # [heads, head_size]
+            if self.method == "percentile":
+                per_head.append(a.transpose(0, 1).reshape(a.shape[1], -1).cpu())  # [heads, tokens*head_size]
+            if name == "key" and self.k_partners is not None:
+                per_channel.append(self._pair_norm_amax(layer, a))
         if key.shape[1] != value.shape[1]:
             raise ScalesError(f"layer '{layer}': key has {key.shape[1]} KV heads but value has {value.shape[1]}")
-        amax = [p.amax(dim=1) if p.shape[1] else torch.zeros(p.shape[0]) for p in per_head]
+        amax = [per_channel[0], per_channel[-1], *per_channel[1:-1]]  # (K, V[, K pair norm])
         if layer not in self._amax:
             self._amax[layer] = amax
             self._samples[layer] = [_Reservoir(self.max_samples, self._generator) for _ in range(2)]
@@ -107,7 +156,8 @@ class AmaxRecorder:
             old = self._amax[layer]
             if old[0].shape != amax[0].shape:
                 raise ScalesError(
-                    f"layer '{layer}': got {amax[0].shape[0]} KV heads, earlier batches had {old[0].shape[0]}"
+                    f"layer '{layer}': got {amax[0].shape[0]} KV heads of size {amax[0].shape[1]}, earlier batches "
+                    f"had {old[0].shape[0]} of size {old[0].shape[1]}"
                 )
             self._amax[layer] = [torch.maximum(o, n) for o, n in zip(old, amax)]
         if self.method == "percentile":
@@ -117,15 +167,36 @@ class AmaxRecorder:
 
     record = update  # the backend's KVRecorder protocol calls ``record(layer_name, key, value)``
 
+    def _pair_norm_amax(self, layer: str, abs_k: "torch.Tensor") -> "torch.Tensor":
+        """``[heads, head_size]``: max over tokens of ``sqrt(k_i^2 + k_partner(i)^2)`` (|k_i| unpaired)."""
+        import torch
+
+        partners = self.k_partners
+        if len(partners) != abs_k.shape[-1]:
+            raise ScalesError(
+                f"layer '{layer}': K has head size {abs_k.shape[-1]} but the RoPE pairing covers {len(partners)} channels"
+            )
+        if not abs_k.shape[0]:
+            return torch.zeros(abs_k.shape[1:])
+        paired = torch.tensor(partners) != torch.arange(len(partners))
+        other = abs_k[..., partners]
+        norm = torch.where(paired, torch.sqrt(abs_k * abs_k + other * other), abs_k)
+        return norm.amax(dim=0).cpu()
+
     def stats(self) -> Stats:
-        """``{layer: (k_stat[heads], v_stat[heads])}`` as fp32 CPU tensors (amax or percentile)."""
+        """``{layer: (k_stat, v_stat[, k_pair_norm])}`` as fp32 CPU tensors: absmax ``[heads, head_size]``
+        (per channel; per-head scales take the max over channels), with ``k_partners`` also K's RoPE
+        pair-norm amax; percentile ``[heads]``."""
         if self.method == "absmax":
-            return {n: (k.clone(), v.clone()) for n, (k, v) in self._amax.items()}
+            return {n: tuple(t.clone() for t in stats) for n, stats in self._amax.items()}
         return {n: (rk.percentile(self.percentile), rv.percentile(self.percentile)) for n, (rk, rv) in self._samples.items()}
 
 
 def combine_rank_stats(per_rank: Sequence[Mapping[str, tuple["torch.Tensor", "torch.Tensor"]]], total_num_kv_heads: int, tp_size: int) -> Stats:
-    """Per-rank stats (rank order) -> whole-model stats: sharded heads are placed, replicated heads maxed."""
+    """Per-rank stats (rank order) -> whole-model stats: sharded heads are placed, replicated heads maxed.
+
+    Stats are ``[heads]`` or ``[heads, head_size]`` (per channel); channel vectors travel with their heads.
+    """
     import torch
 
     if len(per_rank) != tp_size:
@@ -137,19 +208,20 @@ def combine_rank_stats(per_rank: Sequence[Mapping[str, tuple["torch.Tensor", "to
             raise ScalesError(f"rank {rank} recorded other layers than rank 0 (differing: {diff[:5]})")
     out: Stats = {}
     for name in names:
-        k_all = torch.zeros(total_num_kv_heads)
-        v_all = torch.zeros(total_num_kv_heads)
+        first = [torch.as_tensor(t) for t in per_rank[0][name]]
+        combined = [torch.zeros(total_num_kv_heads, *t.shape[1:]) for t in first]
         for rank, stats in enumerate(per_rank):
             heads = torch.tensor(kv_heads_for_rank(total_num_kv_heads, tp_size, rank))
-            k, v = (t.detach().float().cpu().reshape(-1) for t in stats[name])
-            if k.numel() != len(heads) or v.numel() != len(heads):
+            tensors = [t.detach().float().cpu() for t in stats[name]]
+            want = [(len(heads), *t.shape[1:]) for t in first]
+            if [tuple(t.shape) for t in tensors] != want:
                 raise ScalesError(
-                    f"layer '{name}': rank {rank} has {k.numel()} K / {v.numel()} V head statistics, "
-                    f"expected {len(heads)} (KV heads {heads.tolist()})"
+                    f"layer '{name}': rank {rank} has statistics of shapes {[tuple(t.shape) for t in tensors]} "
+                    f"(K, V[, K pair norm]), expected {want} (KV heads {heads.tolist()})"
                 )
-            k_all[heads] = torch.maximum(k_all[heads], k)
-            v_all[heads] = torch.maximum(v_all[heads], v)
-        out[name] = (k_all, v_all)
+            for all_heads, t in zip(combined, tensors):
+                all_heads[heads] = torch.maximum(all_heads[heads], t)
+        out[name] = tuple(combined)
     return out
 
 
@@ -160,14 +232,24 @@ def scales_from_amax(
     floor: float = DEFAULT_FLOOR,
     granularity: Granularity | str = Granularity.PER_HEAD,
 ) -> "torch.Tensor":
-    """``scale = max(amax * margin / qmax, floor)``; per_tensor first reduces heads with max (shape [1])."""
+    """``scale = max(amax * margin / qmax, floor)`` from ``amax`` ``[heads]`` or ``[heads, head_size]``:
+    per_tensor reduces everything with max (shape [1]), per_head the channels (``[heads]``),
+    per_channel keeps ``[heads, head_size]`` (and needs per-channel statistics)."""
     import torch
 
     if not margin > 0:
         raise ScalesError(f"margin = {margin!r} must be > 0")
-    a = amax.detach().float().reshape(-1)
-    if Granularity(granularity) is Granularity.PER_TENSOR:
+    a = amax.detach().float()
+    granularity = Granularity(granularity)
+    if granularity is Granularity.PER_TENSOR:
         a = a.amax().reshape(1)
+    elif granularity is Granularity.PER_HEAD:
+        a = a.reshape(a.shape[0], -1).amax(dim=1) if a.dim() > 1 else a.reshape(-1)
+    elif a.dim() != 2:
+        raise ScalesError(
+            f"granularity per_channel needs statistics per KV head and channel ([heads, head_size]), got shape "
+            f"{tuple(a.shape)} (the percentile method keeps one sample per KV head: use --method absmax)"
+        )
     return torch.clamp(a * margin / KVCacheDType(kv_dtype).qmax, min=floor)
 
 
@@ -179,8 +261,14 @@ def build_scales_file(
     calibration: CalibrationInfo,
     floor: float = DEFAULT_FLOOR,
 ) -> ScalesFile:
-    """Whole-model stats -> a validated :class:`ScalesFile` (margin from ``calibration.margin``, default 1)."""
+    """Whole-model stats -> a validated :class:`ScalesFile` (margin from ``calibration.margin``, default 1).
+
+    per_channel: V per channel; K per RoPE pair where the stats hold K's pair norms (a third tensor,
+    :class:`AmaxRecorder` with ``k_partners``): stored per channel, a pair's two channels equal.
+    """
     margin = calibration.margin if calibration.margin is not None else 1.0
+    granularity = Granularity(granularity)
+    channels = model.head_size if granularity is Granularity.PER_CHANNEL else 1
     layers: dict[str, LayerScales] = {}
     for name in model.layer_names:
         if name not in stats:
@@ -188,15 +276,23 @@ def build_scales_file(
                 f"layer '{name}' was never seen during calibration (no K/V recorded); "
                 f"recorded layers: {list(stats)[:5]}"
             )
-        k, v = stats[name]
-        if k.numel() != model.num_kv_heads or v.numel() != model.num_kv_heads:
+        k, v = stats[name][:2]
+        if k.shape[:1] != (model.num_kv_heads,) or v.shape[:1] != (model.num_kv_heads,):
             raise ScalesError(
-                f"layer '{name}': statistics cover {k.numel()} K / {v.numel()} V heads, "
-                f"the model has {model.num_kv_heads} KV heads"
+                f"layer '{name}': statistics cover {k.shape[0] if k.dim() else 1} K / {v.shape[0] if v.dim() else 1} "
+                f"V heads, the model has {model.num_kv_heads} KV heads"
             )
+        if granularity is Granularity.PER_CHANNEL and (k.dim() != 2 or k.shape[1] != model.head_size):
+            raise ScalesError(
+                f"layer '{name}': per_channel needs K/V statistics of shape [{model.num_kv_heads}, {model.head_size}] "
+                f"(KV heads x head size), got {tuple(k.shape)} (the percentile method keeps one sample per KV head: "
+                "use --method absmax)"
+            )
+        if granularity is Granularity.PER_CHANNEL and len(stats[name]) > 2:
+            k = stats[name][2]  # K's RoPE pair norms: a bound at any position (AmaxRecorder)
         ks = scales_from_amax(k, kv_dtype, margin, floor, granularity)
         vs = scales_from_amax(v, kv_dtype, margin, floor, granularity)
-        layers[name] = LayerScales(name, tuple(ks.tolist()), tuple(vs.tolist()))
-    scales = ScalesFile(KVCacheDType(kv_dtype), Granularity(granularity), model, calibration, layers, None)
+        layers[name] = LayerScales(name, tuple(ks.reshape(-1).tolist()), tuple(vs.reshape(-1).tolist()), channels)
+    scales = ScalesFile(KVCacheDType(kv_dtype), granularity, model, calibration, layers, None)
     validate_scales(scales)
     return scales

@@ -1,7 +1,9 @@
 """In-memory form of the ``kvquant_scales.json`` sidecar (format v1) and its JSON mapping.
 
 A scale means ``real_value ~= quantized_value * scale``, i.e. ``scale = amax / qmax``.
-Per-tensor layers hold 1-tuples; per-head layers hold one value per KV head of the model.
+Per-tensor layers hold 1-tuples; per-head layers hold one value per KV head of the model;
+per-channel layers hold one value per KV head and channel, head-major (``[h0c0, h0c1, ...]``,
+``LayerScales.channels`` = head size), written to JSON as one list per KV head.
 """
 
 from __future__ import annotations
@@ -35,10 +37,15 @@ class KVCacheDType(str, Enum):
 
 
 class Granularity(str, Enum):
-    """One scale per layer (per_tensor) or one per KV head (per_head)."""
+    """One scale per layer (per_tensor), per KV head (per_head) or per KV head and channel (per_channel).
+
+    per_channel costs nothing at decode: K's scales fold into the query (``(q * s_k) . k_stored``)
+    and V's into the output (``(sum p v_stored) * s_v``), so kernels read the same bytes.
+    """
 
     PER_TENSOR = "per_tensor"
     PER_HEAD = "per_head"
+    PER_CHANNEL = "per_channel"
 
     def __str__(self) -> str:
         return self.value
@@ -102,21 +109,37 @@ class CalibrationInfo:
 
 @dataclass(frozen=True)
 class LayerScales:
-    """K and V scales of one attention layer (1-tuple when per-tensor)."""
+    """K and V scales of one attention layer: a 1-tuple (per tensor), one per KV head, or, with
+    ``channels`` > 1 (per channel: the head size), ``channels`` per KV head, head-major."""
 
     name: str
     k_scale: tuple[float, ...]
     v_scale: tuple[float, ...]
+    channels: int = 1
 
     @property
     def is_per_tensor(self) -> bool:
-        return len(self.k_scale) == 1
+        return len(self.k_scale) == 1 and self.channels == 1
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads covered (1 for per-tensor scales)."""
+        return len(self.k_scale) // self.channels
+
+    def heads(self, indices: "list[int] | tuple[int, ...]") -> "LayerScales":
+        """The scales of the KV heads ``indices`` (in that order), with their channel vectors."""
+        c = self.channels
+
+        def pick(values: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(v for h in indices for v in values[h * c : (h + 1) * c])
+
+        return replace(self, k_scale=pick(self.k_scale), v_scale=pick(self.v_scale))
 
     def scaled(self, factor: float, floor: float = 0.0) -> "LayerScales":
         def scale(values: tuple[float, ...]) -> tuple[float, ...]:
             return tuple(max(s * factor, floor) for s in values)
 
-        return LayerScales(self.name, scale(self.k_scale), scale(self.v_scale))
+        return replace(self, k_scale=scale(self.k_scale), v_scale=scale(self.v_scale))
 
 
 @dataclass(frozen=True)
@@ -132,11 +155,15 @@ class ScalesFile:
     source_path: str | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
-        """JSON form: per-tensor scales are written as plain numbers, per-head as lists."""
+        """JSON form: per-tensor scales are written as plain numbers, per-head as lists, per-channel
+        as one list of channel scales per KV head."""
 
-        def dump(values: tuple[float, ...]) -> float | list[float]:
+        def dump(values: tuple[float, ...]) -> float | list[float] | list[list[float]]:
             if self.granularity is Granularity.PER_TENSOR and len(values) == 1:
                 return float(values[0])
+            if self.granularity is Granularity.PER_CHANNEL:
+                c = self.model.head_size
+                return [[float(v) for v in values[i : i + c]] for i in range(0, len(values), c)]
             return [float(v) for v in values]
 
         return {
@@ -157,17 +184,21 @@ class ScalesFile:
         """Build from a parsed sidecar that ``validate.validate_json_dict`` has passed (no checks here:
         load with ``validate.parse_scales``, which checks first)."""
 
-        def tup(value: float | list[float]) -> tuple[float, ...]:
-            return tuple(float(v) for v in value) if isinstance(value, list) else (float(value),)
+        def tup(value: float | list) -> tuple[float, ...]:
+            if not isinstance(value, list):
+                return (float(value),)
+            return tuple(float(c) for v in value for c in (v if isinstance(v, list) else [v]))
 
         model = ModelFacts.from_json_dict(data["model"])
+        granularity = Granularity(data["granularity"])
+        channels = model.head_size if granularity is Granularity.PER_CHANNEL else 1
         layers = {
-            name: LayerScales(name, tup(data["layers"][name]["k_scale"]), tup(data["layers"][name]["v_scale"]))
+            name: LayerScales(name, tup(data["layers"][name]["k_scale"]), tup(data["layers"][name]["v_scale"]), channels)
             for name in model.layer_names
         }
         return cls(
             KVCacheDType(data["kv_dtype"]),
-            Granularity(data["granularity"]),
+            granularity,
             model,
             CalibrationInfo.from_json_dict(data["calibration"]),
             layers,

@@ -1,4 +1,6 @@
-"""Which KV heads (and so which per-head scales) each tensor-parallel rank holds.
+"""Which KV heads (and so which per-head or per-channel scales) each tensor-parallel rank holds.
+
+Per-channel scales shard with their heads: a rank gets the whole channel vector of each KV head it holds.
 
 Mirrors vLLM's ``QKVParallelLinear``: with fewer KV heads than ranks, heads are replicated
 (rank r holds head ``r * heads // tp``); otherwise each rank holds ``heads / tp`` consecutive heads.
@@ -44,16 +46,20 @@ def kv_heads_for_rank(total_num_kv_heads: int, tp_size: int, rank: int, *, file:
 def layer_scales_for_rank(
     layer: LayerScales, tp_size: int, rank: int, total_num_kv_heads: int, *, file: str | None = None
 ) -> LayerScales:
-    """The scales of the KV heads tensor-parallel ``rank`` holds (per-tensor: ``layer`` unchanged)."""
+    """The scales of the KV heads tensor-parallel ``rank`` holds (per-tensor: ``layer`` unchanged;
+    per-channel: each held head's whole channel vector)."""
     heads = kv_heads_for_rank(total_num_kv_heads, tp_size, rank, file=file)
     if layer.is_per_tensor:
         return layer
-    if len(layer.k_scale) != total_num_kv_heads or len(layer.v_scale) != total_num_kv_heads:
-        raise ScalesValidationError(
-            file, layer.name, "k_scale", list(layer.k_scale),
-            f"has {len(layer.k_scale)} values but the model has {total_num_kv_heads} KV heads",
-        )  # fmt: skip
-    return LayerScales(layer.name, tuple(layer.k_scale[h] for h in heads), tuple(layer.v_scale[h] for h in heads))
+    want = total_num_kv_heads * layer.channels
+    for field, values in (("k_scale", layer.k_scale), ("v_scale", layer.v_scale)):
+        if len(values) != want:
+            per = f" x {layer.channels} channels" if layer.channels > 1 else ""
+            raise ScalesValidationError(
+                file, layer.name, field, list(values),
+                f"has {len(values)} values but the model has {total_num_kv_heads} KV heads{per} = {want}",
+            )  # fmt: skip
+    return layer.heads(heads)
 
 
 @dataclass(frozen=True)
@@ -84,9 +90,12 @@ def shard_scales(scales: ScalesFile, tp_size: int, rank: int) -> ShardedScales:
 
 
 def scales_as_tensors(layer_scales: LayerScales, device: "torch.device | str" = "cpu") -> tuple["torch.Tensor", "torch.Tensor"]:
-    """fp32 tensors ``(k, v)`` of shape [1] (per-tensor) or [KV heads on this rank]."""
+    """fp32 tensors ``(k, v)`` of shape [1] (per-tensor), [KV heads on this rank] (per-head) or
+    [KV heads on this rank, head size] (per-channel)."""
     import torch
 
     k = torch.tensor(layer_scales.k_scale, dtype=torch.float32, device=device)
     v = torch.tensor(layer_scales.v_scale, dtype=torch.float32, device=device)
+    if layer_scales.channels > 1:
+        k, v = k.view(-1, layer_scales.channels), v.view(-1, layer_scales.channels)
     return k, v

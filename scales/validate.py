@@ -63,10 +63,21 @@ def check_scale(file: str | None, layer: str, field: str, value: Any) -> float:
     return number
 
 
+def _check_numbers(
+    file: str | None, layer: str, field: str, values: list, kv_dtype: KVCacheDType, model_dtype: str | None
+) -> None:
+    for i, item in enumerate(values):
+        number = check_scale(file, layer, f"{field}[{i}]", item)
+        check_scale_range(file, layer, f"{field}[{i}]", number, kv_dtype, model_dtype)
+
+
 def _check_layer_values(
     file: str | None, layer: str, field: str, value: Any, granularity: Granularity, num_kv_heads: int,
-    kv_dtype: KVCacheDType, model_dtype: str | None,
+    head_size: int, kv_dtype: KVCacheDType, model_dtype: str | None,
 ) -> None:
+    if granularity is Granularity.PER_CHANNEL:
+        _check_channel_values(file, layer, field, value, num_kv_heads, head_size, kv_dtype, model_dtype)
+        return
     if isinstance(value, list):
         if granularity is Granularity.PER_TENSOR and len(value) != 1:
             raise ScalesValidationError(
@@ -79,9 +90,7 @@ def _check_layer_values(
                 f"has {len(value)} values; granularity per_head needs one per KV head "
                 f"(model.num_kv_heads = {num_kv_heads})",
             )
-        for i, item in enumerate(value):
-            number = check_scale(file, layer, f"{field}[{i}]", item)
-            check_scale_range(file, layer, f"{field}[{i}]", number, kv_dtype, model_dtype)
+        _check_numbers(file, layer, field, value, kv_dtype, model_dtype)
         return
     if granularity is Granularity.PER_HEAD:
         raise ScalesValidationError(
@@ -89,6 +98,40 @@ def _check_layer_values(
             f"is not a list; granularity per_head needs a list of {num_kv_heads} scales (one per KV head)",
         )
     check_scale_range(file, layer, field, check_scale(file, layer, field, value), kv_dtype, model_dtype)
+
+
+def _check_channel_values(
+    file: str | None, layer: str, field: str, value: Any, num_kv_heads: int, head_size: int,
+    kv_dtype: KVCacheDType, model_dtype: str | None,
+) -> None:
+    """per_channel: a list of ``num_kv_heads`` lists of ``head_size`` scales."""
+    shape = f"a list of {num_kv_heads} lists (one per KV head) of {head_size} scales (one per channel)"
+    if not isinstance(value, list):
+        raise ScalesValidationError(file, layer, field, value, f"is not a list; granularity per_channel needs {shape}")
+    if len(value) != num_kv_heads:
+        raise ScalesValidationError(
+            file, layer, field, _short(value),
+            f"has {len(value)} entries; granularity per_channel needs one list per KV head "
+            f"(model.num_kv_heads = {num_kv_heads}): {shape}",
+        )
+    for h, row in enumerate(value):
+        where = f"{field}[{h}]"
+        if not isinstance(row, list):
+            raise ScalesValidationError(
+                file, layer, where, row,
+                f"is not a list; granularity per_channel needs {head_size} scales per KV head (model.head_size)",
+            )
+        if len(row) != head_size:
+            raise ScalesValidationError(
+                file, layer, where, _short(row),
+                f"has {len(row)} values; granularity per_channel needs one per channel (model.head_size = {head_size})",
+            )
+        _check_numbers(file, layer, where, row, kv_dtype, model_dtype)
+
+
+def _short(values: list, limit: int = 6) -> Any:
+    """A long list shortened for an error message."""
+    return values if len(values) <= limit else [*values[:limit], f"... ({len(values)} in all)"]
 
 
 # ----------------------------------------------------------------------------- scale sanity
@@ -108,10 +151,14 @@ def normalize_model_dtype(dtype: Any) -> str | None:
 
 
 def _which_scale(field: str) -> str:
-    """``k_scale[3]`` -> ``the K scale of KV head 3``; ``v_scale`` -> the per-tensor V scale."""
+    """``k_scale[3]`` -> ``the K scale of KV head 3``; ``k_scale[3][5]`` -> ``... KV head 3, channel 5``;
+    ``v_scale`` -> the per-tensor V scale."""
     which = "K" if field.startswith("k") else "V"
-    if field.endswith("]") and "[" in field:
-        return f"the {which} scale of KV head {field[field.rindex('[') + 1 : -1]}"
+    index = [part.rstrip("]") for part in field.split("[")[1:]]
+    if len(index) == 2:
+        return f"the {which} scale of KV head {index[0]}, channel {index[1]}"
+    if index:
+        return f"the {which} scale of KV head {index[0]}"
     return f"the per-tensor {which} scale of every KV head"
 
 
@@ -153,7 +200,11 @@ def _scale_items(data: dict[str, Any]):
     for name, entry in data["layers"].items():
         for field in ("k_scale", "v_scale"):
             value = entry[field]
-            if isinstance(value, list) and data["granularity"] == Granularity.PER_HEAD.value:
+            if data["granularity"] == Granularity.PER_CHANNEL.value:
+                for h, row in enumerate(value):
+                    for c, item in enumerate(row):
+                        yield name, f"{field}[{h}][{c}]", float(item)
+            elif isinstance(value, list) and data["granularity"] == Granularity.PER_HEAD.value:
                 for i, item in enumerate(value):
                     yield name, f"{field}[{i}]", float(item)
             else:
@@ -307,6 +358,7 @@ def _check_layers(data: dict[str, Any], file: str | None, model_dtype: str | Non
     known = set(names)
     granularity = Granularity(data["granularity"])
     num_kv_heads = data["model"]["num_kv_heads"]
+    head_size = data["model"]["head_size"]
     kv_dtype = KVCacheDType(data["kv_dtype"])
     for name, entry in layers.items():
         if name not in known:
@@ -321,7 +373,9 @@ def _check_layers(data: dict[str, Any], file: str | None, model_dtype: str | Non
         for field in ("k_scale", "v_scale"):
             if field not in entry:
                 raise ScalesValidationError(file, name, field, reason="is missing (required)")
-            _check_layer_values(file, name, field, entry[field], granularity, num_kv_heads, kv_dtype, model_dtype)
+            _check_layer_values(
+                file, name, field, entry[field], granularity, num_kv_heads, head_size, kv_dtype, model_dtype
+            )
     for name in names:
         if name not in layers:
             raise ScalesValidationError(

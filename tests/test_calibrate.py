@@ -311,16 +311,17 @@ def test_calibrated_scale_maps_amax_onto_qmax(recorder) -> None:
     slot_mapping = torch.arange(20, dtype=torch.int64)
     impl.do_kv_cache_update(layer, key, value, torch.zeros(2, heads, 16, 2 * head_size, dtype=torch.uint8), slot_mapping)
     k_amax, v_amax = recorder.amax.stats()[layer.layer_name]
-    assert torch.equal(k_amax, key.float().abs().amax(dim=(0, 2)))
-    layer._kvquant_state.k_scale = scales_from_amax(k_amax, "int8")
-    layer._kvquant_state.v_scale = scales_from_amax(v_amax, "int8")
-    kv_cache = torch.zeros(2, heads, 16, 2 * head_size, dtype=torch.uint8)
-    impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+    assert torch.equal(k_amax, key.float().abs().amax(dim=0))  # per KV head and channel
     from vllm_kvquant import compat
 
-    for cache in compat.split_kv_cache(kv_cache, head_size):
-        codes = as_storage(cache, "int8").reshape(-1, heads, head_size)[:20]
-        assert codes.abs().amax(dim=(0, 2)).tolist() == [127, 127]
+    for granularity, dims in (("per_head", (0, 2)), ("per_channel", (0,))):
+        layer._kvquant_state.k_scale = scales_from_amax(k_amax, "int8", granularity=granularity)
+        layer._kvquant_state.v_scale = scales_from_amax(v_amax, "int8", granularity=granularity)
+        kv_cache = torch.zeros(2, heads, 16, 2 * head_size, dtype=torch.uint8)
+        impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        for cache in compat.split_kv_cache(kv_cache, head_size):
+            codes = as_storage(cache, "int8").reshape(-1, heads, head_size)[:20]
+            assert set(codes.abs().amax(dim=dims).reshape(-1).tolist()) == {127}, granularity  # every head / channel
 
 
 def test_no_recorder_records_nothing() -> None:
@@ -374,11 +375,15 @@ def _write(per_rank, heads: int, tp: int, path: Path, method: str = "absmax", **
 
 
 @pytest.mark.parametrize("method", ["absmax", "percentile"])
-@pytest.mark.parametrize("granularity", ["per_head", "per_tensor"])
+@pytest.mark.parametrize("granularity", ["per_head", "per_tensor", "per_channel"])
 @pytest.mark.parametrize("heads, tp", [(4, 2), (4, 4), (4, 8), (2, 8)])
 def test_tp_file_equals_tp1_file(tmp_path: Path, heads: int, tp: int, granularity: str, method: str) -> None:
     stream = _kv_stream(heads)
     kw = dict(granularity=granularity, percentile=99.0)
+    if method == "percentile" and granularity == "per_channel":  # the percentile sample is per KV head
+        with pytest.raises(ScalesError, match="use --method absmax"):
+            _write(_rank_stats(stream, heads, tp, method=method, percentile=99.0), heads, tp, tmp_path / "p.json", method, **kw)
+        return
     ref = _write(_rank_stats(stream, heads, 1, method=method, percentile=99.0), heads, 1, tmp_path / "tp1.json", method, **kw)
     out = _write(_rank_stats(stream, heads, tp, method=method, percentile=99.0), heads, tp, tmp_path / "tpN.json", method, **kw)
     assert out.read_text() == ref.read_text()
@@ -401,7 +406,7 @@ def test_file_scales_follow_the_formula(tmp_path: Path) -> None:
     for name in NAMES:
         k_amax, v_amax = per_rank[0][name]
         for amax, written in ((k_amax, raw["layers"][name]["k_scale"]), (v_amax, raw["layers"][name]["v_scale"])):
-            expected = [max(a * 1.25 / 127.0, 1e-8) for a in amax.tolist()]
+            expected = [max(a * 1.25 / 127.0, 1e-8) for a in amax.amax(dim=1).tolist()]  # per head: max of its channels
             assert written == pytest.approx(expected, rel=1e-6)
     assert raw["layers"][NAMES[-1]]["k_scale"][3] == pytest.approx(1e-8, rel=1e-6)  # fp32(1e-8)
     cal = raw["calibration"]

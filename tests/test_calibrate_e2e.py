@@ -117,7 +117,7 @@ def test_cli_writes_a_valid_sidecar(tiny, calibrated) -> None:
 
     model_dir, data = tiny
     sidecar, proc = calibrated
-    assert f"wrote {sidecar}: 2 layers, int8, per_head, {NUM_SAMPLES} samples, {NUM_SAMPLES * SEQ_LEN} tokens" in proc.stdout
+    assert f"wrote {sidecar}: 2 layers, int8, per_head, margin 1, {NUM_SAMPLES} samples, {NUM_SAMPLES * SEQ_LEN} tokens" in proc.stdout
     assert "Processed prompts" in proc.stderr  # vLLM's progress bar
 
     check = _cli("validate", str(sidecar), "--model-dir", str(model_dir), timeout=300)

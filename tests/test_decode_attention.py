@@ -44,7 +44,7 @@ def make_case(
     *,
     act_dtype=torch.float16,
     kv_dtype="fp8_e4m3",
-    per_head=True,
+    per_head=True,  # True, False (one scale) or "channel" (one per KV head and channel)
     head_size=64,
     num_kv_heads=2,
     group=1,
@@ -68,9 +68,15 @@ def make_case(
 
     k_all = torch.randn(num_blocks * block_size, num_kv_heads, head_size, generator=g)
     v_all = torch.randn(num_blocks * block_size, num_kv_heads, head_size, generator=g)
+    if per_head == "channel":  # channels of very different ranges, each with its own scale
+        k_all *= torch.exp(torch.randn(num_kv_heads, head_size, generator=g))
+        v_all *= torch.exp(0.5 * torch.randn(num_kv_heads, head_size, generator=g))
     amax_k = k_all.abs().amax(dim=(0, 2))
     amax_v = v_all.abs().amax(dim=(0, 2))
-    if per_head:
+    if per_head == "channel":
+        k_scale = k_all.abs().amax(dim=0) / QMAX[kv_dtype] * (1 + torch.rand(num_kv_heads, head_size, generator=g))
+        v_scale = v_all.abs().amax(dim=0) / QMAX[kv_dtype] * (1 + torch.rand(num_kv_heads, head_size, generator=g))
+    elif per_head:
         k_scale = amax_k / QMAX[kv_dtype] * (1 + torch.rand(num_kv_heads, generator=g))
         v_scale = amax_v / QMAX[kv_dtype] * (1 + torch.rand(num_kv_heads, generator=g))
     else:
@@ -152,7 +158,7 @@ _BLOCK = [16, 32, 64, 128]
 _SPLITS = [1, 3, None]  # forced single, forced multi, heuristic
 _GRID = []
 for i, (act, kvd, per_head, hs) in enumerate(
-    itertools.product((torch.float16, torch.bfloat16), ("fp8_e4m3", "int8"), (False, True), (64, 80, 128))
+    itertools.product((torch.float16, torch.bfloat16), ("fp8_e4m3", "int8"), (False, True, "channel"), (64, 80, 128))
 ):
     # Offsets chosen so every head size meets every GQA ratio and block size (checked by hand).
     hkv, grp = _GQA[(i + i // 3) % 3]
@@ -163,7 +169,8 @@ for i, (act, kvd, per_head, hs) in enumerate(
 def _grid_id(p):
     act, kvd, per_head, hs, hkv, grp, bs, splits = p
     a = "f16" if act == torch.float16 else "bf16"
-    return f"{a}-{kvd}-{'head' if per_head else 'tensor'}-d{hs}-kv{hkv}x{grp}-bs{bs}-s{splits or 'auto'}"
+    gran = {False: "tensor", True: "head", "channel": "channel"}[per_head]
+    return f"{a}-{kvd}-{gran}-d{hs}-kv{hkv}x{grp}-bs{bs}-s{splits or 'auto'}"
 
 
 @pytest.mark.parametrize("act,kvd,per_head,hs,hkv,grp,bs,splits", _GRID, ids=[_grid_id(p) for p in _GRID])
@@ -423,8 +430,13 @@ def _big_case(kv_dtype, num_seqs, ctx, per_head=True, act=torch.bfloat16, seed=0
     k = torch.randn(num_blocks * bs, hkv, hs, device=dev, generator=g)
     v = torch.randn(num_blocks * bs, hkv, hs, device=dev, generator=g)
     qmax = QMAX[kv_dtype]
-    k_scale = k.abs().amax(dim=(0, 2)) / qmax if per_head else (k.abs().amax() / qmax).reshape(1)
-    v_scale = v.abs().amax(dim=(0, 2)) / qmax if per_head else (v.abs().amax() / qmax).reshape(1)
+    if per_head == "channel":  # channels of different ranges, each with its own scale
+        k *= torch.exp(torch.randn(hkv, hs, device=dev, generator=g))
+        v *= torch.exp(0.5 * torch.randn(hkv, hs, device=dev, generator=g))
+        k_scale, v_scale = k.abs().amax(dim=0) / qmax, v.abs().amax(dim=0) / qmax
+    else:
+        k_scale = k.abs().amax(dim=(0, 2)) / qmax if per_head else (k.abs().amax() / qmax).reshape(1)
+        v_scale = v.abs().amax(dim=(0, 2)) / qmax if per_head else (v.abs().amax() / qmax).reshape(1)
     kc = torch.empty(num_blocks, bs, hkv, hs, dtype=KV_TORCH[kv_dtype], device=dev)
     vc = torch.empty_like(kc)
     quantize_to_cache_ref(k, v, kc, vc, torch.arange(num_blocks * bs, device=dev), k_scale, v_scale, kv_dtype)
@@ -442,7 +454,8 @@ def _big_case(kv_dtype, num_seqs, ctx, per_head=True, act=torch.bfloat16, seed=0
 @pytest.mark.parametrize("num_seqs,ctx", [(64, 4096), (1, 32768), (8, 1000)])
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
 def test_gpu_large(kvd, num_seqs, ctx, act):
-    case = _big_case(kvd, num_seqs, ctx, per_head=(num_seqs != 8), act=act)
+    per_head = {64: True, 1: "channel", 8: False}[num_seqs]  # one granularity per shape
+    case = _big_case(kvd, num_seqs, ctx, per_head=per_head, act=act)
     case["seq_lens"][0] = max(ctx - 5, 1)  # ragged
     run_and_check(case)
     run_and_check(case, max_num_splits=1)

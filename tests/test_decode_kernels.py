@@ -97,6 +97,20 @@ def test_refusals_name_the_option_and_the_reason(kernel, kwargs, needle):
     assert f"additional_config['kvquant']['kernel'] = {kernel!r}" in msg
 
 
+def test_per_channel_scales_refuse_fa3_and_fold_into_flashinfer():
+    """fa3's descales are per KV head: per-channel scales are a start-up refusal naming the option."""
+    with pytest.raises(KVQuantConfigError) as e:
+        resolve_kernel("fa3", kv_dtype="fp8_e4m3", model_dtype=torch.bfloat16, head_size=128, env=HOPPER_OK,
+                       per_channel=True)  # fmt: skip
+    msg = str(e.value)
+    assert "additional_config['kvquant']['kernel'] = 'fa3'" in msg and "cannot apply per-channel scales" in msg
+    assert "--granularity per_head" in msg
+    assert resolve_kernel("flashinfer", kv_dtype="fp8_e4m3", model_dtype=torch.bfloat16, head_size=128,
+                          env=HOPPER_OK, per_channel=True) == "flashinfer"  # fmt: skip
+    assert resolve_kernel("triton", kv_dtype="int8", model_dtype=torch.bfloat16, head_size=128,
+                          env=HOPPER_OK, per_channel=True) == "triton"  # fmt: skip
+
+
 def test_every_reason_is_listed():
     with pytest.raises(KVQuantConfigError) as e:
         _resolve("fa3", DecodeEnv("cuda", (8, 6), "FA3 missing here", None), "int8", torch.float16, 72)
@@ -175,9 +189,14 @@ def _case(kv_dtype="fp8_e4m3", per_head=True, seq_lens=(1, 17, 50, 33), num_kv_h
     key_cache, value_cache = compat.split_kv_cache(kv, head_size)
     k = torch.randn(num_blocks * block_size, num_kv_heads, head_size, generator=g)
     v = torch.randn(num_blocks * block_size, num_kv_heads, head_size, generator=g)
-    n = num_kv_heads if per_head else 1
-    k_scale = k.abs().amax(dim=(0, 2) if per_head else None).reshape(n) / QMAX[kv_dtype] * 1.1
-    v_scale = v.abs().amax(dim=(0, 2) if per_head else None).reshape(n) / QMAX[kv_dtype] * 1.2
+    if per_head == "channel":  # one scale per KV head and channel, channels of different ranges
+        k *= torch.exp(torch.randn(num_kv_heads, head_size, generator=g))
+        v *= torch.exp(0.5 * torch.randn(num_kv_heads, head_size, generator=g))
+        k_scale, v_scale = k.abs().amax(dim=0) / QMAX[kv_dtype] * 1.1, v.abs().amax(dim=0) / QMAX[kv_dtype] * 1.2
+    else:
+        n = num_kv_heads if per_head else 1
+        k_scale = k.abs().amax(dim=(0, 2) if per_head else None).reshape(n) / QMAX[kv_dtype] * 1.1
+        v_scale = v.abs().amax(dim=(0, 2) if per_head else None).reshape(n) / QMAX[kv_dtype] * 1.2
     slots = torch.randperm(num_blocks * block_size, generator=g)
     quantize_to_cache_ref(k, v, key_cache, value_cache, slots, k_scale, v_scale, kv_dtype)
     perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
@@ -195,7 +214,7 @@ def _case(kv_dtype="fp8_e4m3", per_head=True, seq_lens=(1, 17, 50, 33), num_kv_h
 def _spec(c, window=None, cap=None, dtype=torch.bfloat16) -> DecodeSpec:
     return DecodeSpec(c["q"].shape[1], c["kc"].shape[2], c["q"].shape[2], 1 / math.sqrt(c["q"].shape[2]), window, cap,
                       KVQuantDType(c["kv_dtype"]), dtype, torch.device("cpu"), per_head=c["ks"].numel() > 1,
-                      max_num_seqs=8)  # fmt: skip
+                      per_channel=c["ks"].dim() == 2, max_num_seqs=8)  # fmt: skip
 
 
 def _ref(c, q=None, window=None, cap=None):
@@ -206,12 +225,13 @@ def _ref(c, q=None, window=None, cap=None):
 
 @pytest.mark.parametrize("kv_dtype, per_head, window, cap", [
     ("fp8_e4m3", True, None, None), ("int8", False, None, None), ("fp8_e4m3", False, 20, None), ("int8", True, None, 30.0),
+    ("int8", "channel", None, None), ("fp8_e4m3", "channel", 20, None),
 ])  # fmt: skip
 def test_triton_runner_matches_reference(kv_dtype, per_head, window, cap):
     c = _case(kv_dtype, per_head)
     runner = create_runner("auto", num_heads=8, num_kv_heads=2, head_size=64, scale=1 / 8, sliding_window=window,
                                  logits_soft_cap=cap, kv_dtype=kv_dtype, model_dtype=torch.bfloat16, device="cpu",
-                                 per_head=per_head, max_num_seqs=8)  # fmt: skip
+                                 per_head=bool(per_head), per_channel=per_head == "channel", max_num_seqs=8)  # fmt: skip
     plan = DecodePlan.build(c["bt"], c["lens"], c["qsl"], 50, planner=_triton_planner(8, 2, 64, window, cap, kv_dtype))
     out = torch.full_like(c["q"], float("nan"))
     runner.run(c["q"], c["kc"], c["vc"], c["ks"], c["vs"], plan, out)
@@ -329,10 +349,11 @@ class _FakeFlashInferWrapper:
 
 @pytest.mark.parametrize("per_head, window, cap, dtype, host", [
     (True, None, None, torch.bfloat16, False), (False, 20, 30.0, torch.float16, False),
-    (False, None, 30.0, torch.bfloat16, True),
+    (False, None, 30.0, torch.bfloat16, True), ("channel", None, None, torch.bfloat16, False),
+    ("channel", 20, 30.0, torch.float16, False),
 ])  # fmt: skip
 def test_flashinfer_runner_folds_scales(per_head, window, cap, dtype, host):
-    """Per-KV-head scales folded into q and out; per-tensor ones given at create as host floats."""
+    """Per-KV-head and per-channel scales folded into q and out; per-tensor ones given at create as host floats."""
     c = _case("fp8_e4m3", per_head, dtype=dtype)
     spec = _spec(c, window, cap, dtype)
     runner = FlashInferDecodeRunner(spec, **(dict(k_scale=c["ks"], v_scale=c["vs"]) if host else {}))
@@ -361,7 +382,9 @@ def test_decode_benchmark_smoke(tmp_path):
     assert out.exists() and set(result) >= {"device", "versions", "command", "copy_gbps", "rows"}
     rows = {r["name"]: r for r in result["rows"]}
     assert list(rows) == list(ROW_NAMES)
-    for name in ("kvquant-triton-fp8", "kvquant-triton-int8"):
+    for name in ("kvquant-triton-fp8", "kvquant-triton-int8", "kvquant-triton-fp8-per-channel",
+                 "kvquant-triton-int8-per-channel"):  # fmt: skip
         assert rows[name]["status"] == "ok" and rows[name]["us"] > 0 and rows[name]["max_abs_err_ref"] < 2e-2
+    assert rows["kvquant-triton-int8-per-channel"]["scales"] == "per-channel" and rows["kvquant-triton-int8"]["kv_dtype"] == "int8"
     assert "needs a CUDA GPU" in rows["kvquant-fa3-fp8"]["reason"]
     assert all(rows[n]["status"] == "skipped" and rows[n]["reason"] for n in ROW_NAMES if "triton-" not in n or "vllm" in n)

@@ -65,9 +65,14 @@ class Case:
         n_tok = self.num_blocks * bs
         k = torch.randn(n_tok, hkv, d, device="cuda", generator=g) * (1 + torch.arange(hkv, device="cuda"))[:, None]
         v = torch.randn(n_tok, hkv, d, device="cuda", generator=g)
-        dims = (0, 2) if per_head else None
-        self.ks = (k.abs().amax(dim=dims) / QMAX[kv_dtype]).reshape(-1).float()
-        self.vs = (v.abs().amax(dim=dims) / QMAX[kv_dtype]).reshape(-1).float()
+        if per_head == "channel":  # [hkv, d]: one scale per KV head and channel
+            k *= torch.exp(torch.randn(hkv, d, device="cuda", generator=g))
+            self.ks = (k.abs().amax(dim=0) / QMAX[kv_dtype]).float()
+            self.vs = (v.abs().amax(dim=0) / QMAX[kv_dtype]).float()
+        else:
+            dims = (0, 2) if per_head else None
+            self.ks = (k.abs().amax(dim=dims) / QMAX[kv_dtype]).reshape(-1).float()
+            self.vs = (v.abs().amax(dim=dims) / QMAX[kv_dtype]).reshape(-1).float()
         quantize_to_cache_ref(k, v, self.kc, self.vc, torch.arange(n_tok, device="cuda"), self.ks, self.vs, kv_dtype)
         del k, v
         self.set_batch(seq_lens, seed)
@@ -99,10 +104,11 @@ def _make(kernel, case, window=None, cap=None):
                   sliding_window=window, logits_soft_cap=cap, kv_dtype=case.kv_dtype, model_dtype=torch.bfloat16,
                   device="cuda", max_num_seqs=max(64, case.q.shape[0]))  # fmt: skip
     try:
-        per_head = case.ks.numel() > 1
+        per_head, per_channel = case.ks.numel() > 1, case.ks.dim() == 2
         host = {} if per_head else dict(k_scale=case.ks, v_scale=case.vs)  # as the backend passes them
-        runner = create_runner(kernel, per_head=per_head, **common, **host)
-        planner = create_planner(kernel, block_size=case.bs, max_num_blocks_per_seq=case.max_blocks, **common)
+        runner = create_runner(kernel, per_head=per_head, per_channel=per_channel, **common, **host)
+        planner = create_planner(kernel, block_size=case.bs, max_num_blocks_per_seq=case.max_blocks,
+                                 per_channel=per_channel, **common)  # fmt: skip
     except KVQuantConfigError as e:
         if any(m in str(e) for m in MISSING):
             pytest.skip(str(e))
@@ -130,10 +136,10 @@ def _check(kernel, out, case, window=None, cap=None, what=""):
         _report(f"fa3 accuracy {what}: vs bf16-query reference max_abs={max_err:.4f} rel_l2={l2:.4f}")
         assert l2 < 0.15
         ref = case.ref(window, cap, q=case.q.float().clamp(-448, 448).to(FP8).to(torch.bfloat16))
-    elif kernel == "flashinfer" and case.ks.numel() > 1:  # per-KV-head: q * k_scale rounded to bf16
+    elif kernel == "flashinfer" and case.ks.numel() > 1:  # per-KV-head / channel: q * k_scale rounded to bf16
         max_err, l2 = _errors(out, ref)
-        _report(f"flashinfer per-head accuracy {what}: vs reference max_abs={max_err:.4f} rel_l2={l2:.4f}")
-        ks = case.ks.repeat_interleave(case.hq // case.hkv)[None, :, None]
+        _report(f"flashinfer folded-scale accuracy {what}: vs reference max_abs={max_err:.4f} rel_l2={l2:.4f}")
+        ks = case.ks.reshape(case.hkv, -1).repeat_interleave(case.hq // case.hkv, dim=0)[None]
         ref = case.ref(window, cap, q=(case.q.float() * ks).to(torch.bfloat16).float() / ks)
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     assert _errors(out, ref)[1] < rel_l2
@@ -143,9 +149,13 @@ LENS = [1, 15, 16, 17, 200, 1000, 2047, 2048, 2049, 3333, 4096, 77, 512, 1, 640,
 
 
 @pytest.mark.parametrize("kernel, kv_dtype", KERNELS)
-@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("per_head", [False, True, "channel"])
 def test_kernel_matches_reference(kernel, kv_dtype, per_head):
     case = Case(kv_dtype, LENS, per_head=per_head)
+    if kernel == "fa3" and per_head == "channel":  # FA3's descales are per KV head: refused at start-up
+        with pytest.raises(KVQuantConfigError, match="cannot apply per-channel scales"):
+            _make(kernel, case)
+        return
     runner, planner = _make(kernel, case)
     out = torch.full_like(case.q, float("nan"))
     runner.run(case.q, case.kc, case.vc, case.ks, case.vs, _plan(case, planner), out)

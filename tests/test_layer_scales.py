@@ -86,6 +86,44 @@ def test_dtype_override_converts_scales(tmp_path: Path) -> None:
     assert state.k_scale.tolist() == pytest.approx([0.01 * 127 / 448, 0.02 * 127 / 448])
 
 
+def _per_channel_sidecar(model_dir: Path, num_kv_heads: int = 4) -> Path:
+    d = 64
+    layers = {
+        n: LayerScales(n, tuple(0.01 * (i + 1) * (h + 1) + 1e-4 * c for h in range(num_kv_heads) for c in range(d)),
+                       tuple(0.5 + 1e-3 * c for h in range(num_kv_heads) for c in range(d)), channels=d)
+        for i, n in enumerate(NAMES)
+    }  # fmt: skip
+    scales = ScalesFile(
+        KVCacheDType.INT8, Granularity.PER_CHANNEL, ModelFacts(2, num_kv_heads, d, tuple(NAMES)),
+        CalibrationInfo(method="absmax", margin=1.25), layers,
+    )  # fmt: skip
+    return save_scales(scales, model_dir / "kvquant_scales.json")
+
+
+def test_per_channel_scales_reach_each_rank_as_its_heads_channel_vectors(tmp_path: Path, monkeypatch) -> None:
+    """tp 2 over 4 KV heads: rank 1 holds heads 2 and 3, each with its 64 channel scales ([2, 64])."""
+    from vllm_kvquant import layer_scales
+
+    _per_channel_sidecar(tmp_path)
+    monkeypatch.setattr(layer_scales, "_tp_rank_and_size", lambda: (1, 2))
+    layers = {n: FakeAttention(n) for n in NAMES}
+    attach_layer_scales(_config(tmp_path, layers, num_kv_heads=4), NAMES, "cpu")
+    state = layer_state(layers[NAMES[1]])
+    assert state.per_channel and state.k_scale.shape == state.v_scale.shape == (2, 64)
+    assert state.k_scale[0, 0].item() == pytest.approx(0.06) and state.k_scale[1, 63].item() == pytest.approx(0.0863)
+    assert state.v_scale[1].tolist() == pytest.approx([0.5 + 1e-3 * c for c in range(64)])
+    assert state.online is None
+
+
+def test_per_channel_dtype_override_keeps_the_channel_vectors(tmp_path: Path) -> None:
+    _per_channel_sidecar(tmp_path, num_kv_heads=2)
+    layers = {n: FakeAttention(n) for n in NAMES}
+    attach_layer_scales(_config(tmp_path, layers, dtype="fp8_e4m3"), NAMES, "cpu")
+    state = layer_state(layers[NAMES[0]])
+    assert state.kv_dtype.value == "fp8_e4m3" and state.k_scale.shape == (2, 64)
+    assert state.k_scale[1, 1].item() == pytest.approx((0.02 + 1e-4) * 127 / 448)
+
+
 def test_sidecar_for_another_model_is_refused(tmp_path: Path) -> None:
     _sidecar(tmp_path, num_kv_heads=2)
     layers = {n: FakeAttention(n) for n in NAMES}
@@ -167,3 +205,17 @@ def test_online_scales_refuse_kv_transfer(tmp_path: Path) -> None:
     config.kv_transfer_config = SimpleNamespace(kv_connector="LMCacheConnectorV1")
     with pytest.raises(KVQuantConfigError, match=r"kv_transfer_config is set.*vllm-kvquant calibrate"):
         attach_layer_scales(config, NAMES, "cpu")
+
+
+def test_rope_layout_of_a_model() -> None:
+    """What calibration asks each worker: the rotary embedding's pairing of K channels."""
+    from vllm_kvquant import compat
+
+    rope = SimpleNamespace(rotary_dim=64, is_neox_style=True, head_size=64)
+    model = torch.nn.Module()
+    model.rotary = torch.nn.Module()
+    model.rotary.rotary_dim, model.rotary.is_neox_style, model.rotary.head_size = 64, True, 64
+    assert compat.rope_layout(model) == {"head_size": 64, "rotary_dim": 64, "neox": True}
+    assert compat.rope_layout(torch.nn.Linear(2, 2)) is None and compat.rope_layout(None) is None
+    assert compat.worker_model(SimpleNamespace(get_model=lambda: model)) is model
+    assert compat.worker_model(SimpleNamespace(model_runner=SimpleNamespace(model=rope))) is rope

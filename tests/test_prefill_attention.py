@@ -37,6 +37,16 @@ TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=3e-2
 KV_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 
 
+def _tol(case) -> dict:
+    """Per-channel K scales fold into the query of the cache loop, which rounds ``q * s_k / max s_k``
+    to the model dtype once more: with bf16 (8 bits) a rare element of these channel-skewed cases
+    moves by up to ~0.05 (measured 0.044 of 20736 elements; the rest stay within bf16's 0.03)."""
+    tol = dict(TOL[case["query"].dtype])
+    if case["query"].dtype == torch.bfloat16 and case["k_scale"].dim() == 2:
+        tol["atol"] = 6e-2
+    return tol
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -93,15 +103,20 @@ def make_case(
     if kv_dtype == "fp8_e4m3":  # junk bytes may be NaN in e4m3: make every junk value finite
         key_cache.view(torch.uint8).bitwise_and_(0x77)
         value_cache.view(torch.uint8).bitwise_and_(0x77)
-    ns = hkv if per_head else 1
-    k_scale = torch.rand(ns, generator=g) * 0.01 + 0.015  # |K| up to ~4.5 sigma inside the range
-    v_scale = torch.rand(ns, generator=g) * 0.01 + 0.02
+    ns = (hkv, d) if per_head == "channel" else (hkv if per_head else 1,)
+    k_scale = torch.rand(*ns, generator=g) * 0.01 + 0.015  # |K| up to ~4.5 sigma inside the range
+    v_scale = torch.rand(*ns, generator=g) * 0.01 + 0.02
     if kv_dtype == "int8":
         k_scale, v_scale = k_scale * 3, v_scale * 3
+    k_prof = v_prof = torch.ones(hkv, d)
+    if per_head == "channel":  # channels of different ranges, each scaled to its own
+        k_prof, v_prof = torch.exp(torch.randn(hkv, d, generator=g)), torch.exp(0.5 * torch.randn(hkv, d, generator=g))
+        k_scale, v_scale = k_scale * k_prof, v_scale * v_prof
+        k, v = (k.float() * k_prof).to(act_dtype), (v.float() * v_prof).to(act_dtype)
     for i, c in enumerate(ctxs):
         if c:
-            kc = rnd(c, hkv, d)
-            vc = rnd(c, hkv, d)
+            kc = (rnd(c, hkv, d).float() * k_prof).to(act_dtype)
+            vc = (rnd(c, hkv, d).float() * v_prof).to(act_dtype)
             pos = torch.arange(c)
             slots = block_table[i][pos // block_size].long() * block_size + pos % block_size
             quantize_to_cache_ref(kc, vc, key_cache, value_cache, slots, k_scale, v_scale, kv_dtype)
@@ -135,7 +150,7 @@ def run_and_check(case, poison=True, max_query_len=None, **kw):
     got = got[:n].cpu()
     assert not got.isnan().any(), "some output rows were not written"
     want = reference(case, **kw)[:n]
-    torch.testing.assert_close(got.float(), want.float(), **TOL[q.dtype])
+    torch.testing.assert_close(got.float(), want.float(), **_tol(case))
     return got
 
 
@@ -147,14 +162,14 @@ def _ragged(bs: int):
 
 _ACT = (torch.float16, torch.bfloat16)
 _KV = ("fp8_e4m3", "int8")
-_SCALE = (False, True)
+_SCALE = (False, True, "channel")  # one scale, per KV head, per KV head and channel
 _HEAD = (64, 80, 128)
 _GQA = (1, 4)
 _BS = (16, 32, 64)
 
 
 def _grid():
-    """Every (act, kv, scale) combination with every head size (24 cases); GQA ratio and block
+    """Every (act, kv, scale) combination with every head size (36 cases); GQA ratio and block
     size rotate so that each (head, GQA, block size) triple and each dtype x GQA/block pair occur."""
     cases = []
     shapes = list(itertools.product(_HEAD, _GQA, _BS))  # 18
@@ -359,7 +374,7 @@ def check_mode(case, mode, *, all_rows=False, num_tokens=None, lse_layout="fa3",
                 assert got[s:e].isnan().all(), f"request {i} (one token) was written"
             continue
         assert not got[s:e].isnan().any(), f"request {i}: rows not written"
-        torch.testing.assert_close(got[s:e].float(), want[s:e].float(), **TOL[case["query"].dtype])
+        torch.testing.assert_close(got[s:e].float(), want[s:e].float(), **_tol(case))
     assert got[qsl[-1] :].isnan().all(), "rows after the last request were written"
     return got, fresh
 
@@ -476,11 +491,13 @@ def test_public_api_quantized_mode():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("act_dtype,kv_dtype", [(torch.float16, "fp8_e4m3"), (torch.bfloat16, "int8")])
-def test_gpu_large_chunked_prefill(act_dtype, kv_dtype):
+@pytest.mark.parametrize("act_dtype,kv_dtype,per_head", [
+    (torch.float16, "fp8_e4m3", True), (torch.bfloat16, "int8", True), (torch.bfloat16, "int8", "channel"),
+])  # fmt: skip
+def test_gpu_large_chunked_prefill(act_dtype, kv_dtype, per_head):
     """4 sequences x 1k new tokens on 2k cached context, head 128, GQA 4."""
     case = make_case(
-        act_dtype=act_dtype, kv_dtype=kv_dtype, head_size=128, num_kv_heads=2, group=4, block_size=16,
+        act_dtype=act_dtype, kv_dtype=kv_dtype, per_head=per_head, head_size=128, num_kv_heads=2, group=4, block_size=16,
         seqs=((2048, 1024), (2048, 1024), (2000, 1024), (2048, 1000)), device="cuda",
     )
     run_and_check(case, max_query_len=1024)

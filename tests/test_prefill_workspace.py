@@ -90,9 +90,9 @@ def _workspace_case(kv_dtype, act_dtype, head_size, hkv, block_size, per_head, s
         used += p
     qsl = torch.tensor([0] + [n for _, n in seqs], dtype=torch.int32).cumsum(0).int()
     seq_lens = torch.tensor([c + n for c, n in seqs], dtype=torch.int32)
-    h = hkv if per_head else 1
-    k_scale = torch.rand(h, generator=g) * 0.02 + 0.005
-    v_scale = torch.rand(h, generator=g) * 0.02 + 0.005
+    shape = (hkv, head_size) if per_head == "channel" else (hkv if per_head else 1,)  # channel: per head and channel
+    k_scale = torch.rand(*shape, generator=g) * 0.02 + 0.005
+    v_scale = torch.rand(*shape, generator=g) * 0.02 + 0.005
     return dict(key=key, value=value, key_cache=as_storage(key_cache, kv_dtype), value_cache=as_storage(value_cache, kv_dtype),
                 k_scale=k_scale, v_scale=v_scale, block_table=table, query_start_loc=qsl, seq_lens=seq_lens,
                 max_pages=max_pages)  # fmt: skip
@@ -103,7 +103,8 @@ _GRID = [
     for kvd in ("fp8_e4m3", "int8")
     for act, hs, hkv, bs, per_head in (
         (torch.bfloat16, 128, 2, 16, True), (torch.float16, 64, 1, 16, False), (torch.bfloat16, 80, 3, 32, True),
-        (torch.float16, 256, 2, 16, True), (torch.bfloat16, 64, 8, 64, False),
+        (torch.float16, 256, 2, 16, True), (torch.bfloat16, 64, 8, 64, False), (torch.bfloat16, 80, 3, 16, "channel"),
+        (torch.float16, 128, 2, 32, "channel"),
     )
 ]  # fmt: skip
 
@@ -179,6 +180,11 @@ def test_fill_context_dequantizes_with_scales():
     src = int(case["block_table"][1, 0])
     want = case["key_cache"][src].float() * case["k_scale"].view(1, 2, 1)
     torch.testing.assert_close(ws_k[int(offsets[1])], want)
+    channel = _workspace_case("int8", torch.float32, 64, 2, 16, "channel", seed=5)  # one scale per head and channel
+    fill_context_ref(**{k: v for k, v in channel.items() if k != "max_pages"}, ws_key=ws_k, ws_value=ws_v,
+                     offsets=offsets, num_reqs=5)  # fmt: skip
+    want = channel["value_cache"][src].float() * channel["v_scale"].view(1, 2, 64)
+    torch.testing.assert_close(ws_v[int(offsets[1])], want)
 
 
 def _fa3_runner(case, monkeypatch, window=None, cap=None, mode="bf16"):

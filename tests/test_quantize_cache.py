@@ -55,9 +55,14 @@ def make_kv(t: int, h: int, d: int, dtype: torch.dtype, device: str = "cpu", amp
     return key, value
 
 
-def make_scales(key: torch.Tensor, value: torch.Tensor, kv_dtype: KVQuantDType, per_head: bool):
-    """Scales a bit below amax/qmax, so a few values saturate."""
+def make_scales(key: torch.Tensor, value: torch.Tensor, kv_dtype: KVQuantDType, per_head: bool | str):
+    """Scales a bit below amax/qmax, so a few values saturate; ``per_head`` "channel": one scale per
+    KV head and channel (``[heads, head_size]``), from each channel's own amax."""
     qmax = qmax_of(kv_dtype)
+    if per_head == "channel":
+        ks = key.float().abs().amax(dim=0) / qmax * 0.8
+        vs = value.float().abs().amax(dim=0) / qmax * 0.9
+        return ks.clamp_min(1e-4), vs.clamp_min(1e-4)
     dims = (0, 2) if per_head else (0, 1, 2)
     ks = key.float().abs().amax(dim=dims).reshape(-1) / qmax * 0.8
     vs = value.float().abs().amax(dim=dims).reshape(-1) / qmax * 0.9
@@ -117,7 +122,7 @@ GRID_CFG = WriteConfig(block_t=16, block_h=4, num_warps=4)  # one program per ca
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("head_size", [64, 80, 128])
-@pytest.mark.parametrize("per_head", [False, True], ids=["per_tensor", "per_head"])
+@pytest.mark.parametrize("per_head", [False, True, "channel"], ids=["per_tensor", "per_head", "per_channel"])
 @pytest.mark.parametrize("kv_dtype", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_matches_reference(act, kv_dtype, per_head, head_size, block_size, layout):
@@ -184,10 +189,11 @@ def test_reciprocal_variant_within_one_unit(kv_dtype):
     torch.manual_seed(6)
     t, h, d, nb, bs = 16, 4, 64, 2, 16
     key, value = make_kv(t, h, d, torch.bfloat16)
-    ks, vs = make_scales(key, value, kv_dtype, True)
     kc, vc = make_caches("split", nb, bs, h, d, torch.uint8)
     cfg = WriteConfig(16, 4, 4, reciprocal=True)
-    check_against_ref(key, value, kc, vc, make_slots(t, t, nb, bs), ks, vs, kv_dtype, config=cfg)
+    for per_head in (True, "channel"):
+        ks, vs = make_scales(key, value, kv_dtype, per_head)
+        check_against_ref(key, value, kc, vc, make_slots(t, t, nb, bs), ks, vs, kv_dtype, config=cfg)
 
 
 def test_two_dim_key_value_accepted():
@@ -313,6 +319,7 @@ def _valid_args(h=2, d=64):
         (dict(key=torch.zeros(4, 2, 64, 1, dtype=torch.float16)), r"key must be \[num_tokens"),
         (dict(value=torch.zeros(3, 2, 64, dtype=torch.float16)), "4 tokens but value has 3"),
         (dict(k_scale=torch.ones(3)), "k_scale has 3 values"),
+        (dict(k_scale=torch.ones(2, 63)), r"k_scale has 126 values; expected 1 \(per tensor\), 2 \(per KV head\) or 2 x 64 = 128"),
         (dict(v_scale=torch.ones(1, dtype=torch.int32)), "v_scale must be a float"),
         (dict(key_cache=torch.zeros(1, 16, 2, 64, dtype=torch.float16)), "one-byte dtype"),
         (dict(value_cache=torch.zeros(16, 2, 64, dtype=torch.uint8)), r"value_cache must be \[num_blocks"),
@@ -355,7 +362,7 @@ def _gpu_case(t, h, d, act, kv_dtype, per_head, layout, bs=16, config=None, exac
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("per_head", [False, True], ids=["per_tensor", "per_head"])
+@pytest.mark.parametrize("per_head", [False, True, "channel"], ids=["per_tensor", "per_head", "per_channel"])
 @pytest.mark.parametrize("kv_dtype", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_large(act, kv_dtype, per_head, layout):

@@ -67,6 +67,25 @@ def test_compressed_tensors_per_head(tmp_path, shape) -> None:
     assert scales.layers[NAMES[1]].v_scale == pytest.approx((0.04, 0.08))
 
 
+@pytest.mark.parametrize("shape", [(HEADS, 16), (HEADS * 16,)])
+def test_compressed_tensors_per_channel_and_mixed(tmp_path, shape) -> None:
+    """Channel-wise K scales beside per-head V scales: per_channel, each head's V repeated over its channels."""
+    model = write_config(tmp_path / "m", head_dim=16)
+    tensors = {}
+    for i in range(2):
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = (torch.arange(1, HEADS * 16 + 1) * 0.001 * (i + 1)).reshape(shape)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([0.02, 0.03]) if i else torch.tensor(0.05)
+    save_file(tensors, str(model / "model.safetensors"))
+    scales = from_compressed_tensors(model)
+    assert scales.granularity is Granularity.PER_CHANNEL and scales.layers[NAMES[0]].channels == 16
+    assert scales.layers[NAMES[1]].k_scale[17] == pytest.approx(0.036)
+    assert scales.layers[NAMES[1]].v_scale == pytest.approx((0.02,) * 16 + (0.03,) * 16)
+    assert scales.layers[NAMES[0]].v_scale == pytest.approx((0.05,) * 32)
+    convert_to_sidecar(model, model / SIDECAR_FILENAME, source_format=None, kv_dtype="int8", model_dir=None)
+    loaded = load_scales(model / SIDECAR_FILENAME)
+    assert loaded.granularity is Granularity.PER_CHANNEL and loaded.layers[NAMES[1]].k_scale[17] == pytest.approx(0.036 * 448 / 127)
+
+
 def test_compressed_tensors_sharded_index_and_int8(tmp_path) -> None:
     model = write_config(tmp_path / "m")
     tensors = ct_tensors((1,))
@@ -100,7 +119,8 @@ def test_compressed_tensors_errors(tmp_path) -> None:
     with pytest.raises(ScalesError, match=r"layer 'model.layers.1.self_attn.attn' has a k_scale but no v_scale"):
         from_compressed_tensors(model)
     save_file({"model.layers.0.self_attn.k_scale": torch.ones(3), "model.layers.0.self_attn.v_scale": torch.ones(3)}, str(model / "model.safetensors"))
-    with pytest.raises(ScalesError, match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_scale' has 3 values"):
+    with pytest.raises(ScalesError, match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_scale' has 3 values.*"
+                                          r"expected 1 \(per-tensor\), 2 \(per-head.* or 2 x 64 = 128 \(per-channel\)"):
         from_compressed_tensors(model)
     save_file({"w": torch.ones(1)}, str(model / "model.safetensors"))
     with pytest.raises(ScalesError, match="no k_scale/v_scale tensors"):

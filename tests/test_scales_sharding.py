@@ -12,6 +12,7 @@ from vllm_kvquant.scales import (
     LayerScales,
     ModelFacts,
     ScalesFile,
+    ScalesValidationError,
     ShardingError,
     kv_heads_for_rank,
     layer_scales_for_rank,
@@ -88,3 +89,32 @@ def test_shard_per_tensor_is_unchanged() -> None:
 def test_shard_error_names_file() -> None:
     with pytest.raises(ShardingError, match=r"s\.json: cannot split 4 KV heads over tensor-parallel size 3"):
         shard_scales(_file(Granularity.PER_HEAD), 3, 0)
+
+
+def _per_channel_file(heads: int, head_size: int = 4) -> ScalesFile:
+    names = ("model.layers.0.self_attn.attn",)
+    k = tuple(0.01 * (h + 1) + 0.001 * c for h in range(heads) for c in range(head_size))
+    v = tuple(1.0 + h + 0.1 * c for h in range(heads) for c in range(head_size))
+    ls = LayerScales(names[0], k, v, channels=head_size)
+    facts = ModelFacts(1, heads, head_size, names)
+    return ScalesFile(KVCacheDType.INT8, Granularity.PER_CHANNEL, facts, CalibrationInfo("absmax"), {names[0]: ls}, "s.json")
+
+
+def test_shard_per_channel_moves_channel_vectors_with_their_heads() -> None:
+    scales = _per_channel_file(heads=4)
+    ls = shard_scales(scales, 2, 1).layers["model.layers.0.self_attn.attn"]
+    assert ls.channels == 4 and ls.num_heads == 2
+    assert ls.v_scale == pytest.approx((3.0, 3.1, 3.2, 3.3, 4.0, 4.1, 4.2, 4.3))
+    k, v = scales_as_tensors(ls)
+    assert k.shape == v.shape == (2, 4) and k[1, 3] == pytest.approx(0.043)
+    replicated = [shard_scales(_per_channel_file(heads=2), 4, r).layers[ls.name].k_scale[:1] for r in range(4)]
+    assert replicated == [pytest.approx((0.01,))] * 2 + [pytest.approx((0.02,))] * 2
+
+
+def test_shard_per_channel_wrong_length_names_file_layer_and_field() -> None:
+    scales = _per_channel_file(heads=4)
+    ls = scales.layers["model.layers.0.self_attn.attn"]
+    short = LayerScales(ls.name, ls.k_scale, ls.v_scale[:-1], channels=4)
+    with pytest.raises(ScalesValidationError, match=r"s\.json: layer 'model\.layers\.0\.self_attn\.attn': v_scale = .* "
+                       r"has 15 values but the model has 4 KV heads x 4 channels = 16"):
+        layer_scales_for_rank(short, 2, 0, 4, file="s.json")

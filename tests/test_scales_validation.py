@@ -32,6 +32,13 @@ F = re.escape(SIDECAR_FILENAME)
 
 def valid(granularity: str = "per_head") -> dict[str, Any]:
     per_head = granularity == "per_head"
+    if granularity == "per_channel":  # 2 KV heads x 64 channels
+        data = valid("per_head")
+        data["granularity"] = granularity
+        for entry in data["layers"].values():
+            for field in ("k_scale", "v_scale"):
+                entry[field] = [[s * (1 + c / 64) for c in range(64)] for s in entry[field]]
+        return data
     return {
         "format": "vllm-kvquant-scales",
         "format_version": 1,
@@ -69,7 +76,7 @@ BAD_FILES = [
     ("bad-version", edit(_set(["format_version"], 2)), r": format_version = 2 is not supported .*upgrade vllm-kvquant"),
     ("string-version", edit(_set(["format_version"], "1")), r': format_version = "1" is not supported'),
     ("unsupported-dtype", edit(_set(["kv_dtype"], "fp8_e5m2")), r': kv_dtype = "fp8_e5m2" is not supported'),
-    ("unknown-granularity", edit(_set(["granularity"], "per_channel")), r': granularity = "per_channel" is unknown'),
+    ("unknown-granularity", edit(_set(["granularity"], "per_block")), r': granularity = "per_block" is unknown'),
     ("missing-field", edit(lambda d: d.pop("calibration")), r": calibration is missing \(required top-level field\)"),
     ("missing-method", edit(lambda d: d["calibration"].pop("method")), r": calibration.method = null must be a non-empty string"),
     ("zero-heads", edit(_set(["model", "num_kv_heads"], 0)), r": model.num_kv_heads = 0 must be a positive integer"),
@@ -85,6 +92,13 @@ BAD_FILES = [
     ("wrong-head-count", edit(_set(["layers", L1, "k_scale"], [0.1, 0.2, 0.3])), rf": layer '{L1}': k_scale = \[0.1, 0.2, 0.3\] has 3 values; granularity per_head needs one per KV head \(model.num_kv_heads = 2\)"),
     ("per-head-scalar", edit(_set(["layers", L1, "v_scale"], 0.5)), rf": layer '{L1}': v_scale = 0.5 is not a list"),
     ("per-tensor-list", edit(_set(["layers", L0, "k_scale"], [0.1, 0.2]), "per_tensor"), rf": layer '{L0}': k_scale = \[0.1, 0.2\] has 2 values; granularity per_tensor needs one number"),
+    ("per-channel-short-vector", edit(lambda d: d["layers"][L1]["k_scale"][1].pop(), "per_channel"), rf": layer '{L1}': k_scale\[1\] = \[.* has 63 values; granularity per_channel needs one per channel \(model.head_size = 64\)"),
+    ("per-channel-nan", edit(lambda d: d["layers"][L0]["k_scale"][0].__setitem__(5, float("nan")), "per_channel"), rf": layer '{L0}': k_scale\[0\]\[5\] = nan is not finite \(scales must be finite and > 0\)"),
+    ("per-channel-negative", edit(lambda d: d["layers"][L1]["v_scale"][1].__setitem__(63, -0.5), "per_channel"), rf": layer '{L1}': v_scale\[1\]\[63\] = -0.5 is not positive"),
+    ("per-channel-zero", edit(lambda d: d["layers"][L0]["v_scale"][0].__setitem__(0, 0), "per_channel"), rf": layer '{L0}': v_scale\[0\]\[0\] = 0.0 is not positive"),
+    ("per-channel-flat", edit(_set(["layers", L0, "k_scale"], [0.1, 0.2]), "per_channel"), rf": layer '{L0}': k_scale\[0\] = 0.1 is not a list; granularity per_channel needs 64 scales per KV head"),
+    ("per-channel-head-count", edit(lambda d: d["layers"][L0]["k_scale"].append([0.1] * 64), "per_channel"), rf": layer '{L0}': k_scale = .* has 3 entries; granularity per_channel needs one list per KV head \(model.num_kv_heads = 2\)"),
+    ("per-channel-scalar", edit(_set(["layers", L1, "v_scale"], 0.5), "per_channel"), rf": layer '{L1}': v_scale = 0.5 is not a list; granularity per_channel needs a list of 2 lists"),
     ("missing-layer", edit(lambda d: d["layers"].pop(L1)), rf": layer '{L1}' is listed in model.layer_names but has no entry in 'layers'"),
     ("unknown-layer", edit(_set(["layers", "model.layers.9.self_attn.attn"], {"k_scale": [1.0, 1.0], "v_scale": [1.0, 1.0]})), r": layer 'model.layers.9.self_attn.attn' is not listed in model.layer_names \(unknown layer"),
     ("missing-v-scale", edit(lambda d: d["layers"][L0].pop("v_scale")), rf": layer '{L0}': v_scale is missing"),

@@ -75,6 +75,17 @@ class CalibrationData:
 # ----------------------------------------------------------------------------- arguments
 
 
+def scale_defaults(args: Namespace) -> Namespace:
+    """``args`` with the granularity filled in where it was left out (None): the most accurate
+    measured for the storage format (``scales.calibration.DEFAULT_GRANULARITY``)."""
+    from .scales import default_granularity
+
+    resolved = Namespace(**vars(args))
+    if getattr(args, "granularity", None) is None:
+        resolved.granularity = default_granularity(args.dtype).value
+    return resolved
+
+
 def check_args(args: Namespace) -> None:
     """Reject bad options before anything is loaded (``ValueError`` -> exit code 2 in the CLI)."""
     if not args.margin > 0:  # also catches NaN
@@ -87,6 +98,11 @@ def check_args(args: Namespace) -> None:
         raise ValueError(f"--method {args.method!r} is not supported; use one of {list(METHODS)}")
     if args.method == "percentile" and not 0 < args.percentile <= 100:
         raise ValueError(f"--percentile must be in (0, 100], got {args.percentile}")
+    if args.method == "percentile" and args.granularity == "per_channel":
+        raise ValueError(
+            "--method percentile keeps one sample of |x| per KV head, not per channel: use --granularity per_head "
+            "(or per_tensor) with it, or --method absmax (the default) with per_channel"
+        )
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
     gmu = getattr(args, "gpu_memory_utilization", None)
@@ -373,13 +389,15 @@ def record_with_engine(
                 logger.warning("kvquant calibrate: layer '%s' recorded %d tokens for %d fed", name, seen, expected)
         for name, count in raw["nonfinite"].items():
             logger.warning("kvquant calibrate: layer '%s' on rank %d produced %d NaN/Inf K/V values (ignored)", name, rank, count)
-        per_rank.append({n: (torch.tensor(k), torch.tensor(v)) for n, (k, v) in raw["stats"].items()})
+        per_rank.append({n: tuple(torch.tensor(t) for t in ts) for n, ts in raw["stats"].items()})
     return per_rank
 
 
-def model_facts_of(llm: Any) -> dict[str, int]:
+def model_facts_of(llm: Any) -> dict[str, Any]:
+    """KV heads, head size and RoPE layout (``rope``: which K channels rotate together, or None)."""
     model_config = llm.llm_engine.vllm_config.model_config
-    return {"num_kv_heads": model_config.get_total_num_kv_heads(), "head_size": model_config.get_head_size()}
+    return {"num_kv_heads": model_config.get_total_num_kv_heads(), "head_size": model_config.get_head_size(),
+            "rope": llm.collective_rpc("kvquant_rope_layout")[0]}  # fmt: skip
 
 
 def record_statistics(args: Namespace, data: CalibrationData) -> tuple[list[RankStats], dict[str, int]]:
@@ -436,17 +454,24 @@ def scales_from_rank_stats(
     kv_dtype: str,
     granularity: str,
     info: "CalibrationInfo",
+    rope: Mapping[str, Any] | None = None,
 ) -> "ScalesFile":
     """Per-rank statistics (rank order) -> validated sidecar; independent of the tp it was recorded with.
 
     Ranks hold the KV heads :func:`kv_heads_for_rank` gives them (replicated heads are maxed),
-    then ``scale = max(stat * margin / qmax, 1e-8)`` per head (per_tensor: max over heads first).
+    then ``scale = max(stat * margin / qmax, 1e-8)`` per head (per_tensor: max over heads first;
+    per_channel: per channel, K's from its RoPE pair's norm when recorded; ``rope`` is provenance).
     """
+    from dataclasses import replace
+
     from .scales import ModelFacts, build_scales_file, combine_rank_stats
 
     stats = combine_rank_stats(per_rank, num_kv_heads, tp_size)
     names = sorted(stats, key=layer_order)
     model = ModelFacts(num_layers=len(names), num_kv_heads=num_kv_heads, head_size=head_size, layer_names=names)
+    if granularity == "per_channel":  # provenance: K's RoPE pairs sharing a scale (None: K per channel)
+        paired = bool(rope) and all(len(t) > 2 for t in stats.values())
+        info = replace(info, extra={**info.extra, "k_rope_pairs": dict(rope) if paired else None})
     return build_scales_file(stats, kv_dtype, granularity, model, info)
 
 
@@ -454,6 +479,7 @@ def run_calibration(args: Namespace) -> "ScalesFile":
     """Calibrate and write the sidecar; returns the written :class:`ScalesFile`."""
     from .scales import SIDECAR_FILENAME, save_scales
 
+    args = scale_defaults(args)
     check_args(args)
     texts = read_texts(args.data)  # bad data fails before vLLM is imported
     args, notes = resolve_defaults(args, model_shape(args), on_cpu_platform())
@@ -469,11 +495,12 @@ def run_calibration(args: Namespace) -> "ScalesFile":
         kv_dtype=args.dtype,
         granularity=args.granularity,
         info=calibration_info(args, data),
+        rope=facts.get("rope"),
     )
     out = Path(args.out) if args.out else Path(args.model) / SIDECAR_FILENAME
     out = save_scales(scales, out)
     print(
-        f"wrote {out}: {len(scales.layers)} layers, {args.dtype}, {args.granularity}, "
+        f"wrote {out}: {len(scales.layers)} layers, {args.dtype}, {args.granularity}, margin {args.margin:g}, "
         f"{len(data.samples)} samples, {data.num_tokens} tokens"
     )
     return scales

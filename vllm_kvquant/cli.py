@@ -18,7 +18,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         "calibrate",
         help="measure per-layer K/V scales on text and write the sidecar",
         description="Run MODEL through vLLM (eager, kvquant backend in calibration mode) over sample windows "
-        "of --data, record |K| and |V| per layer and KV head exactly as the backend writes them, and write "
+        "of --data, record |K| and |V| per layer, KV head and channel exactly as the backend writes them, and write "
         "scale = max(amax * margin / qmax, 1e-8) to the sidecar.",
     )
     p.add_argument("model", help="model directory (the sidecar is written next to its config.json)")
@@ -26,7 +26,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=128, help="number of token windows to run (default 128)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per window, BOS included (default 512, clamped to the model's context - 1)")
-    p.add_argument("--granularity", choices=["per_head", "per_tensor"], default="per_head")
+    p.add_argument("--granularity", choices=["per_channel", "per_head", "per_tensor"], default=None,
+                   help="scales per KV head and channel, per KV head, or per layer (default: the most accurate "
+                   "measured for --dtype: per_channel for int8, per_head for fp8_e4m3)")
     p.add_argument("--dtype", choices=["fp8_e4m3", "int8"], default="fp8_e4m3", help="KV storage format")
     p.add_argument("--method", choices=["absmax", "percentile"], default="absmax", help="statistic per KV head (default absmax)")
     p.add_argument("--percentile", type=float, default=99.99, help="with --method percentile: percentile of |x|, in (0, 100]")

@@ -53,7 +53,8 @@ class DecodeSpec:
     kv_dtype: KVQuantDType
     model_dtype: torch.dtype
     device: torch.device
-    per_head: bool = False
+    per_head: bool = False  # scales per KV head or per channel (not one per layer)
+    per_channel: bool = False  # scales per KV head and channel ([num_kv_heads, head_size])
     max_num_seqs: int = 256
 
     @classmethod

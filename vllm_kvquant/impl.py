@@ -188,7 +188,8 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             self.options.kernel, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
             scale=self.scale, sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
             kv_dtype=state.kv_dtype, model_dtype=query.dtype, device=query.device,
-            per_head=state.k_scale.numel() > 1 or state.v_scale.numel() > 1, max_num_seqs=self.max_num_seqs,
+            per_head=state.k_scale.numel() > 1 or state.v_scale.numel() > 1, per_channel=state.per_channel,
+            max_num_seqs=self.max_num_seqs,
             k_scale=state.k_scale, v_scale=state.v_scale,
         )  # fmt: skip
         return self._other_decode

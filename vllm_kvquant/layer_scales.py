@@ -29,11 +29,16 @@ LAYER_ATTR = "_kvquant_state"
 @dataclass
 class LayerQuantState:
     kv_dtype: KVQuantDType
-    k_scale: torch.Tensor  # fp32, [1] or [num_kv_heads on this rank]
+    k_scale: torch.Tensor  # fp32, [1], [num_kv_heads on this rank] or [num_kv_heads on this rank, head_size]
     v_scale: torch.Tensor
     source: str
     # Without a sidecar: measures the scales (in place) from the first real batch, then None.
     online: Any = None
+
+    @property
+    def per_channel(self) -> bool:
+        """Scales per KV head and channel (a ``per_channel`` sidecar)."""
+        return self.k_scale.dim() == 2
 
 
 _cache: dict[tuple, Any] = {}

@@ -167,6 +167,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
             decode_kernel(vllm_config), num_heads=max(self.num_q_heads), num_kv_heads=self.num_kv_heads,
             head_size=self.head_size, block_size=block_size, scale=impl.scale, sliding_window=impl.sliding_window,
             logits_soft_cap=impl.logits_soft_cap, kv_dtype=layer_state(first).kv_dtype,
+            per_channel=layer_state(first).per_channel,
             model_dtype=vllm_config.model_config.dtype, device=self.device, max_num_seqs=self.max_num_seqs,
             max_num_blocks_per_seq=-(-int(vllm_config.model_config.max_model_len) // block_size),
         )  # fmt: skip

@@ -325,7 +325,7 @@ class PrefillRunner:
         ``query``/``key``/``value``/``out`` are the layer's whole tensors (rows from
         ``plan.row_start`` on are used); ``key_cache``/``value_cache`` the views of
         ``compat.split_kv_cache`` (one-byte storage, any strides), already holding this step's
-        K/V; ``k_scale``/``v_scale`` fp32 ``[1]`` or ``[num_kv_heads]``. Mode ``quantized``
+        K/V; ``k_scale``/``v_scale`` fp32 ``[1]``, ``[num_kv_heads]`` or ``[num_kv_heads, head_size]``. Mode ``quantized``
         never reads ``key``/``value``.
         """
         if plan.num_reqs == 0:

@@ -50,11 +50,21 @@ class KVQuantWorkerExtension:
             **step_counts(),
         }
 
+    def kvquant_rope_layout(self) -> dict | None:
+        """The model's RoPE layout (which K channels rotate into each other): per-channel K scales
+        are calibrated per RoPE pair (``scales.calibration.rope_partners``)."""
+        from . import compat
+
+        return compat.rope_layout(compat.worker_model(self))
+
     def kvquant_start_recording(self, method: str, percentile: float, seed: int) -> int:
         from . import calibration_hooks
         from .scales import AmaxRecorder
+        from .scales.calibration import rope_partners
 
-        calibration_hooks.set_recorder(AmaxRecorder(method=method, percentile=percentile, seed=seed))
+        rope = self.kvquant_rope_layout()  # K's RoPE pair norms too, for per-channel K scales
+        partners = rope_partners(rope["head_size"], rope) if rope else None
+        calibration_hooks.set_recorder(AmaxRecorder(method=method, percentile=percentile, seed=seed, k_partners=partners))
         return 0
 
     def kvquant_collect(self) -> dict[str, dict]:
@@ -66,7 +76,7 @@ class KVQuantWorkerExtension:
         if recorder is None:
             return {"stats": {}, "num_tokens": {}, "nonfinite": {}}
         return {
-            "stats": {name: (k.tolist(), v.tolist()) for name, (k, v) in recorder.stats().items()},
+            "stats": {name: tuple(t.tolist() for t in stats) for name, stats in recorder.stats().items()},
             "num_tokens": dict(recorder.num_tokens),
             "nonfinite": dict(recorder.nonfinite),
         }

@@ -2,6 +2,9 @@
 
 ``bench_decode(shapes, ...) -> list[dict]``, one row per (name, batch, context):
 
+- ``kvquant-triton-fp8-per-channel`` / ``kvquant-triton-int8-per-channel``: the same with per-channel
+  scales (one K and one V scale per KV head and channel, ``[num_kv_heads, head_size]``), the other
+  rows' scales being per-tensor: the cost of folding K's into the query and V's into the output.
 - ``kvquant-triton-fp8`` / ``kvquant-triton-int8`` / ``kvquant-fa3-fp8`` / ``kvquant-flashinfer-fp8``:
   what the kvquant backend runs: :class:`vllm_kvquant.decode_runner.DecodeRunner` on a cache
   allocated through ``KVQuantAttentionBackend.get_kv_cache_shape`` and split by
@@ -50,9 +53,11 @@ from vllm_kvquant.kernels.reference import paged_decode_attention_ref
 FP8 = torch.float8_e4m3fn
 #: In an order that reuses each cache (kvquant fp8, int8; vLLM fp8; vLLM bf16) before the next.
 ROW_NAMES = (
-    "kvquant-triton-fp8", "kvquant-fa3-fp8", "kvquant-flashinfer-fp8", "kvquant-triton-int8",
+    "kvquant-triton-fp8", "kvquant-triton-fp8-per-channel", "kvquant-fa3-fp8", "kvquant-flashinfer-fp8",
+    "kvquant-triton-int8", "kvquant-triton-int8-per-channel",
     "vllm-fa3-fp8", "vllm-triton-fp8", "flashinfer-fp8", "vllm-fa3-bf16", "flashinfer-bf16",
 )  # fmt: skip
+PER_CHANNEL_SUFFIX = "-per-channel"
 #: Sized for ~3 minutes on an H100 with FlashInfer's JIT: the issue's target shapes and more.
 DEFAULT_SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 32768), (16, 8192), (64, 4096), (64, 16384), (64, 32768),
                   (128, 2048), (128, 8192))  # fmt: skip
@@ -158,23 +163,36 @@ def _time(fn: Callable[[int], Any], n: int, cfg: BenchConfig) -> tuple[float, st
     return sorted(times)[1] * 1e6, "eager-cpu"
 
 
-def _scales(kind: str, dev: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor([K_SCALE[kind]], device=dev), torch.tensor([V_SCALE[kind]], device=dev)
+def _row_kind(name: str) -> tuple[str, bool]:
+    """``(cache kind, per-channel scales)`` of a row: ``kvquant-triton-int8-per-channel`` -> ("int8", True)."""
+    per_channel = name.endswith(PER_CHANNEL_SUFFIX)
+    return name.removesuffix(PER_CHANNEL_SUFFIX).rsplit("-", 1)[1], per_channel
+
+
+def _scales(kind: str, dev: str, cfg: BenchConfig | None = None, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor ``[1]``, or per-channel ``[num_kv_heads, head_size]``: 0.5x-1.5x the per-tensor
+    scale, fixed by a seed (so the check's reference uses the very same values)."""
+    if not per_channel:
+        return torch.tensor([K_SCALE[kind]], device=dev), torch.tensor([V_SCALE[kind]], device=dev)
+    g = torch.Generator().manual_seed(1)
+    spread = lambda: 0.5 + torch.rand(cfg.num_kv_heads, cfg.head_size, generator=g)  # noqa: E731
+    return (K_SCALE[kind] * spread()).to(dev), (V_SCALE[kind] * spread()).to(dev)
 
 
 # ---------------- row callables: each returns fn(copy) and writes prob.out ----------------
 
 
-def _kvquant(prob: Problem, kernel: str, kind: str) -> Callable[[int], Any]:
+def _kvquant(prob: Problem, kernel: str, kind: str, per_channel: bool = False) -> Callable[[int], Any]:
     c = prob.cfg
     kvd = "fp8_e4m3" if kind == "fp8" else "int8"
     common = dict(num_heads=c.num_q_heads, num_kv_heads=c.num_kv_heads, head_size=c.head_size,
                   scale=1.0 / math.sqrt(c.head_size), sliding_window=None, logits_soft_cap=None, kv_dtype=kvd,
                   model_dtype=c.dtype, device=c.device)  # fmt: skip
-    ks, vs = _scales(kind, c.device)
-    runner = create_runner(kernel, per_head=False, max_num_seqs=prob.batch, k_scale=ks, v_scale=vs, **common)
+    ks, vs = _scales(kind, c.device, c, per_channel)
+    runner = create_runner(kernel, per_head=per_channel, per_channel=per_channel, max_num_seqs=prob.batch,
+                           k_scale=ks, v_scale=vs, **common)  # fmt: skip
     planner = create_planner(kernel, block_size=c.block_size, max_num_seqs=prob.batch,
-                             max_num_blocks_per_seq=prob.nbs, **common)  # fmt: skip
+                             max_num_blocks_per_seq=prob.nbs, per_channel=per_channel, **common)  # fmt: skip
     plan = prob.plan(planner, use_cuda_graph=c.device == "cuda")
     kc, vc = prob.caches("kvquant", kind)
     return lambda i: runner.run(prob.queries[i], kc[i], vc[i], ks, vs, plan, prob.out)
@@ -252,8 +270,8 @@ def _flashinfer(prob: Problem, kind: str) -> Callable[[int], Any]:
 
 def _make(prob: Problem, name: str) -> Callable[[int], Any]:
     if name.startswith("kvquant-"):
-        _, kernel, kind = name.split("-")
-        return _kvquant(prob, kernel, kind)
+        kind, per_channel = _row_kind(name)
+        return _kvquant(prob, name.split("-")[1], kind, per_channel)
     if prob.cfg.device != "cuda":
         raise _Skip("CPU smoke run: vLLM's and FlashInfer's kernels need a CUDA GPU")
     try:
@@ -289,14 +307,14 @@ def _ref_bf16(q, k, v, block_table, seq_lens) -> torch.Tensor:
 
 def _check(prob: Problem, name: str, row: dict) -> None:
     """Copy 0's first sequences vs a PyTorch reference on the same stored bytes (fp32)."""
-    kind = row["kv_dtype"]
+    kind, per_channel = _row_kind(name)
     k, v = (x[0] for x in prob.caches("kvquant" if name.startswith("kvquant") else "vllm", kind))
     n = min(CHECK_SEQS, prob.batch)
     q, bt, sl = prob.queries[0][:n], prob.block_table[:n], prob.seq_lens[:n]
     if kind not in KV_STORE:
         ref = _ref_bf16(q, k, v, bt, sl)
     else:
-        ks, vs = _scales(kind, prob.cfg.device)
+        ks, vs = _scales(kind, prob.cfg.device, prob.cfg, per_channel)
         kvd = "fp8_e4m3" if kind == "fp8" else "int8"
         ref = paged_decode_attention_ref(q, k, v, bt, sl, ks, vs, kvd)
         if name in ("kvquant-fa3-fp8", "vllm-fa3-fp8", "vllm-triton-fp8"):  # error left once Q is fp8
@@ -320,10 +338,11 @@ def bench_decode(
     for batch, ctx in shapes:
         prob = Problem(cfg, batch, ctx)
         for name in names:
-            kind = name.rsplit("-", 1)[1]
+            kind, per_channel = _row_kind(name)
             elem = act if kind in ("bf16", "fp16") else 1
             q_elem = 1 if name in ("vllm-fa3-fp8", "vllm-triton-fp8") else act
-            row = dict(name=name, kind="decode", kv_dtype=kind, batch=batch, context=ctx, us=None, gbps=None,
+            row = dict(name=name, kind="decode", kv_dtype=kind, scales="per-channel" if per_channel else "per-tensor",
+                       batch=batch, context=ctx, us=None, gbps=None,
                        pct_copy=None, status="ok", n_copies=prob.n_copies,
                        bytes=batch * ctx * c.num_kv_heads * c.head_size * 2 * elem
                        + batch * c.num_q_heads * c.head_size * (q_elem + act))  # fmt: skip
@@ -374,7 +393,7 @@ def tune_decode(configs=None, shapes=((64, 4096), (64, 16384), (8, 32768)), kv_d
 
 
 def fmt_row(row: dict) -> str:
-    head = f"{row['name']:<24} b={row['batch']:<3} ctx={row['context']:<6}"
+    head = f"{row['name']:<31} b={row['batch']:<3} ctx={row['context']:<6}"
     if row["status"] != "ok":
         return f"{head} {row['status'].upper()}: {(row.get('reason') or row.get('error') or '')[:150]}"
     extra = "".join(f" {k}={row[k]:.3g}" for k in ("max_abs_err_ref", "max_abs_err_ref_fp8_query") if row.get(k) is not None)

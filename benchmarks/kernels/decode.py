@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         "copy_gbps": copy_gbps,
         "config": {"num_q_heads": cfg.num_q_heads, "num_kv_heads": cfg.num_kv_heads, "head_size": cfg.head_size,
                    "block_size": cfg.block_size, "dtype": str(cfg.dtype).replace("torch.", ""),
-                   "scales": "per-tensor", "timing": "CUDA-graph replay over rotating caches, median"},
+                   "scales": "per-tensor (rows ending in -per-channel: per KV head and channel)",
+                   "timing": "CUDA-graph replay over rotating caches, median"},
         "rows": rows,
     }  # fmt: skip
     if a.tune and not a.smoke:

@@ -3,8 +3,9 @@
 Scales are read with ``safetensors.safe_open`` (no full checkpoint load). Also accepted, as vLLM
 remaps them: ``<prefix>.k_proj.k_scale`` / ``.k_proj.output_scale`` (ModelOpt, AutoFP8) and names
 that already end in ``.attn.k_scale``. Shape [] or [1] is per-tensor; [heads] or [heads, 1] is
-per-head. If some layers are per-head and others per-tensor, the file is per-head and the
-per-tensor values are repeated for every head.
+per-head; [heads, head_size] or [heads * head_size] is per-channel (channel-wise KV scales, head-major).
+Layers of a coarser granularity than the file's finest are repeated to it (a per-tensor value for
+every head, a per-head value for every channel of its head).
 """
 
 from __future__ import annotations
@@ -86,11 +87,12 @@ def from_compressed_tensors(
                     continue
                 layer, kv = target
                 values = tuple(handle.get_tensor(name).float().reshape(-1).tolist())
-                if len(values) not in (1, heads):
+                if len(values) not in (1, heads, heads * config.head_size):
                     raise ScalesError(
                         f"{file}: tensor '{name}' has {len(values)} values (shape "
-                        f"{list(handle.get_slice(name).get_shape())}); expected 1 (per-tensor) or {heads} (per-head, "
-                        f"num_key_value_heads in {config.path})"
+                        f"{list(handle.get_slice(name).get_shape())}); expected 1 (per-tensor), {heads} (per-head, "
+                        f"num_key_value_heads in {config.path}) or {heads} x {config.head_size} = "
+                        f"{heads * config.head_size} (per-channel)"
                     )
                 found.setdefault(layer, {})[kv] = values
                 origin[layer] = str(file)
@@ -106,9 +108,14 @@ def from_compressed_tensors(
             f"{src}: KV scales found for {len(names)} layers but {config.path} has num_hidden_layers = "
             f"{config.num_layers} (first layers with scales: {names[:3]})"
         )
-    per_head = any(len(v) > 1 for kv in found.values() for v in kv.values())
-    expand = (lambda v: v * heads if len(v) == 1 else v) if per_head else (lambda v: v)
-    layers = {n: LayerScales(n, expand(found[n]["k"]), expand(found[n]["v"])) for n in names}
-    granularity = Granularity.PER_HEAD if per_head else Granularity.PER_TENSOR
+    width = max(len(v) for kv in found.values() for v in kv.values())  # values per layer of the finest
+    channels = config.head_size if width > heads else 1
+    granularity = Granularity.PER_CHANNEL if channels > 1 else Granularity.PER_HEAD if width > 1 else Granularity.PER_TENSOR
+
+    def expand(v: tuple[float, ...]) -> tuple[float, ...]:
+        per_value = width // len(v)  # consecutive copies: heads for a shared value, channels for a head's
+        return tuple(x for x in v for _ in range(per_value))
+
+    layers = {n: LayerScales(n, expand(found[n]["k"]), expand(found[n]["v"]), channels) for n in names}
     native = compressed_tensors_kv_dtype(config)
     return config.converted(native, granularity, layers, "compressed-tensors", src, kv_dtype)

@@ -14,8 +14,8 @@
   (``benchmarks/results/decode-nvidia-h100-80gb-hbm3.json``, Llama-3-8B shapes): fa3 is
   0.75-0.93x triton's time (the fp8 query costs accuracy), flashinfer is triton's level.
 
-Asking for a kernel that cannot run (not installed, int8 cache, head size, GPU, model dtype) is
-a :class:`KVQuantConfigError` naming the option and every reason, raised by
+Asking for a kernel that cannot run (not installed, int8 cache, head size, GPU, model dtype,
+per-channel scales for ``fa3``) is a :class:`KVQuantConfigError` naming the option and every reason, raised by
 :func:`create_runner` / :func:`create_planner` at start-up.
 """
 
@@ -55,9 +55,13 @@ class DecodeEnv:
 
 
 def resolve_kernel(
-    kernel: str, *, kv_dtype: KVQuantDType | str, model_dtype: torch.dtype, head_size: int, env: DecodeEnv
+    kernel: str, *, kv_dtype: KVQuantDType | str, model_dtype: torch.dtype, head_size: int, env: DecodeEnv,
+    per_channel: bool = False,
 ) -> str:
-    """The kernel that will run (``auto`` resolved), or a start-up error saying why not."""
+    """The kernel that will run (``auto`` resolved), or a start-up error saying why not.
+
+    ``per_channel``: the scales are per KV head and channel (sidecar granularity ``per_channel``).
+    """
     if kernel not in KERNEL_CHOICES:
         raise KVQuantConfigError(f"{kernel_option(kernel)} is not supported; use one of {list(KERNEL_CHOICES)}")
     kv_dtype = KVQuantDType(kv_dtype)
@@ -72,6 +76,8 @@ def resolve_kernel(
     else:
         reasons += peer.gpu_reasons(env.capability, missing)
     reasons += peer.model_reasons(model_dtype, head_size)
+    if per_channel:
+        reasons += peer.scale_reasons(per_channel)
     if reasons:
         raise KVQuantConfigError(f"{kernel_option(kernel)} cannot run: " + "; ".join(reasons) + ". Use 'triton' or 'auto'.")
     return kernel
@@ -80,7 +86,11 @@ def resolve_kernel(
 def _spec_and_kernel(kernel: str, env: DecodeEnv | None, layer: dict[str, Any]) -> tuple[DecodeSpec, str]:
     spec = DecodeSpec.of(**layer)
     env = env or DecodeEnv.probe(spec.device)
-    return spec, resolve_kernel(kernel, kv_dtype=spec.kv_dtype, model_dtype=spec.model_dtype, head_size=spec.head_size, env=env)
+    name = resolve_kernel(
+        kernel, kv_dtype=spec.kv_dtype, model_dtype=spec.model_dtype, head_size=spec.head_size, env=env,
+        per_channel=spec.per_channel,
+    )  # fmt: skip
+    return spec, name
 
 
 def create_planner(
@@ -95,8 +105,8 @@ def create_planner(
 ) -> DecodePlanner:
     """The per-batch side of ``kernel`` for a KV-cache group. ``layer``: the other fields of
     :class:`DecodeSpec` (``num_heads``, ``num_kv_heads``, ``head_size``, ``scale``, ``sliding_window``,
-    ``logits_soft_cap``, ``kv_dtype``, ``model_dtype``, ``device``), which every layer of the group
-    shares. ``workspace``: triton's split-KV fp32 workspace (allocated when not given)."""
+    ``logits_soft_cap``, ``kv_dtype``, ``model_dtype``, ``device``, ``per_channel``), which every layer
+    of the group shares. ``workspace``: triton's split-KV fp32 workspace (allocated when not given)."""
     spec, name = _spec_and_kernel(kernel, env, dict(layer, max_num_seqs=max_num_seqs))
     planner = PLANNERS[name](spec, block_size, max_num_blocks_per_seq)
     planner.allocate(workspace)
@@ -107,6 +117,7 @@ def create_runner(
     kernel: str,
     *,
     per_head: bool,
+    per_channel: bool = False,
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
     env: DecodeEnv | None = None,
@@ -116,7 +127,7 @@ def create_runner(
     :func:`create_planner`; ``max_num_seqs`` defaults to 256). ``k_scale``/``v_scale``: the layer's
     static per-tensor scales, read to the host once here (FlashInfer takes them as exact host
     scalars; without them it folds them into the query)."""
-    spec, name = _spec_and_kernel(kernel, env, dict(layer, per_head=per_head))
+    spec, name = _spec_and_kernel(kernel, env, dict(layer, per_head=per_head or per_channel, per_channel=per_channel))
     if name == "flashinfer":
         return flashinfer.FlashInferDecodeRunner(spec, k_scale=k_scale, v_scale=v_scale)
     return {"triton": TritonDecodeRunner, "fa3": fa3.FA3DecodeRunner}[name](spec)

@@ -4,7 +4,8 @@ vLLM's ``vllm.vllm_flash_attn`` (``fa_version=3``) reads our fp8 cache views dir
 only a contiguous last dimension). FA3's fp8 path takes fp8 queries: the query is quantized the
 way vLLM's attention layer does it (static scale, 1.0 unless a q scale is given), which costs
 accuracy (see the GPU tests). Our per-tensor / per-KV-head K/V scales become its
-``[num_seqs, num_kv_heads]`` descales as stride-0 ``expand`` views (no copy, no allocation). FA3
+``[num_seqs, num_kv_heads]`` descales as stride-0 ``expand`` views (no copy, no allocation);
+per-channel scales have no place there and are refused at start-up (:func:`scale_reasons`). FA3
 writes bf16 for fp8 inputs, so only bfloat16 models. Hopper (sm_90) only. Per batch: FA3's
 scheduler metadata (vLLM's "AOT schedule"), with the splits bounded under CUDA graphs.
 """
@@ -54,6 +55,17 @@ def model_reasons(model_dtype: torch.dtype, head_size: int) -> list[str]:
     if head_size % 16 or head_size > 256:
         reasons.append(f"FA3 with fp8 needs a head size that is a multiple of 16 and <= 256, not {head_size}")
     return reasons
+
+
+def scale_reasons(per_channel: bool) -> list[str]:
+    """What keeps FA3 off these scales (empty: nothing)."""
+    if not per_channel:
+        return []
+    return [
+        "FA3 takes one K and one V descale per KV head and cannot apply per-channel scales (the sidecar's "
+        "granularity is per_channel: K's would have to scale the fp8 query per channel, V's the output); "
+        "calibrate with --granularity per_head for fa3, or use 'flashinfer'"
+    ]
 
 
 class FA3DecodePlanner(DecodePlanner):

@@ -4,9 +4,10 @@
 with bf16/fp16 queries. Our K/V views are passed as ``kv_layout="HND"`` views ``[num_blocks,
 num_kv_heads, block_size, head_size]``: FlashInfer reads every stride of a ``(k, v)`` tuple (they
 must be equal, which views of one cache are), so nothing is copied. Per-tensor scales go in as
-exact host floats given to the runner (FlashInfer's ``k_scale``/``v_scale``); per-KV-head scales
-are folded, K's into the query (one multiply into a preallocated buffer, one extra rounding to the
-model dtype), V's into the output (in place). Per batch: the page table, then the wrapper's
+exact host floats given to the runner (FlashInfer's ``k_scale``/``v_scale``); per-KV-head and
+per-channel scales are folded, K's into the query (``(q * s_k) . k``: one multiply into a
+preallocated buffer, one extra rounding to the model dtype), V's into the output
+(``(sum p v) * s_v``, in place), so the kernel reads the same bytes whatever the granularity. Per batch: the page table, then the wrapper's
 ``plan()`` on the host.
 """
 
@@ -52,6 +53,11 @@ def model_reasons(model_dtype: torch.dtype, head_size: int) -> list[str]:
     """What keeps FlashInfer off this model (empty: nothing)."""
     if head_size not in FLASHINFER_HEAD_SIZES:
         return [f"FlashInfer decodes head sizes {list(FLASHINFER_HEAD_SIZES)}, not {head_size}"]
+    return []
+
+
+def scale_reasons(per_channel: bool) -> list[str]:
+    """Nothing keeps FlashInfer off any granularity: per-channel scales fold into query and output."""
     return []
 
 
@@ -132,8 +138,9 @@ class FlashInferDecodeRunner(DecodeRunner):
         self._q = torch.empty(spec.max_num_seqs, spec.num_heads, spec.head_size, dtype=spec.model_dtype, device=spec.device)
         self._checked: set[int] = set()
         # Per-tensor scales as host floats: FlashInfer multiplies its fp32 softmax scale by k_scale
-        # (exact) and the output by v_scale. Per-KV-head scales have no such slot: they are folded
-        # into the query and the output (one extra rounding of q * k_scale to the model dtype).
+        # (exact) and the output by v_scale. Per-KV-head and per-channel scales have no such slot:
+        # they are folded into the query and the output (one extra rounding of q * k_scale to the
+        # model dtype).
         self._host_scales: tuple[float, float] | None = None
         if not spec.per_head and k_scale is not None and v_scale is not None:
             self._host_scales = (float(k_scale), float(v_scale))
@@ -161,11 +168,32 @@ class FlashInferDecodeRunner(DecodeRunner):
         if self._host_scales is not None:
             k_host, v_host = self._host_scales
             return wrapper.run(query, (kc, vc), k_scale=k_host, v_scale=v_host, out=out)
-        n, g = query.shape[0], s.num_heads // s.num_kv_heads
-        q = self._q[:n]
-        # K scale folded into the query: one rounding of (q * k_scale) in fp32 to the model dtype.
-        torch.mul(query.view(n, s.num_kv_heads, g, s.head_size), k_scale.reshape(1, -1, 1, 1),
-                  out=q.view(n, s.num_kv_heads, g, s.head_size))  # fmt: skip
+        n = query.shape[0]
+        q = fold_k_scale(query, k_scale, self._q[:n], s.num_kv_heads)
         wrapper.run(q, (kc, vc), out=out)
-        out.view(n, s.num_kv_heads, g, s.head_size).mul_(v_scale.reshape(1, -1, 1, 1))
-        return out
+        return unfold_v_scale_(out, v_scale, s.num_kv_heads)
+
+
+def _by_kv_head(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[n, Hq, D]`` viewed as ``[n, Hkv, group, D]`` (query heads of one KV head are adjacent)."""
+    n, hq, d = x.shape
+    return x.view(n, num_kv_heads, hq // num_kv_heads, d)
+
+
+def _scale_view(scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """A per-tensor ``[1]``, per-KV-head ``[Hkv]`` or per-channel ``[Hkv, D]`` scale as
+    ``[1, 1 or Hkv, 1, 1 or D]``."""
+    return scale.reshape(1, 1, 1, 1) if scale.numel() == 1 else scale.reshape(1, num_kv_heads, 1, -1)
+
+
+def fold_k_scale(query: torch.Tensor, k_scale: torch.Tensor, out: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``out = query * k_scale`` per KV head (and channel), rounded once to ``out``'s dtype: then
+    ``out . k_stored`` is ``query . (k_stored * k_scale)`` for any per-head or per-channel scale."""
+    torch.mul(_by_kv_head(query, num_kv_heads), _scale_view(k_scale, num_kv_heads), out=_by_kv_head(out, num_kv_heads))
+    return out
+
+
+def unfold_v_scale_(out: torch.Tensor, v_scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``out *= v_scale`` per KV head (and channel), in place: ``(sum p v_stored) * s_v``."""
+    _by_kv_head(out, num_kv_heads).mul_(_scale_view(v_scale, num_kv_heads))
+    return out
