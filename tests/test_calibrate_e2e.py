@@ -333,9 +333,12 @@ def _engine_main(spec: dict) -> dict:
     llm = LLM(**calibration_engine_args(args, max_model_len=max(map(len, samples)) + 1))
     timings["calibration_engine_start"] = time.perf_counter() - t0
 
-    def as_lists(per_rank):
+    def per_head(t):  # absmax stats are per channel [heads, head_size]; percentile ones per head
+        return (t.amax(dim=-1) if t.dim() == 2 else t).tolist()
+
+    def as_lists(per_rank):  # (K, V) per head; drops K's RoPE pair-norm amax when recorded
         (stats,) = per_rank
-        return {n: (k.tolist(), v.tolist()) for n, (k, v) in stats.items()}
+        return {n: (per_head(ts[0]), per_head(ts[1])) for n, ts in stats.items()}
 
     def raw_percentile100():  # the recorder's own percentile path, bypassing the absmax shortcut
         llm.collective_rpc("kvquant_start_recording", args=("percentile", 100.0, 0))

@@ -213,11 +213,32 @@ def resolve_defaults(
 # ----------------------------------------------------------------------------- data
 
 
+def read_jsonl_texts(path: Path) -> list[str]:
+    """The string ``text`` field of every line of a JSON Lines file (gzip-compressed when it ends
+    in ``.gz``); blank lines skipped; ``ValueError`` naming the file and line at fault."""
+    import gzip
+
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    texts = []
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: a JSONL record needs a string 'text' field")
+            texts.append(record["text"])
+    return texts
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Documents from a plain text file, a JSONL file with a ``text`` field, or a directory of .txt files.
 
     A directory is read recursively, files in sorted path order; ``.jsonl``/``.json`` files
-    are JSON Lines (one object with a string ``text`` per line, blank lines skipped); any
+    (and ``.jsonl.gz``) are JSON Lines (one object with a string ``text`` per line, blank lines skipped); any
     other file is one document. Raises ``FileNotFoundError`` / ``ValueError`` naming the file
     (and line) at fault.
     """
@@ -231,19 +252,8 @@ def read_texts(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"calibration data {path} does not exist")
     elif not path.is_file():
         raise ValueError(f"calibration data {path} is neither a file nor a directory")
-    elif path.suffix.lower() in (".jsonl", ".json"):
-        texts = []
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: a JSONL record needs a string 'text' field")
-            texts.append(record["text"])
+    elif path.suffix.lower() in (".jsonl", ".json") or path.name.lower().endswith(".jsonl.gz"):
+        texts = read_jsonl_texts(path)
     else:
         texts = [path.read_text(encoding="utf-8", errors="replace")]
     if not any(t.strip() for t in texts):

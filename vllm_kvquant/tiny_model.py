@@ -8,6 +8,7 @@ README's first command need a real model directory that vLLM loads like any othe
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -61,8 +62,11 @@ def corpus_text() -> str:
     return resources.files("vllm_kvquant").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
 
 
-def _train_tokenizer(vocab_size: int):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (deterministic for the same input), as a
+    transformers ``PreTrainedTokenizerFast`` with ``<s>``/``</s>``/``<unk>``: made locally, nothing downloaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -73,8 +77,8 @@ def _train_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
-    return tokenizer
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def _train_on_corpus(
@@ -109,16 +113,11 @@ def make_tiny_llama(path: str | Path, spec: TinyLlamaSpec = TinyLlamaSpec(), tra
     the weights then differ from a CPU-trained model's by rounding, so comparisons stay within one run.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_tokenizer(spec.vocab_size),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
+    tokenizer = train_bpe_tokenizer(corpus_text().splitlines(), spec.vocab_size)
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"

@@ -8,7 +8,6 @@ nothing is downloaded.
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -28,19 +27,9 @@ def split_path(data_dir: Path, split: str) -> Path:
 
 def read_jsonl(path: Path) -> list[str]:
     """The ``text`` field of every line (plain or gzip-compressed JSONL), naming file and line on bad input."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    texts = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: a record needs a string 'text' field")
-            texts.append(record["text"])
+    from vllm_kvquant.calibrate import read_jsonl_texts
+
+    texts = read_jsonl_texts(path)
     if not texts:
         raise ValueError(f"{path} holds no records")
     return texts
@@ -54,21 +43,10 @@ def write_plain_jsonl(texts: list[str], path: Path) -> Path:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE on ``texts`` (deterministic for the same input), as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Byte-level BPE on ``texts`` (deterministic for the same input): the tiny model's own recipe."""
+    from vllm_kvquant.tiny_model import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return train_bpe_tokenizer(texts, vocab_size)
 
 
 def encode_stream(tokenizer, texts: list[str]) -> list[int]:

@@ -98,10 +98,11 @@ def heldout_windows(model: str, path: str, length: int, count: int) -> list[list
     return [windows[int(i * step)] for i in range(count)]
 
 
-def engine_kwargs(args: argparse.Namespace, scheme: dict | None) -> dict:
+def engine_kwargs(args: argparse.Namespace, scheme: dict | None, chunk: int | None = None) -> dict:
     kw = dict(
         model=args.model, dtype="bfloat16", seed=0, max_model_len=4 * args.seq_len + 1, enforce_eager=True,
-        enable_chunked_prefill=True, max_num_batched_tokens=args.chunk, max_num_seqs=1, enable_prefix_caching=False,
+        enable_chunked_prefill=True, max_num_batched_tokens=chunk or args.chunk, max_num_seqs=1,
+        enable_prefix_caching=False,
         block_size=32,  # vLLM's CPU attention (the BF16 reference) needs a multiple of 32
         kv_cache_memory_bytes=args.kv_cache_bytes,
     )  # fmt: skip
@@ -119,15 +120,16 @@ def run_engine(spec: dict) -> dict:
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
     result = {}
     for key, windows in spec["windows"].items():
-        nll, n = 0.0, 0
+        per_window = []
         for w in windows:  # one at a time: every chunk is --chunk tokens
             out = llm.generate([{"prompt_token_ids": w}], params, use_tqdm=False)[0]
             entries = out.prompt_logprobs
             if entries is None or len(entries) != len(w):
                 raise RuntimeError(f"vLLM returned {len(entries or [])} prompt logprobs for {len(w)} tokens")
-            nll -= sum(entries[j][w[j]].logprob for j in range(1, len(w)))
-            n += len(w) - 1
-        result[key] = {"nll": nll, "tokens": n, "ppl": math.exp(nll / n)}
+            per_window.append(-sum(entries[j][w[j]].logprob for j in range(1, len(w))))
+        n = sum(len(w) - 1 for w in windows)
+        result[key] = {"nll": sum(per_window), "tokens": n, "ppl": math.exp(sum(per_window) / n),
+                       "window_nll": per_window}  # fmt: skip
     result["seconds"] = round(time.time() - t0, 1)
     return result
 
@@ -148,8 +150,23 @@ def _spawn(spec: dict, workdir: Path, label: str) -> dict:
     return json.loads(out_path.read_text())
 
 
+#: The 16-bit references: ``kvquant-unchunked`` is a kvquant engine prefilling each window in one step
+#: (it attends to the window's own unquantized K/V and never reads the 8-bit cache: the BF16-cache
+#: perplexity with kvquant's own attention arithmetic, so a scheme's difference from it is its
+#: quantization alone); ``vllm`` is vLLM's default attention with a BF16 cache, chunked like the
+#: schemes (it also differs from kvquant by the attention implementation's own rounding).
+REFERENCES = ("kvquant-unchunked", "vllm")
+
+
+def _reference_engine(args: argparse.Namespace, name: str, schemes: list[dict]) -> dict:
+    if name == "vllm":
+        return engine_kwargs(args, None)
+    return engine_kwargs(args, schemes[0], chunk=4 * args.seq_len + 1)
+
+
 def measure(args: argparse.Namespace) -> dict:
     schemes = [parse_scheme(s) for s in (args.scheme or DEFAULT_SCHEMES)]
+    references = args.reference or list(REFERENCES)
     with tempfile.TemporaryDirectory(prefix="kvquant-ppl-") as tmp:
         workdir = Path(tmp)
         schemes = calibrate_all(args, schemes, workdir)
@@ -157,22 +174,33 @@ def measure(args: argparse.Namespace) -> dict:
             "short": heldout_windows(args.model, args.heldout, args.seq_len, args.short_windows),
             "long": heldout_windows(args.model, args.heldout, 4 * args.seq_len, args.long_windows),
         }
-        ref = _spawn({"engine": engine_kwargs(args, None), "windows": windows}, workdir, "bf16")
-        rows = [{"scheme": "bf16", **{f"ppl_{k}": ref[k]["ppl"] for k in windows}, "seconds": ref["seconds"]}]
+        refs, rows = {}, []
+        for name in references:
+            refs[name] = _spawn({"engine": _reference_engine(args, name, schemes), "windows": windows}, workdir, name)
+            rows.append({"scheme": f"bf16 ({name})", **_ppl_fields(refs[name], windows)})
         for i, scheme in enumerate(schemes):
             got = _spawn({"engine": engine_kwargs(args, scheme), "windows": windows}, workdir, f"scheme-{i}")
             row = {"scheme": f"kvquant {scheme['dtype']} {scheme['granularity']} margin {scheme['margin']:g}",
-                   **{k: scheme[k] for k in ("dtype", "granularity", "margin")}}  # fmt: skip
-            for k in windows:
-                row[f"ppl_{k}"] = got[k]["ppl"]
-                row[f"delta_{k}_pct"] = 100.0 * (got[k]["ppl"] / ref[k]["ppl"] - 1.0)
-            row["seconds"] = got["seconds"]
+                   **{k: scheme[k] for k in ("dtype", "granularity", "margin")}, **_ppl_fields(got, windows)}  # fmt: skip
+            for r, ref in enumerate(refs.values()):
+                suffix = "" if r == 0 else f"_vs_{references[r].replace('-', '_')}"
+                for k in windows:
+                    row[f"delta_{k}{suffix}_pct"] = 100.0 * (got[k]["ppl"] / ref[k]["ppl"] - 1.0)
+                    row[f"window_delta_{k}{suffix}_pct"] = [
+                        100.0 * (math.exp((a - b) / (len(w) - 1)) - 1.0)
+                        for a, b, w in zip(got[k]["window_nll"], ref[k]["window_nll"], windows[k])
+                    ]  # fmt: skip
             rows.append(row)
-            print(f"{row['scheme']:44s} short {row['delta_short_pct']:+.3f}%  long {row['delta_long_pct']:+.3f}%",
-                  flush=True)  # fmt: skip
-    tokens = {k: ref[k]["tokens"] for k in windows}
+            print(f"{row['scheme']:44s} vs {references[0]}: short {row['delta_short_pct']:+.3f}%  "
+                  f"long {row['delta_long_pct']:+.3f}%", flush=True)  # fmt: skip
+    tokens = {k: sum(len(w) - 1 for w in ws) for k, ws in windows.items()}
     return {"command": " ".join(["python -m benchmarks.accuracy.granularity_ppl", *sys.argv[1:]]),
-            "calibration_tokens": schemes[0]["calibration_tokens"], "predicted_tokens": tokens, "rows": rows}  # fmt: skip
+            "references": references, "calibration_tokens": schemes[0]["calibration_tokens"],
+            "predicted_tokens": tokens, "rows": rows}  # fmt: skip
+
+
+def _ppl_fields(result: dict, windows: dict) -> dict:
+    return {**{f"ppl_{k}": result[k]["ppl"] for k in windows}, "seconds": result["seconds"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--short-windows", type=int, default=4, help="held-out windows of --seq-len tokens")
     ap.add_argument("--long-windows", type=int, default=1, help="held-out windows of 4 x --seq-len tokens")
     ap.add_argument("--chunk", type=int, default=64, help="prefill chunk (max_num_batched_tokens)")
+    ap.add_argument("--reference", action="append", choices=REFERENCES,
+                    help=f"16-bit reference(s), the first one the deltas' base (default: {list(REFERENCES)})")
     ap.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20)
     ap.add_argument("--out", help="JSON results")
     ap.add_argument("--engine", help=argparse.SUPPRESS)

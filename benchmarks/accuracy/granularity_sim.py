@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=64, help="prefill chunk (tokens)")
     ap.add_argument("--scheme", action="append", type=parse_scheme, help="dtype:K:V[:margin]; default: a grid")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--stats", default=None, help="calibration statistics file: reused when it exists, else written")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -190,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     AttentionInterface.register("kvquant_sim", sim.attention)
     model.config._attn_implementation = "kvquant_sim"
     prefix = special_prefix(tok)
-    sim.mode = "record"
-    nll(model, token_windows(tok, args.calib, args.seq_len, args.num_samples, prefix))
+    if args.stats and Path(args.stats).exists():
+        sim.amax = torch.load(args.stats)
+    else:
+        sim.mode = "record"
+        nll(model, token_windows(tok, args.calib, args.seq_len, args.num_samples, prefix))
+        if args.stats:
+            torch.save(sim.amax, args.stats)
     evals = {
         "short": token_windows(tok, args.heldout, args.seq_len, args.short_windows, prefix),
         "long": token_windows(tok, args.heldout, 4 * args.seq_len, args.long_windows, prefix),

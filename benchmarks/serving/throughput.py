@@ -75,16 +75,12 @@ def write_model_dir(path: Path, config: dict, tool: str = "benchmarks.serving.th
     import torch
 
     from vllm_kvquant.scales import CalibrationInfo, ModelFacts, build_scales_file, save_scales
-    from vllm_kvquant.tiny_model import _train_tokenizer
-    from transformers import PreTrainedTokenizerFast
+    from vllm_kvquant.tiny_model import corpus_text, train_bpe_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     if not (path / "tokenizer.json").exists():
-        tok = PreTrainedTokenizerFast(
-            tokenizer_object=_train_tokenizer(512), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-        )
-        tok.save_pretrained(path)
+        train_bpe_tokenizer(corpus_text().splitlines(), 512).save_pretrained(path)
     n_layers, n_kv = config["num_hidden_layers"], config["num_key_value_heads"]
     names = [f"model.layers.{i}.self_attn.attn" for i in range(n_layers)]
     facts = ModelFacts(n_layers, n_kv, config["head_dim"], tuple(names))
