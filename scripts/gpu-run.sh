@@ -38,12 +38,17 @@
 #   profile     benchmarks/serving/profile_step.py --compile: kvquant-fp8 and vllm-fp8-flash, 160 engine
 #               steps of the 1024x512 workload each under torch.profiler (KVQ_PROFILE_ARGS extra flags);
 #               writes benchmarks/results/profile-<device>.json
+#   ncu         kernel-only (no bundle): Nsight Compute on one launch of our decode split kernel per
+#               format (KVQ_LAB_SHAPES, default 64x16384; KVQ_NCU_CONFIG overrides), full section set;
+#               logs/ncu-decode-<dtype>.ncu-rep, -details.log and -raw.csv come back in results.tgz
+#   decode-lab  kernel-only (no bundle): benchmarks/kernels/decode_lab.py over KVQ_LAB_CONFIGS (space-separated
+#               DecodeKernelConfig overrides, quoted; '' = default), writes benchmarks/results/decode-lab.json
 #   tp          benchmarks/tp/check.py (needs 2 GPUs)
 # Every lane's log and every results JSON come back in $OUT/results.tgz (the device returns at most 8 files);
 # $OUT/summary.txt lists each lane's exit code and duration.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: scripts/gpu-run.sh check|bench|accuracy|serve-load|throughput|profile|tp}
+stage=${1:?usage: scripts/gpu-run.sh check|bench|accuracy|serve-load|throughput|profile|ncu|decode-lab|tp}
 OUT=${OUT:-/tmp/kvquant-gpu-out}
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
@@ -150,6 +155,31 @@ throughput)
 profile)
   lane profile 570 "python3 -m benchmarks.serving.profile_step --compile --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} \
     --time-budget 540 --child-timeout 330 ${KVQ_PROFILE_ARGS:-}"
+  ;;
+ncu|decode-lab)
+  # Kernel-only, no bundle (the image has torch, Triton and ncu): the source tree laid out as the
+  # installed package (kernels/ and scales/ inside vllm_kvquant/) on PYTHONPATH, unless installed.
+  if [ "${KVQ_DRY_RUN:-0}" != 1 ] && ! python3 -P -c "import vllm_kvquant.kernels" 2>/dev/null; then
+    src=/tmp/kvq-src/vllm_kvquant
+    rm -rf /tmp/kvq-src && mkdir -p "$src" && cp -r vllm_kvquant/. "$src/" && cp -r kernels "$src/kernels" && cp -r scales "$src/scales"
+    export PYTHONPATH=/tmp/kvq-src${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  shapes=${KVQ_LAB_SHAPES:-64x16384}
+  if [ "$stage" = ncu ]; then
+    # One launch of our split kernel per format (default config, or KVQ_NCU_CONFIG), full section set:
+    # memory throughput, warp stall reasons, occupancy, load widths; report + details page + raw CSV.
+    lane ncu 570 "for dt in ${KVQ_LAB_DTYPES:-fp8_e4m3 int8}; do \
+      ncu --target-processes all -k regex:_decode_split_kernel -c 1 --set full --import-source yes -f \
+        -o $LOGS/ncu-decode-\$dt python3 -m benchmarks.kernels.decode_lab --ncu-config '${KVQ_NCU_CONFIG:-}' \
+        --shapes $shapes --kv-dtypes \$dt && \
+      ncu --import $LOGS/ncu-decode-\$dt.ncu-rep --page details > $LOGS/ncu-decode-\$dt-details.log && \
+      ncu --import $LOGS/ncu-decode-\$dt.ncu-rep --page raw --csv > $LOGS/ncu-decode-\$dt-raw.csv; done"
+  else
+    # Our kernel under KVQ_LAB_CONFIGS (space-separated DecodeKernelConfig overrides, '' = default),
+    # checked against the reference and timed as CUDA graphs beside a copy in the same run.
+    lane decode-lab 570 "python3 -m benchmarks.kernels.decode_lab --shapes ${KVQ_LAB_SHAPES:-1x32768 8x32768 64x4096 64x16384 128x8192} \
+      --configs ${KVQ_LAB_CONFIGS:-''} --out benchmarks/results/decode-lab.json"
+  fi
   ;;
 tp)
   [ "$NGPU" -ge 2 ] || { echo "tp needs 2 GPUs, $NGPU visible" >&2; exit 2; }

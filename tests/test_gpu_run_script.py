@@ -54,7 +54,7 @@ def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
     assert all(f"{n}.xml" in c for n, c in by_name.items())
 
 
-@pytest.mark.parametrize("stage", ["bench", "accuracy", "serve-load", "throughput", "profile"])
+@pytest.mark.parametrize("stage", ["bench", "accuracy", "serve-load", "throughput", "profile", "ncu", "decode-lab"])
 def test_other_stages_use_one_lane_on_one_gpu(stage, tmp_path) -> None:
     rc, lanes = plan(stage, 1, tmp_path)
     assert rc == 0 and len(lanes) == 1 and lanes[0]["gpu"] == 0 and lanes[0]["limit"] <= 575, lanes
@@ -116,6 +116,20 @@ def test_profile_stage(tmp_path) -> None:
     _, (lane,) = plan("profile", 1, tmp_path, KVQ_PROFILE_ARGS="--max-iterations 100")
     assert lane["cmd"].startswith("python3 -m benchmarks.serving.profile_step --compile")
     assert "--max-iterations 100" in lane["cmd"] and "--time-budget 540" in lane["cmd"]
+
+
+def test_kernel_only_stages(tmp_path) -> None:
+    """ncu profiles one launch of our split kernel per format; decode-lab times the configs asked for."""
+    _, (lane,) = plan("ncu", 1, tmp_path, KVQ_LAB_SHAPES="8x32768")
+    for dt in ("fp8_e4m3", "int8"):
+        assert dt in lane["cmd"]
+    assert "ncu --target-processes all -k regex:_decode_split_kernel -c 1 --set full" in lane["cmd"]
+    assert "benchmarks.kernels.decode_lab --ncu-config" in lane["cmd"] and "--shapes 8x32768" in lane["cmd"]
+    assert "--page details" in lane["cmd"] and "--page raw --csv" in lane["cmd"]
+    _, (lane,) = plan("decode-lab", 1, tmp_path, KVQ_LAB_CONFIGS="'' 'num_stages=3,num_warps=8'")
+    assert "--configs '' 'num_stages=3,num_warps=8'" in lane["cmd"]
+    assert "--out benchmarks/results/decode-lab.json" in lane["cmd"]
+    assert (REPO / "benchmarks" / "kernels" / "decode_lab.py").is_file()
 
 
 def test_tp_refuses_one_gpu(tmp_path) -> None:

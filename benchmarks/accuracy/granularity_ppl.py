@@ -48,7 +48,7 @@ def calibration_args(args: argparse.Namespace, scheme: dict) -> Namespace:
     raw = Namespace(
         model=args.model, data=args.calib, num_samples=args.num_samples, seq_len=args.seq_len,
         granularity=scheme["granularity"], dtype=scheme["dtype"], method="absmax", percentile=99.99,
-        margin=1.0 if scheme["margin"] is None else scheme["margin"], tensor_parallel_size=1, seed=0, out=None, model_dtype="bfloat16",
+        margin=1.0 if scheme["margin"] is None else scheme["margin"], tensor_parallel_size=1, seed=0, out=None, model_dtype=args.model_dtype,
         gpu_memory_utilization=None, kv_cache_memory_bytes=args.kv_cache_bytes, max_model_len=args.seq_len + 1,
     )  # fmt: skip
     return scale_defaults(raw)
@@ -100,7 +100,7 @@ def heldout_windows(model: str, path: str, length: int, count: int) -> list[list
 
 def engine_kwargs(args: argparse.Namespace, scheme: dict | None, chunk: int | None = None) -> dict:
     kw = dict(
-        model=args.model, dtype="bfloat16", seed=0, max_model_len=4 * args.seq_len + 1, enforce_eager=True,
+        model=args.model, dtype=args.model_dtype, seed=0, max_model_len=4 * args.seq_len + 1, enforce_eager=True,
         enable_chunked_prefill=True, max_num_batched_tokens=chunk or args.chunk, max_num_seqs=1,
         enable_prefix_caching=False,
         block_size=32,  # vLLM's CPU attention (the BF16 reference) needs a multiple of 32
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, default=64, help="prefill chunk (max_num_batched_tokens)")
     ap.add_argument("--reference", action="append", choices=REFERENCES,
                     help=f"16-bit reference(s), the first one the deltas' base (default: {list(REFERENCES)})")
+    ap.add_argument("--model-dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                    help="activation dtype of the model (and of the 16-bit references)")
     ap.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20)
     ap.add_argument("--out", help="JSON results")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
