@@ -2,7 +2,7 @@
 
 - ``throughput-<dev>.json`` -> ``throughput-<dev>.png``: output tokens/s and KV capacity
   (tokens, with peak running requests) per config.
-- ``accuracy-<dev>.json`` -> ``accuracy-<dev>.png``: per scheme, plain and outlier model side by
+- ``accuracy-<dev>.json`` -> ``accuracy-<dev>.png``: per scheme, the models (plain, outlier, smollm2) side by
   side: mean KL to BF16 (p99 as a dot, the BF16 noise floor as a line), perplexity change and
   top-1 disagreement (older files: perplexity change and greedy agreement);
   ``accuracy-synthetic-<dev>.png``: attention-output error per scheme and scenario (log scale).
@@ -88,7 +88,11 @@ def plot_throughput(path: Path, out: Path, plt) -> Path | None:
     return dest
 
 
-MODEL_COLORS = {"plain": "tab:blue", "outlier": "tab:red"}
+MODEL_COLORS = {"plain": "tab:blue", "outlier": "tab:red", "smollm2": "tab:green"}
+MODEL_ORDER = ("plain", "outlier", "smollm2")  # the accuracy harness' models (benchmarks/accuracy/schemes.py)
+
+
+_MODEL_TITLES = {"plain": "small Llama", "outlier": "small Llama with outlier channels", "smollm2": "SmolLM2-135M"}
 
 
 def plot_accuracy_kl(data: dict, path: Path, out: Path, plt) -> Path | None:
@@ -97,7 +101,8 @@ def plot_accuracy_kl(data: dict, path: Path, out: Path, plt) -> Path | None:
     names = [n for n in dict.fromkeys(r["name"] for r in rows) if n != "bf16"]
     if not names:
         return None
-    models = [m for m in ("plain", "outlier") if any(r["model"] == m for r in rows)]
+    present = list(dict.fromkeys(r["model"] for r in rows))
+    models = [m for m in MODEL_ORDER if m in present] + [m for m in present if m not in MODEL_ORDER]
     by = {(r["model"], r["name"]): r for r in rows}
     fig, axes = plt.subplots(3, 1, figsize=(max(9, 0.9 * len(names) + 3), 11), sharex=True)
     width = 0.8 / len(models)
@@ -108,7 +113,7 @@ def plot_accuracy_kl(data: dict, path: Path, out: Path, plt) -> Path | None:
         rs = [by.get((model, n)) for n in names]
         kl = [max(r["kl_mean"], floor) if r else float("nan") for r in rs]
         p99 = [max(r["kl_p99"], floor) if r else float("nan") for r in rs]
-        c = MODEL_COLORS[model]
+        c = MODEL_COLORS.get(model, f"C{3 + j}")
         axes[0].bar(xs, kl, width, color=c, alpha=0.8, label=f"{model} model: mean")
         axes[0].scatter(xs, p99, color=c, marker="_", s=120, zorder=3, label=f"{model} model: p99")
         noise = by.get((model, "bf16-triton"))
@@ -132,7 +137,8 @@ def plot_accuracy_kl(data: dict, path: Path, out: Path, plt) -> Path | None:
     method = (data.get("settings") or {})
     sub = (f"{method.get('windows')} held-out sequences x ({method.get('prompt_len')} prefilled in chunks of "
            f"{method.get('chunk')} + {method.get('decode_len')} teacher-forced decode steps)")  # fmt: skip
-    fig.suptitle(_title(data, "KV-cache accuracy, teacher-forced, small Llama (plain / with outlier channels)", path)
+    what = " / ".join(_MODEL_TITLES.get(m, m) for m in models)
+    fig.suptitle(_title(data, f"KV-cache accuracy, teacher-forced: {what}", path)
                  + "\n" + sub, fontsize=10)  # fmt: skip
     fig.tight_layout()
     dest = out / f"{path.stem}.png"

@@ -144,7 +144,8 @@ def test_build_rows_schema_errors_and_decode_split(tmp_path):
     (runs / "outlier--kvquant-int8-online.log").write_text(f"Traceback ...\n{msg}; use one of ['unit', 'error']\n")
     done = {f"outlier/{s.name}": TaskResult(f"outlier/{s.name}", True, 10.0) for s in schemes}
     done["outlier/kvquant-int8-online"] = TaskResult("outlier/kvquant-int8-online", False, 3.0, rc=1, error="exit code 1")
-    rows, check = build_rows(schemes, ["outlier"], {"outlier": model_dir}, paths, done, prompts, forced, "cpu")
+    rows, check = build_rows(schemes, ["outlier"], {"outlier": model_dir}, paths, done, {"outlier": (prompts, forced)},
+                             "cpu")  # fmt: skip
     assert check == {}  # the plain model was not run
     by = {r["name"]: r for r in rows}
     json.dumps(rows)  # JSON-serializable
@@ -162,8 +163,9 @@ def test_build_rows_schema_errors_and_decode_split(tmp_path):
         check_row({k: ref[k] for k in ROW_KEYS if k != "top1"})
     with pytest.raises(ValueError, match="kl_mean = nan is not a finite number"):
         check_row({**ref, "kl_mean": float("nan")})
-    with pytest.raises(ValueError, match="model 'big' is not 'plain' or 'outlier'"):
+    with pytest.raises(ValueError, match=r"model 'big' is not one of \['plain', 'outlier', 'smollm2'\]"):
         check_row({**ref, "model": "big"})
+    check_row({**ref, "model": "smollm2"})
 
 
 def test_summary_needs_tokens():

@@ -1,8 +1,11 @@
 """Sidecars and model copies the accuracy schemes need, made from one calibration per model.
 
 - :func:`derive_sidecar`: the absmax statistic is what every granularity and dtype is built from,
-  so one ``vllm-kvquant calibrate`` run (fp8_e4m3, per_head) gives the other three sidecars
-  exactly: ``amax = scale * qmax``; per_tensor = max over heads; int8 divides by 127 instead of 448.
+  so one ``vllm-kvquant calibrate`` run (fp8_e4m3, per_head) gives the other three per_head /
+  per_tensor sidecars exactly: ``amax = scale * qmax``; per_tensor = max over heads; int8 divides by
+  127 instead of 448. per_channel is its own run (int8): its K scales bound RoPE pair norms, which
+  no per-head statistic holds and which no per-head scale may be derived from; its fp8 sidecar is
+  the same amax over 448 (``ScalesFile.retarget``), what ``calibrate --dtype fp8_e4m3`` writes.
 - :func:`make_vllm_fp8_checkpoint`: a copy of the model whose checkpoint carries
   ``self_attn.{k,v}_scale`` for vLLM's own fp8 cache (compressed-tensors ``kv_cache_scheme``).
 """
@@ -16,13 +19,22 @@ from pathlib import Path
 
 
 def derive_sidecar(src: Path, dtype: str, granularity: str, dest: Path) -> Path:
-    """Exact absmax derivation of a sidecar from a per_head one (any dtype)."""
+    """Exact absmax derivation of a sidecar: per_head / per_tensor from a per_head one, per_channel
+    (another dtype) from a per_channel one."""
     import torch
 
     from vllm_kvquant.scales import ModelFacts, build_scales_file, load_scales, save_scales
 
     s = load_scales(src)
-    if getattr(s.granularity, "value", s.granularity) != "per_head":
+    have = getattr(s.granularity, "value", s.granularity)
+    if have == "per_channel" or granularity == "per_channel":
+        if have != granularity:
+            raise ValueError(f"{src}: a {granularity} sidecar cannot be derived from a {have} one (per_channel K "
+                             "scales bound RoPE pair norms, not per-head absmax): calibrate with --granularity "
+                             f"{granularity}")  # fmt: skip
+        save_scales(s.retarget(dtype), dest)
+        return dest
+    if have != "per_head":
         raise ValueError(f"{src}: derive from a per_head sidecar (this one is {s.granularity})")
     qmax = s.kv_dtype.qmax
     stats = {n: (torch.tensor(l.k_scale) * qmax, torch.tensor(l.v_scale) * qmax) for n, l in s.layers.items()}

@@ -70,3 +70,13 @@ def windows(ids: list[int], length: int, count: int, offset: int = 0) -> list[li
     count = min(count, n_avail)
     picks = [round(i * (n_avail - 1) / max(count - 1, 1)) for i in range(count)] if count > 1 else [0]
     return [ids[offset + p * length : offset + (p + 1) * length] for p in picks]
+
+
+def eval_windows(tokenizer, heldout_texts: list[str], prompt_len: int, decode_len: int, count: int,
+                 path: Path) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:  # fmt: skip
+    """One model's evaluation windows of the held-out text in its own tokenizer, written to ``path``
+    (what :mod:`benchmarks.accuracy.engine` reads): ``(sequences, prompts, forced decode tokens)``."""
+    seqs = windows(encode_stream(tokenizer, heldout_texts), prompt_len + decode_len, count)
+    prompts, forced = [s[:prompt_len] for s in seqs], [s[prompt_len:] for s in seqs]
+    path.write_text(json.dumps({"prompts": prompts, "forced": forced}))
+    return seqs, prompts, forced

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.accuracy.metrics import LMHead, logprob_check, predicted_rows, token_metrics, window_rows
-from benchmarks.accuracy.schemes import Scheme
+from benchmarks.accuracy.schemes import MODELS, Scheme
 
 ROW_KEYS = ("name", "model", "kv_dtype", "granularity", "ppl", "ppl_delta_pct", "kl_mean", "kl_p99", "top1")
 
@@ -40,8 +40,8 @@ def check_row(row: dict) -> None:
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         raise ValueError(f"row {row.get('name')!r} ({row.get('model')}) lacks {missing}")
-    if row["model"] not in ("plain", "outlier"):
-        raise ValueError(f"row {row['name']!r}: model {row['model']!r} is not 'plain' or 'outlier'")
+    if row["model"] not in MODELS:
+        raise ValueError(f"row {row['name']!r}: model {row['model']!r} is not one of {list(MODELS)}")
     if row.get("error") is None:
         for k in ("ppl", "kl_mean", "kl_p99", "top1"):
             if not isinstance(row[k], (int, float)) or not math.isfinite(row[k]):
@@ -154,11 +154,13 @@ _ENGINE_FACTS = ("backend", "kv_cache_dtype", "kv_capacity_tokens", "layer0_scal
 
 
 def build_rows(schemes: list[Scheme], models: list[str], model_dirs: dict, paths: dict, done: dict,
-               prompts: list[list[int]], forced: list[list[int]], device: str) -> tuple[list[dict], dict]:  # fmt: skip
-    """One checked row per (model, scheme), and the BF16 plain-vs-outlier check."""
+               evals: dict[str, tuple[list[list[int]], list[list[int]]]], device: str) -> tuple[list[dict], dict]:  # fmt: skip
+    """One checked row per (model, scheme), and the BF16 plain-vs-outlier check. ``evals``: per model its
+    ``(prompts, forced decode tokens)`` in its own tokenizer (what its engines ran)."""
     rows: list[dict] = []
     for model in models:
         ev, ref_error = None, None
+        prompts, forced = evals.get(model, ([], []))
         for scheme in schemes:
             key = f"{model}/{scheme.name}"
             stem = paths["runs"] / key.replace("/", "--")

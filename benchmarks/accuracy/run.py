@@ -1,16 +1,24 @@
-"""Accuracy of 8-bit KV caches: teacher-forced KL to BF16 on a small Llama, plain and with outlier channels.
+"""Accuracy of 8-bit KV caches: teacher-forced KL to BF16 on a small Llama (plain and with outlier channels)
+and on SmolLM2-135M-Instruct (real weights).
 
-One run, every stage timed (``--time-budget`` bounds it; ``--smoke`` shrinks everything for a CPU):
+One run, every stage timed (``--time-budget`` bounds it; ``--smoke`` shrinks everything for a CPU);
+``--models`` picks among ``outlier``, ``plain`` (the small Llama) and ``smollm2`` (default all three):
 
 1. data: ``.benchdata/{train,calib,heldout}.jsonl[.gz]`` from ``python -m benchmarks.prepare_text``
    (Shakespeare + Austen, public domain, split per document 90/5/5); byte-level BPE trained here.
+   Every model is evaluated on windows of the same held-out text in its own tokenizer (the small
+   models share one; SmolLM2's windows file is its own) and calibrated on the same calibration text.
+   The train split is read only for the small models.
 2. train: an 8-layer Llama (hidden 512, 8 query / 2 KV heads of 64), seeded (``train``).
 3. outlier: a copy computing the same function with a few K channels x8..32 (both channels of a
    RoPE pair, queries /alpha) and some V channels x4..8 (o_proj /beta) (``outliers``);
    checked with transformers (perplexity) and in vLLM (BF16 hidden states of both models).
-4. engines, side by side (``runner``): per model one ``vllm-kvquant calibrate`` (fp8
-   per_head, on the calibration split; the other sidecars derive exactly) and one engine per scheme
-   (``schemes``), each running the same held-out windows once: a prompt prefilled in
+   SmolLM2 (30 layers, 9 query / 3 KV heads of 64, tied embeddings; ``vllm_kvquant.fetch_model``,
+   ``--smollm2-dir``) is neither trained nor transformed (stage smollm2: fetch, windows, transformers perplexity).
+4. engines, side by side (``runner``, task graph in ``tasks``): per model ``vllm-kvquant calibrate``
+   fp8 per_head (the other per_head / per_tensor sidecars derive exactly) and int8 per_channel (the
+   fp8 per_channel sidecar derives exactly), each only where a chosen scheme needs it, and one engine
+   per scheme (``schemes``), each running the same held-out windows once: a prompt prefilled in
    ``--chunk``-token chunks (prefix caching off: later chunks read their context from the 8-bit
    cache), then ``--decode-len`` teacher-forced single-token decode steps. Every token's final
    hidden state is recorded (``worker``).
@@ -20,7 +28,9 @@ One run, every stage timed (``--time-budget`` bounds it; ``--smoke`` shrinks eve
 
 Writes ``benchmarks/results/accuracy-<device>.json`` (+ a copy in ``$OUT``) and, where matplotlib is
 installed, ``accuracy-<device>.png``. GPU: ``python -m benchmarks.accuracy.run`` (bounded by ``--time-budget``, 390 s);
-CPU: ``python -m benchmarks.accuracy.run --smoke``. The modules named above are this folder's.
+CPU: ``python -m benchmarks.accuracy.run --smoke`` (small models) or
+``python -m benchmarks.accuracy.run --smoke --models smollm2 --schemes bf16,kvquant-int8-per_channel,kvquant-fp8-per_channel``
+(only the calib and heldout splits needed; tests/test_accuracy_smollm2_smoke.py). The modules named above are this folder's.
 """
 
 from __future__ import annotations
@@ -30,18 +40,25 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.accuracy.data import encode_stream, read_jsonl, split_path, train_tokenizer, windows, write_plain_jsonl
+from benchmarks.accuracy.data import encode_stream, eval_windows, read_jsonl, split_path, train_tokenizer, write_plain_jsonl
 from benchmarks.accuracy.outliers import OutlierSettings
-from benchmarks.accuracy.runner import Runner, Task
-from benchmarks.accuracy.schemes import MODELS, REFERENCE, EngineSettings, engine_kwargs, select, select_models
+from benchmarks.accuracy.runner import Runner
+from benchmarks.accuracy.schemes import DEFAULT_MODELS, TINY_MODELS, EngineSettings, select, select_models
+from benchmarks.accuracy.tasks import ModelInput, build_tasks
 from benchmarks.accuracy.train import ModelShape, TrainSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
 SMOKE_SCHEMES = "bf16,kvquant-int8-per_head,kvquant-int8-online"
+#: ``--smoke``: a 2-layer model trained for 30 steps, 2 windows of 128 + 8 tokens, no time budget; only the
+#: small models unless ``--models`` names smollm2 (a real 135M model: minutes per engine on a small CPU).
+SMOKE_DEFAULTS = dict(
+    vocab_size=512, hidden=128, intermediate=256, layers=2, heads=2, kv_heads=1, head_dim=64, max_model_len=320,
+    steps=30, train_seq_len=128, batch_size=8, calib_samples=4, calib_seq_len=128,
+    windows=2, prompt_len=128, decode_len=8, chunk=64, time_budget=1e9, models="outlier,plain", schemes=SMOKE_SCHEMES,
+)  # fmt: skip
 LOGITS_PROCESSOR = "benchmarks.accuracy.worker:ForcedTokens"
 
 
@@ -59,9 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data", type=Path, default=REPO / ".benchdata", help="folder from benchmarks.prepare_text")
     a("--workdir", type=Path, default=Path("/tmp/kvquant-accuracy"), help="models, sidecars, captures (not the repo)")
     a("--out", type=Path, default=None, help="results JSON (default benchmarks/results/accuracy-<device>.json)")
-    a("--smoke", action="store_true", help=f"tiny model and data for a CPU run (default --schemes {SMOKE_SCHEMES})")
+    a("--smoke", action="store_true", help=f"tiny model and data for a CPU run (defaults --models outlier,plain --schemes {SMOKE_SCHEMES}, "
+      "2 windows of 128+8 tokens; explicit flags override)")
     a("--schemes", default=None, help="comma list (default: every default scheme), see benchmarks/accuracy/schemes.py")
-    a("--models", default="outlier,plain", help="which models, in priority order")
+    a("--models", default=DEFAULT_MODELS, help="which models, in priority order: outlier, plain (the small Llama "
+      "trained here), smollm2 (SmolLM2-135M-Instruct)")
+    a("--smollm2-dir", type=Path, default=None, help="SmolLM2 checkpoint made by vllm-kvquant fetch-model "
+      "(default: its cache folder; fetched there if absent)")
     a("--seed", type=int, default=0)
     a("--reuse-model", action="store_true", help="reuse --workdir's trained model and tokenizer")
     g = ap.add_argument_group("model and training")
@@ -98,17 +119,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--skip-synthetic", action="store_true")
     g.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    if args.smoke:
-        args.vocab_size, args.hidden, args.intermediate, args.layers = 512, 128, 256, 2
-        args.heads, args.kv_heads, args.head_dim, args.max_model_len = 2, 1, 64, 320
-        args.steps, args.train_seq_len, args.batch_size = 30, 128, 8
-        args.calib_samples, args.calib_seq_len = 4, 128
-        args.windows, args.prompt_len, args.decode_len, args.chunk = 2, 128, 8, 64
+    if args.smoke:  # smaller defaults; flags given explicitly still win
+        ap.set_defaults(**SMOKE_DEFAULTS)
+        args = ap.parse_args(argv)
         args.workdir = args.workdir.with_name(args.workdir.name + "-smoke")
-        if args.time_budget == 390.0:
-            args.time_budget = 1e9
-        args.schemes = args.schemes or SMOKE_SCHEMES
     args.workdir = args.workdir.resolve()
+    try:
+        select(args.schemes), select_models(args.models)
+    except ValueError as e:
+        ap.error(str(e))
     if args.prompt_len + args.decode_len > args.max_model_len:
         ap.error(f"--prompt-len + --decode-len ({args.prompt_len + args.decode_len}) exceed --max-model-len {args.max_model_len}")
     return args
@@ -134,90 +153,6 @@ class Stages:
         self._name = None
 
 
-def _calibrate_supports_kv_bytes() -> bool:
-    from vllm_kvquant.cli import build_parser
-
-    try:
-        build_parser().parse_args(["calibrate", "m", "--data", "d", "--kv-cache-memory-bytes", "1"])
-        return True
-    except SystemExit:
-        return False
-
-
-def build_tasks(args, schemes, models, model_dirs, paths, engine_settings, python) -> tuple[list[Task], dict]:
-    """Calibration (per model), derived sidecars and vLLM-fp8 checkpoints (local), one engine per scheme."""
-    from benchmarks.accuracy.checkpoints import derive_sidecar, make_vllm_fp8_checkpoint
-
-    tasks: list[Task] = []
-    info: dict = {}
-    kv_bytes = _calibrate_supports_kv_bytes()
-    needs_calib = any(s.sidecar or s.checkpoint for s in schemes)
-    for mi, model in enumerate(models):
-        mdir = model_dirs[model]
-
-        def sidecar(d: str, g: str, model=model) -> Path:
-            return paths["sidecars"] / f"{model}-{d}-{g}.json"
-
-        if needs_calib:
-            cmd = [python, "-P", "-m", "vllm_kvquant.cli", "calibrate", str(mdir), "--data", str(paths["calib"]),
-                   "--granularity", "per_head", "--dtype", "fp8_e4m3", "--out", str(sidecar("fp8_e4m3", "per_head")),
-                   "--num-samples", str(args.calib_samples), "--seq-len", str(args.calib_seq_len),
-                   "--model-dtype", "bfloat16", "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                   "--seed", str(args.seed)]  # fmt: skip
-            if kv_bytes:
-                cmd += ["--kv-cache-memory-bytes", str(engine_settings.kv_cache_memory_bytes)]
-            info[model] = {"command": " ".join(cmd[2:]), "kv_cache_memory_bytes": kv_bytes}
-            tasks.append(Task(f"{model}/calibrate", -10 + mi, argv=cmd, timeout=args.task_timeout,
-                              log=paths["logs"] / f"{model}-calibrate.log"))  # fmt: skip
-
-            def derive(sidecar=sidecar) -> list[str]:
-                src = sidecar("fp8_e4m3", "per_head")
-                made = [derive_sidecar(src, d, g, sidecar(d, g)) for d, g in
-                        (("fp8_e4m3", "per_tensor"), ("int8", "per_head"), ("int8", "per_tensor"))]  # fmt: skip
-                return [str(p) for p in made]
-
-            tasks.append(Task(f"{model}/sidecars", -5, local=derive, deps=(f"{model}/calibrate",)))
-            for key, per_head in (("vllm-fp8-per_tensor", False), ("vllm-fp8-per_head", True)):
-                if any(s.checkpoint == key for s in schemes):
-                    src = sidecar("fp8_e4m3", "per_head" if per_head else "per_tensor")
-                    dest = paths["models"] / f"{model}-{key}"
-                    tasks.append(Task(f"{model}/{key}", -4, deps=(f"{model}/sidecars",),
-                                      local=lambda mdir=mdir, src=src, dest=dest, ph=per_head:
-                                      str(make_vllm_fp8_checkpoint(mdir, src, dest, ph))))  # fmt: skip
-        for si, scheme in enumerate(schemes):
-            key = f"{model}/{scheme.name}"
-            deps: tuple[str, ...] = ()
-            sc = None
-            target_dir = mdir
-            if scheme.sidecar:
-                sc, deps = sidecar(*scheme.sidecar), (f"{model}/sidecars",)
-            if scheme.checkpoint:
-                target_dir, deps = paths["models"] / f"{model}-{scheme.checkpoint}", (f"{model}/{scheme.checkpoint}",)
-            stem = paths["runs"] / key.replace("/", "--")
-            task_json = {
-                "label": key,
-                "engine": engine_kwargs(scheme, target_dir, engine_settings, sc),
-                "windows": str(paths["windows"]),
-                "capture": str(stem) + ".capture.pt",
-                "result": str(stem) + ".result.json",
-            }
-            Path(str(stem) + ".task.json").write_text(json.dumps(task_json, indent=1))
-            if scheme.cuda_only and not engine_settings.cuda:
-                tasks.append(Task(key, 0, local=_raise(f"skipped: {scheme.cuda_only}")))
-                continue
-            tasks.append(Task(key, mi * 100 + si, argv=[python, "-P", "-m", "benchmarks.accuracy.engine",
-                                                        str(stem) + ".task.json"],
-                              deps=deps, timeout=args.task_timeout, log=Path(str(stem) + ".log")))  # fmt: skip
-    return tasks, info
-
-
-def _raise(message: str):
-    def fn():
-        raise RuntimeError(message)
-
-    return fn
-
-
 def child_env(args, cuda: bool) -> dict[str, str]:
     from benchmarks.harness import expose_benchmarks
 
@@ -235,8 +170,6 @@ def main(argv=None) -> int:
     stages = Stages()
     import torch
 
-    from benchmarks.accuracy.outliers import channel_stats, make_outlier_checkpoint
-    from benchmarks.accuracy.train import hf_perplexity, train_model
     from benchmarks.common import device_info, versions
     from benchmarks.harness import command, device_slug, write_result
 
@@ -268,6 +201,9 @@ def main(argv=None) -> int:
                        "ppl_prompt vs ppl_prompt_vllm, logprob_vs_vllm_*: this benchmark's logprobs of the prompt tokens "
                        "against vLLM's own prompt_logprobs (a check of the hidden-state route)",
             "noise_floor": "bf16-triton: the same BF16 cache read by TRITON_ATTN instead of FLASH_ATTN",
+            "models": "plain: the small Llama trained here; outlier: its copy with outlier K/V channels (same "
+                      "function); smollm2: SmolLM2-135M-Instruct (real weights). Each model's windows are the same "
+                      "held-out text in its own tokenizer (plain and outlier share theirs)",
         },
         "rows": [],
     }  # fmt: skip
@@ -276,56 +212,29 @@ def main(argv=None) -> int:
         result["data"] = json.loads((data_dir / "manifest.json").read_text())
 
     stages.start("data")
-    shape = ModelShape(**{f: getattr(args, f) for f in ModelShape.__dataclass_fields__})
-    plain_dir = paths["models"] / "plain"
-    reuse = args.reuse_model and (plain_dir / "config.json").exists()
-    train_texts = read_jsonl(split_path(data_dir, "train"))
+    tiny = [m for m in models if m in TINY_MODELS]
     heldout_texts = read_jsonl(split_path(data_dir, "heldout"))
     calib_texts = read_jsonl(split_path(data_dir, "calib"))
-    if args.smoke:  # a slice keeps tokenizer training, tokenizing and calibration quick
-        train_texts, calib_texts = [t[:20000] for t in train_texts], [t[:4000] for t in calib_texts]
+    if args.smoke:  # a slice keeps calibration quick
+        calib_texts = [t[:4000] for t in calib_texts]
     write_plain_jsonl(calib_texts, paths["calib"])
-    if reuse:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(plain_dir)
-    else:
-        tokenizer = train_tokenizer(train_texts, shape.vocab_size)
-    heldout_ids = encode_stream(tokenizer, heldout_texts)
-    seqs = windows(heldout_ids, args.prompt_len + args.decode_len, args.windows)
-    prompts, forced = [s[: args.prompt_len] for s in seqs], [s[args.prompt_len :] for s in seqs]
-    paths["windows"].write_text(json.dumps({"prompts": prompts, "forced": forced}))
-    log(f"{len(heldout_ids)} held-out tokens, {len(seqs)} sequences of {args.prompt_len}+{args.decode_len}")
-
-    stages.start("train")
-    if reuse:
-        result["training"] = {"reused": str(plain_dir)}
-    else:
-        train_ids = encode_stream(tokenizer, train_texts)
-        tcfg = TrainSettings(steps=args.steps, seq_len=args.train_seq_len, batch_size=args.batch_size, lr=args.lr,
-                             log_every=max(1, min(50, args.steps // 4)), train_minutes=args.train_minutes,
-                             seed=args.seed)  # fmt: skip
-        result["training"] = train_model(shape, tcfg, tokenizer, train_ids, seqs, plain_dir)
-        del train_ids
-    write_result(out_path, result)
-
-    stages.start("outlier")
-    osettings = OutlierSettings(k_alphas=_floats(args.k_alphas), k_pairs=tuple(int(x) for x in _floats(args.k_pairs)),
-                                v_betas=_floats(args.v_betas), v_head_fraction=args.v_head_fraction, seed=args.seed)  # fmt: skip
-    outlier_dir = paths["models"] / "outlier"
-    result["outlier"] = make_outlier_checkpoint(plain_dir, outlier_dir, osettings)
-    model_dirs = {"plain": plain_dir, "outlier": outlier_dir}
-    check = seqs[: min(8, len(seqs))]
-    result["outlier"]["hf_bf16_ppl"] = {m: round(hf_perplexity(model_dirs[m], check), 4) for m in MODELS}
-    result["outlier"]["channel_absmax_max_over_median"] = {m: channel_stats(model_dirs[m], check[:4]) for m in MODELS}
-    write_result(out_path, result)
+    inputs: dict[str, ModelInput] = {}
+    evals: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
+    if tiny:
+        model_dirs, prompts, forced = tiny_models(args, result, stages, heldout_texts, paths, out_path)
+        for m in tiny:
+            inputs[m], evals[m] = ModelInput(model_dirs[m], paths["windows"]), (prompts, forced)
+    if "smollm2" in models:
+        stages.start("smollm2")
+        inputs["smollm2"], evals["smollm2"], result["smollm2"] = prepare_smollm2(args, heldout_texts, w)
+        write_result(out_path, result)
 
     stages.start("engines")
     engine_settings = EngineSettings(max_model_len=args.max_model_len, chunk=args.chunk, seed=args.seed,
                                      gpu_memory_utilization=args.gpu_memory_utilization,
                                      kv_cache_memory_bytes=args.kv_cache_mib * 2**20, cuda=cuda,
                                      logits_processor=LOGITS_PROCESSOR if args.decode_len else None)  # fmt: skip
-    tasks, calib_info = build_tasks(args, schemes, models, model_dirs, paths, engine_settings, sys.executable)
+    tasks, calib_info = build_tasks(args, schemes, models, inputs, paths, engine_settings, sys.executable)
     result["calibration"] = calib_info
     runner = Runner(parallel=args.parallel, time_budget=args.time_budget, t0=stages.t0, env=child_env(args, cuda))
     done = runner.run(tasks)
@@ -336,8 +245,9 @@ def main(argv=None) -> int:
     stages.start("metrics")
     from benchmarks.accuracy.report import build_rows
 
-    result["rows"], result["bf16_transform_check"] = build_rows(schemes, models, model_dirs, paths, done, prompts,
-                                                                forced, "cuda" if cuda else "cpu")  # fmt: skip
+    model_dirs = {m: inputs[m].model_dir for m in models}
+    result["rows"], result["bf16_transform_check"] = build_rows(schemes, models, model_dirs, paths, done, evals,
+                                                                "cuda" if cuda else "cpu")  # fmt: skip
     write_result(out_path, result)
     if not args.skip_synthetic:
         stages.start("synthetic")
@@ -362,6 +272,80 @@ def main(argv=None) -> int:
     print("\nstage seconds:", json.dumps(stages.seconds), f"total {result['total_seconds']} s")
     print(f"wrote {out_path}")
     return 0
+
+
+def tiny_models(args, result: dict, stages: Stages, heldout_texts: list[str], paths: dict,
+                out_path: Path) -> tuple[dict[str, Path], list[list[int]], list[list[int]]]:  # fmt: skip
+    """Tokenizer, windows (``paths["windows"]``), training and the outlier copy of the small Llama:
+    ``(model dirs, prompts, forced decode tokens)``."""
+    from benchmarks.accuracy.outliers import channel_stats, make_outlier_checkpoint
+    from benchmarks.accuracy.train import hf_perplexity, train_model
+    from benchmarks.harness import write_result
+
+    shape = ModelShape(**{f: getattr(args, f) for f in ModelShape.__dataclass_fields__})
+    plain_dir = paths["models"] / "plain"
+    reuse = args.reuse_model and (plain_dir / "config.json").exists()
+    train_texts = read_jsonl(split_path(args.data.resolve(), "train"))
+    if args.smoke:  # a slice keeps tokenizer training and tokenizing quick
+        train_texts = [t[:20000] for t in train_texts]
+    if reuse:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(plain_dir)
+    else:
+        tokenizer = train_tokenizer(train_texts, shape.vocab_size)
+    seqs, prompts, forced = eval_windows(tokenizer, heldout_texts, args.prompt_len, args.decode_len, args.windows,
+                                         paths["windows"])  # fmt: skip
+    log(f"small models: {len(seqs)} sequences of {args.prompt_len}+{args.decode_len}")
+
+    stages.start("train")
+    if reuse:
+        result["training"] = {"reused": str(plain_dir)}
+    else:
+        train_ids = encode_stream(tokenizer, train_texts)
+        tcfg = TrainSettings(steps=args.steps, seq_len=args.train_seq_len, batch_size=args.batch_size, lr=args.lr,
+                             log_every=max(1, min(50, args.steps // 4)), train_minutes=args.train_minutes,
+                             seed=args.seed)  # fmt: skip
+        result["training"] = train_model(shape, tcfg, tokenizer, train_ids, seqs, plain_dir)
+        del train_ids
+    write_result(out_path, result)
+
+    stages.start("outlier")
+    osettings = OutlierSettings(k_alphas=_floats(args.k_alphas), k_pairs=tuple(int(x) for x in _floats(args.k_pairs)),
+                                v_betas=_floats(args.v_betas), v_head_fraction=args.v_head_fraction, seed=args.seed)  # fmt: skip
+    outlier_dir = paths["models"] / "outlier"
+    result["outlier"] = make_outlier_checkpoint(plain_dir, outlier_dir, osettings)
+    model_dirs = {"plain": plain_dir, "outlier": outlier_dir}
+    check = seqs[: min(8, len(seqs))]
+    result["outlier"]["hf_bf16_ppl"] = {m: round(hf_perplexity(model_dirs[m], check), 4) for m in TINY_MODELS}
+    result["outlier"]["channel_absmax_max_over_median"] = {m: channel_stats(model_dirs[m], check[:4]) for m in TINY_MODELS}
+    write_result(out_path, result)
+    return model_dirs, prompts, forced
+
+
+def prepare_smollm2(args, heldout_texts: list[str], workdir: Path) -> tuple[ModelInput, tuple[list, list], dict]:
+    """SmolLM2's checkpoint (fetched once into its cache folder) and its windows of the held-out text in
+    its own tokenizer. A model that cannot be had fails its rows with the reason, not the whole run."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.accuracy.train import hf_perplexity
+    from vllm_kvquant.fetch_model import MARKER, default_model_dir, fetch_model
+
+    try:
+        mdir = fetch_model("smollm2", args.smollm2_dir or default_model_dir("smollm2"))
+    except Exception as e:  # noqa: BLE001 - offline machines: the other models still run
+        err = f"{type(e).__name__}: {e}"
+        log(f"smollm2 unavailable: {err}")
+        return ModelInput(None, None, err), ([], []), {"error": err}
+    tokenizer = AutoTokenizer.from_pretrained(mdir)
+    path = workdir / "eval_windows-smollm2.json"
+    seqs, prompts, forced = eval_windows(tokenizer, heldout_texts, args.prompt_len, args.decode_len, args.windows, path)
+    log(f"smollm2: {len(seqs)} sequences of {args.prompt_len}+{args.decode_len} ({mdir})")
+    info = {"model_dir": str(mdir), "windows": len(seqs),
+            "hf_bf16_ppl": round(hf_perplexity(mdir, seqs[: min(8, len(seqs))]), 4)}  # fmt: skip
+    if (mdir / MARKER).exists():
+        info["source"] = json.loads((mdir / MARKER).read_text())
+    return ModelInput(mdir, path), (prompts, forced), info
 
 
 def _plot(out_path: Path) -> list[str] | str:

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MODELS = ("plain", "outlier")
+#: ``plain`` / ``outlier``: the small Llama trained here and its outlier copy (one tokenizer, one set of
+#: windows); ``smollm2``: SmolLM2-135M-Instruct, a real pretrained model (``vllm_kvquant.fetch_model``)
+#: evaluated on the same held-out text through its own tokenizer.
+MODELS = ("plain", "outlier", "smollm2")
+TINY_MODELS = ("plain", "outlier")
+DEFAULT_MODELS = "outlier,plain,smollm2"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ SCHEMES: tuple[Scheme, ...] = (
     _kvq("fp8_e4m3", "per_head"),
     _kvq("int8", "per_tensor"),
     _kvq("int8", "per_head"),
+    _kvq("int8", "per_channel", note="V per channel, K per RoPE pair (calibrate --granularity per_channel)"),
+    _kvq("fp8_e4m3", "per_channel", note="the int8 per_channel calibration's amax over 448"),
     Scheme("kvquant-int8-online", "int8", "per_head (online, no sidecar)", kvquant=True,
            kvquant_options={"fallback": "online", "dtype": "int8"},
            note="no sidecar: scales measured from the first batch each layer writes, then frozen"),
@@ -93,6 +100,30 @@ def select_models(names: str) -> list[str]:
     if bad or not models:
         raise ValueError(f"--models {names!r}: choose from {list(MODELS)}")
     return list(dict.fromkeys(models))
+
+
+#: The ``vllm-kvquant calibrate`` runs a model needs, as (kv_dtype, granularity) of the file each
+#: writes. Every per_head / per_tensor sidecar derives exactly from the fp8 per_head absmax; per_channel
+#: needs its own run (K's scales come from RoPE pair norms, which no per-head statistic holds), and
+#: its fp8 sidecar is the int8 one's amax retargeted (:func:`benchmarks.accuracy.checkpoints.derive_sidecar`).
+PER_HEAD_CALIBRATION = ("fp8_e4m3", "per_head")
+PER_CHANNEL_CALIBRATION = ("int8", "per_channel")
+
+
+def calibration_of(sidecar: tuple[str, str]) -> tuple[str, str]:
+    """The calibration run a (kv_dtype, granularity) sidecar derives from."""
+    dtype, granularity = sidecar
+    if granularity not in ("per_tensor", "per_head", "per_channel") or dtype not in ("int8", "fp8_e4m3"):
+        raise ValueError(f"no calibration gives a {dtype} {granularity} sidecar")
+    return PER_CHANNEL_CALIBRATION if granularity == "per_channel" else PER_HEAD_CALIBRATION
+
+
+def calibrations_needed(schemes: list[Scheme]) -> list[tuple[str, str]]:
+    """Which calibration runs ``schemes`` need (vLLM fp8 checkpoints are made from the per_head one)."""
+    need = {calibration_of(s.sidecar) for s in schemes if s.sidecar}
+    if any(s.checkpoint for s in schemes):
+        need.add(PER_HEAD_CALIBRATION)
+    return [c for c in (PER_HEAD_CALIBRATION, PER_CHANNEL_CALIBRATION) if c in need]
 
 
 @dataclass(frozen=True)
