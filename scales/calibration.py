@@ -264,8 +264,11 @@ def build_scales_file(
     """Whole-model stats -> a validated :class:`ScalesFile` (margin from ``calibration.margin``, default 1).
 
     per_channel: V per channel; K per RoPE pair where the stats hold K's pair norms (a third tensor,
-    :class:`AmaxRecorder` with ``k_partners``): stored per channel, a pair's two channels equal.
+    :class:`AmaxRecorder` with ``k_partners``), capped at the head's K amax: stored per channel, a
+    pair's two channels equal.
     """
+    import torch
+
     margin = calibration.margin if calibration.margin is not None else 1.0
     granularity = Granularity(granularity)
     channels = model.head_size if granularity is Granularity.PER_CHANNEL else 1
@@ -289,7 +292,10 @@ def build_scales_file(
                 "use --method absmax)"
             )
         if granularity is Granularity.PER_CHANNEL and len(stats[name]) > 2:
-            k = stats[name][2]  # K's RoPE pair norms: a bound at any position (AmaxRecorder)
+            # K's RoPE pair norms bound a pair's channels at any position (AmaxRecorder), but a
+            # pair norm can reach 1.41x the head's largest |K|: capped at that per-head amax, no
+            # channel gets a coarser int8 step than per_head gives it, and none clips more often.
+            k = torch.minimum(torch.as_tensor(stats[name][2]), torch.as_tensor(k).amax(dim=-1, keepdim=True))
         ks = scales_from_amax(k, kv_dtype, margin, floor, granularity)
         vs = scales_from_amax(v, kv_dtype, margin, floor, granularity)
         layers[name] = LayerScales(name, tuple(ks.reshape(-1).tolist()), tuple(vs.reshape(-1).tolist()), channels)

@@ -178,7 +178,8 @@ def test_rope_partners() -> None:
 
 def test_k_pair_norms_bound_every_rotation_and_set_per_channel_k_scales() -> None:
     """RoPE turns a pair (i, i + d/2) by any angle: the recorded pair norm bounds both channels at
-    every position, so per-channel K scales from it never clip a rotation of what was seen."""
+    every position, so per-channel K scales from it never clip a rotation of what was seen, up to
+    the head's K amax, where they stop (never a coarser step than per_head, which clips there too)."""
     from vllm_kvquant.scales.calibration import rope_partners
 
     partners = rope_partners(4, {"rotary_dim": 4, "neox": True})  # pairs (0, 2) and (1, 3)
@@ -195,7 +196,8 @@ def test_k_pair_norms_bound_every_rotation_and_set_per_channel_k_scales() -> Non
     stats = {n: rec.stats()[NAMES[0]] for n in NAMES}
     facts = ModelFacts(2, 1, 4, NAMES)
     channel = build_scales_file(stats, "int8", "per_channel", facts, CalibrationInfo("absmax")).layers[NAMES[0]]
-    assert channel.k_scale == pytest.approx([5 / 127, 1.25**0.5 / 127, 5 / 127, 1.25**0.5 / 127])
+    # pair (0, 2): norm 5 capped at the head's amax 4; pair (1, 3): norm 1.118, below it
+    assert channel.k_scale == pytest.approx([4 / 127, 1.25**0.5 / 127, 4 / 127, 1.25**0.5 / 127])
     assert channel.v_scale == pytest.approx([1 / 127, 2 / 127, 3 / 127, 4 / 127])
     head = build_scales_file(stats, "int8", "per_head", facts, CalibrationInfo("absmax")).layers[NAMES[0]]
     assert head.k_scale == pytest.approx([4 / 127])  # per head: the plain amax, as before

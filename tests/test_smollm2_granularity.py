@@ -1,24 +1,26 @@
 """SmolLM2-135M-Instruct (the real model, fetched from PyPI and cached) through the real plugin on
 vLLM's CPU build: perplexity of each storage format with ``vllm-kvquant calibrate``'s defaults
-(granularity per format, margin 1) over the BF16-cache perplexity.
+(granularity per format, margin 1) over the 16-bit-cache perplexity.
 
-The BF16 reference is the same kvquant engine prefilling each window in one step, so that it
-attends to the window's unquantized BF16 K/V only and never reads the 8-bit cache: the schemes
-then differ from it by quantization alone. (vLLM's own CPU attention rounds differently: on one
-512-token window the two BF16 perplexities differ by several tenths of a percent, more than the
-targets here; ``python -m benchmarks.accuracy.granularity_ppl`` reports both, see the README.)
+The 16-bit reference is the same kvquant engine prefilling each window in one step, so that it
+attends to the window's unquantized K/V only and never reads the 8-bit cache: the schemes then
+differ from it by quantization alone. The model runs in float16, not bfloat16: with bf16
+activations two attention implementations (or one chunked and one not) differ by up to 0.8% on a
+128-token window from rounding alone (measured; see the README), far more than the targets; fp16's
+three extra mantissa bits leave the cache format as what is measured. Per-window deltas still
+spread by ~0.35% (standard deviation), so the mean needs many windows: 16 of the calibration
+length and 6 four times longer.
 
 Calibration: 16 samples of 128 tokens of Austen (``tests/data/austen_calib.txt``) recorded as
 ``vllm-kvquant calibrate`` records them; held-out: *Pride and Prejudice* (never calibrated on),
 teacher-forced through vLLM with 64-token chunked prefill (every chunk after the first reads its
-context from the 8-bit cache) in 4 windows of the calibration length and 2 windows 4x longer.
-The sample length is 128 here, not calibrate's default 512, so that the 4x context (512) stays
-within a CI budget (bf16 runs at ~10 tokens/s on a 2-core CPU without bf16 instructions); the
-README has the same measurement at 512 / 2048 (``python -m benchmarks.accuracy.granularity_ppl``).
+context from the 8-bit cache). The sample length is 128 here, not calibrate's default 512, so that
+the 4x context (512) stays within a CI budget; the README has the simulation at 512 / 2048
+(``python -m benchmarks.accuracy.granularity_sim``).
 
-Targets (issue 21): int8 with its default (per_channel) <= +0.1% over BF16 on held-out windows of
-the calibration length and <= +0.2% on the 4x longer one; fp8 with its default <= +0.3%, and no
-worse than fp8 per_head (the same scheme while per_head is fp8's default).
+Targets (issue 21): int8 with its default (per_channel) <= +0.1% over the 16-bit cache on held-out
+windows of the calibration length and <= +0.2% on the 4x longer ones; fp8 with its default <= +0.3%,
+and no worse than fp8 per_head (the same scheme while per_head is fp8's default).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def measured(tmp_path_factory) -> dict:
         schemes.append("fp8_e4m3:per_head")
     out = tmp_path_factory.mktemp("ppl") / "ppl.json"
     argv = ["--model", str(model), "--calib", str(DATA / "austen_calib.txt"), "--heldout",
-            str(DATA / "austen_heldout.txt"), "--num-samples", "16", "--seq-len", "128", "--short-windows", "4",
-            "--long-windows", "2", "--chunk", "64", "--reference", "kvquant-unchunked",
+            str(DATA / "austen_heldout.txt"), "--num-samples", "16", "--seq-len", "128", "--short-windows", "16",
+            "--long-windows", "6", "--model-dtype", "float16", "--chunk", "64", "--reference", "kvquant-unchunked",
             *(a for s in schemes for a in ("--scheme", s)), "--out", str(out)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU user's path: PyTorch
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -91,7 +93,7 @@ def test_fp8_default_within_three_tenths_and_no_worse_than_per_head(measured: di
 def test_the_measurement_is_what_it_claims(measured: dict) -> None:
     """Teacher-forced tokens counted as asked, every scheme compared with the same BF16 run."""
     result = measured["_result"]
-    assert result["predicted_tokens"] == {"short": 4 * 127, "long": 2 * 511}
+    assert result["predicted_tokens"] == {"short": 16 * 127, "long": 6 * 511}
     assert result["calibration_tokens"] == 16 * 128
-    bf16 = measured["bf16 (kvquant-unchunked)"]
-    assert 5 < bf16["ppl_short"] < 100 and 5 < bf16["ppl_long"] < 100  # a real model on real English
+    ref = measured["float16 (kvquant-unchunked)"]
+    assert 5 < ref["ppl_short"] < 100 and 5 < ref["ppl_long"] < 100  # a real model on real English

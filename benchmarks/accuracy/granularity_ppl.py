@@ -177,7 +177,7 @@ def measure(args: argparse.Namespace) -> dict:
         refs, rows = {}, []
         for name in references:
             refs[name] = _spawn({"engine": _reference_engine(args, name, schemes), "windows": windows}, workdir, name)
-            rows.append({"scheme": f"bf16 ({name})", **_ppl_fields(refs[name], windows)})
+            rows.append({"scheme": f"{args.model_dtype} ({name})", **_ppl_fields(refs[name], windows)})
         for i, scheme in enumerate(schemes):
             got = _spawn({"engine": engine_kwargs(args, scheme), "windows": windows}, workdir, f"scheme-{i}")
             row = {"scheme": f"kvquant {scheme['dtype']} {scheme['granularity']} margin {scheme['margin']:g}",
