@@ -135,3 +135,29 @@ def test_kernel_only_stages(tmp_path) -> None:
 def test_tp_refuses_one_gpu(tmp_path) -> None:
     rc, lanes = plan("tp", 1, tmp_path)
     assert rc == 2 and not lanes
+
+
+def test_stage_model_splits_and_reassembles_a_model_directory(tmp_path) -> None:
+    """scripts/stage-model.sh: parts small enough for one call's carry, reassembled and checksummed."""
+    model = tmp_path / "src" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "w.bin").write_bytes(os.urandom(2_500_000))
+    env = {**os.environ, "PART_MIB": "1", "KVQ_STAGE_ROOT": str(tmp_path / "stage")}
+    script = str(REPO / "scripts" / "stage-model.sh")
+    try:
+        made = subprocess.run(["bash", script, str(model), "pytest-m"], capture_output=True, text=True, env=env, timeout=60)
+        assert made.returncode == 0, made.stderr
+        parts = re.findall(r"--receive pytest-m (p\d\d)", made.stdout)
+        assert parts == ["p00", "p01", "p02"], made.stdout
+        for p in parts:
+            got = subprocess.run(["bash", script, "--receive", "pytest-m", p], capture_output=True, text=True, env=env,
+                                 timeout=60)  # fmt: skip
+            assert got.returncode == 0, got.stderr
+        assert "ready" in got.stdout
+        assert (tmp_path / "stage" / "models" / "pytest-m" / "w.bin").read_bytes() == (model / "w.bin").read_bytes()
+        missing = subprocess.run(["bash", script, "--receive", "pytest-m", "p09"], capture_output=True, text=True,
+                                 env=env, timeout=60)  # fmt: skip
+        assert missing.returncode == 2 and "was not carried" in missing.stderr
+    finally:
+        subprocess.run(["rm", "-rf", str(REPO / ".gpu" / "model-pytest-m")], check=False)
