@@ -5,9 +5,9 @@ vLLM's CPU build: perplexity of each storage format with ``vllm-kvquant calibrat
 The 16-bit reference is the same kvquant engine prefilling each window in one step, so that it
 attends to the window's unquantized K/V only and never reads the 8-bit cache: the schemes then
 differ from it by quantization alone. The model runs in float16, not bfloat16: with bf16
-activations two attention implementations (or one chunked and one not) differ by up to 0.8% on a
-128-token window from rounding alone (measured; see the README), far more than the targets; fp16's
-three extra mantissa bits leave the cache format as what is measured. Per-window deltas still
+activations two 16-bit-cache runs that differ only in the attention implementation already differ by
+several tenths of a percent on one 512-token window (measured; see the README), more than the
+targets; fp16's three extra mantissa bits leave the cache format as what is measured. Per-window deltas still
 spread by ~0.35% (standard deviation), so the mean needs many windows: 16 of the calibration
 length and 6 four times longer.
 
