@@ -59,8 +59,6 @@ def default_granularity(kv_dtype: KVCacheDType | str) -> Granularity:
     return DEFAULT_GRANULARITY[KVCacheDType(kv_dtype)]
 
 
-
-
 class _Reservoir:
     """Bounded, approximately uniform sample of |x| per head over the whole stream."""
 

@@ -166,3 +166,20 @@ def test_accuracy_figure_draws_three_models(tmp_path: Path) -> None:
     xs = [c.args[0][0] for c in axes[0].bar.call_args_list]  # one bar per model, side by side
     assert xs == sorted(xs) and len(set(xs)) == 3
     assert "SmolLM2-135M" in fig.suptitle.call_args.args[0]
+
+
+def test_document_windows_spread_over_documents_and_refuse_short_text(tmp_path) -> None:
+    """The granularity tools' held-out windows: prefix + text, cut per document, evenly spread."""
+    from benchmarks.accuracy.data import document_windows
+
+    def tokenizer(text, add_special_tokens=False, verbose=False):  # one token per character
+        return {"input_ids": [ord(c) for c in text]}
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("abcdefghij")  # 3 windows of 3 characters
+    (docs / "b.txt").write_text("klmnop")  # 2: abc def ghi | klm nop, picked at 0, 5/3, 10/3
+    got = document_windows(tokenizer, docs, 4, 3, prefix=[0])
+    assert got == [[0, *map(ord, w)] for w in ("abc", "def", "klm")]
+    with pytest.raises(ValueError, match=r"docs holds 5 windows of 4 tokens; 6 are needed"):
+        document_windows(tokenizer, docs, 4, 6, prefix=[0])

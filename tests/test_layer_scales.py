@@ -210,12 +210,13 @@ def test_online_scales_refuse_kv_transfer(tmp_path: Path) -> None:
 def test_rope_layout_of_a_model() -> None:
     """What calibration asks each worker: the rotary embedding's pairing of K channels."""
     from vllm_kvquant import compat
+    from vllm_kvquant.worker_extension import rope_layout
 
     rope = SimpleNamespace(rotary_dim=64, is_neox_style=True, head_size=64)
     model = torch.nn.Module()
     model.rotary = torch.nn.Module()
     model.rotary.rotary_dim, model.rotary.is_neox_style, model.rotary.head_size = 64, True, 64
-    assert compat.rope_layout(model) == {"head_size": 64, "rotary_dim": 64, "neox": True}
-    assert compat.rope_layout(torch.nn.Linear(2, 2)) is None and compat.rope_layout(None) is None
+    assert rope_layout(model) == {"head_size": 64, "rotary_dim": 64, "neox": True}
+    assert rope_layout(torch.nn.Linear(2, 2)) is None and rope_layout(None) is None
     assert compat.worker_model(SimpleNamespace(get_model=lambda: model)) is model
     assert compat.worker_model(SimpleNamespace(model_runner=SimpleNamespace(model=rope))) is rope

@@ -250,12 +250,3 @@ def worker_model(worker: Any) -> torch.nn.Module | None:
     runner = getattr(worker, "model_runner", None)
     return getattr(runner, "model", None)
 
-
-def rope_layout(model: torch.nn.Module | None) -> dict | None:
-    """``{"head_size", "rotary_dim", "neox"}`` of the model's first rotary embedding (vLLM's
-    ``RotaryEmbeddingBase`` attributes, the same in every supported release); None without one."""
-    for module in model.modules() if model is not None else ():
-        if all(hasattr(module, a) for a in ("rotary_dim", "is_neox_style", "head_size")):
-            return {"head_size": int(module.head_size), "rotary_dim": int(module.rotary_dim),
-                    "neox": bool(module.is_neox_style)}  # fmt: skip
-    return None

@@ -55,7 +55,7 @@ class KVQuantWorkerExtension:
         are calibrated per RoPE pair (``scales.calibration.rope_partners``)."""
         from . import compat
 
-        return compat.rope_layout(compat.worker_model(self))
+        return rope_layout(compat.worker_model(self))
 
     def kvquant_start_recording(self, method: str, percentile: float, seed: int) -> int:
         from . import calibration_hooks
@@ -80,3 +80,13 @@ class KVQuantWorkerExtension:
             "num_tokens": dict(recorder.num_tokens),
             "nonfinite": dict(recorder.nonfinite),
         }
+
+
+def rope_layout(model: Any) -> dict | None:
+    """``{"head_size", "rotary_dim", "neox"}`` of the model's first rotary embedding (vLLM's
+    ``RotaryEmbeddingBase`` attributes, the same in every supported release); None without one."""
+    for module in model.modules() if model is not None else ():
+        if all(hasattr(module, a) for a in ("rotary_dim", "is_neox_style", "head_size")):
+            return {"head_size": int(module.head_size), "rotary_dim": int(module.rotary_dim),
+                    "neox": bool(module.is_neox_style)}  # fmt: skip
+    return None

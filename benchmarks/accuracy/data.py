@@ -80,3 +80,20 @@ def eval_windows(tokenizer, heldout_texts: list[str], prompt_len: int, decode_le
     prompts, forced = [s[:prompt_len] for s in seqs], [s[prompt_len:] for s in seqs]
     path.write_text(json.dumps({"prompts": prompts, "forced": forced}))
     return seqs, prompts, forced
+
+
+def document_windows(tokenizer, path: str | Path, length: int, count: int, prefix: list[int]) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens (``prefix``, the tokenizer's special tokens, then text),
+    cut from each document of ``path`` (:func:`vllm_kvquant.calibrate.read_texts`) and spread evenly
+    over them; a ValueError naming the file when there are fewer."""
+    from vllm_kvquant.calibrate import read_texts
+
+    body = length - len(prefix)
+    windows = []
+    for text in read_texts(path):
+        ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        windows += [prefix + ids[i : i + body] for i in range(0, len(ids) - body + 1, body)]
+    if len(windows) < count:
+        raise ValueError(f"{path} holds {len(windows)} windows of {length} tokens; {count} are needed")
+    step = len(windows) / count
+    return [windows[int(i * step)] for i in range(count)]

@@ -83,19 +83,11 @@ def calibrate_all(args: argparse.Namespace, schemes: list[dict], workdir: Path) 
 
 def heldout_windows(model: str, path: str, length: int, count: int) -> list[list[int]]:
     """``count`` windows of ``length`` tokens (BOS first) spread evenly over the held-out documents."""
-    from vllm_kvquant.calibrate import load_tokenizer, read_texts, special_prefix
+    from benchmarks.accuracy.data import document_windows
+    from vllm_kvquant.calibrate import load_tokenizer, special_prefix
 
     tok = load_tokenizer(model)
-    prefix = special_prefix(tok)
-    body = length - len(prefix)
-    windows = []
-    for text in read_texts(path):
-        ids = list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
-        windows += [prefix + ids[i : i + body] for i in range(0, len(ids) - body + 1, body)]
-    if len(windows) < count:
-        raise ValueError(f"{path} holds {len(windows)} windows of {length} tokens; {count} are needed")
-    step = len(windows) / count
-    return [windows[int(i * step)] for i in range(count)]
+    return document_windows(tok, path, length, count, special_prefix(tok))
 
 
 def engine_kwargs(args: argparse.Namespace, scheme: dict | None, chunk: int | None = None) -> dict:

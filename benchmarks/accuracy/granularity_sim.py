@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.accuracy.data import document_windows
+
 QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
 
 
@@ -120,19 +122,6 @@ class Sim:
         return out.transpose(1, 2).contiguous(), None
 
 
-def token_windows(tokenizer, path: str, length: int, count: int, prefix: list[int]) -> list[list[int]]:
-    """``count`` windows of ``length`` tokens (after the tokenizer's special prefix), spread over the documents."""
-    from vllm_kvquant.calibrate import read_texts
-
-    docs = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in read_texts(path)]
-    body = length - len(prefix)
-    windows = [prefix + d[i : i + body] for d in docs for i in range(0, len(d) - body + 1, body)]
-    if len(windows) < count:
-        raise ValueError(f"{path} holds {len(windows)} windows of {length} tokens, fewer than {count}")
-    step = len(windows) / count
-    return [windows[int(i * step)] for i in range(count)]
-
-
 @torch.no_grad()
 def nll(model, windows: list[list[int]]) -> tuple[float, int]:
     total, n = 0.0, 0
@@ -195,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         sim.amax = torch.load(args.stats)
     else:
         sim.mode = "record"
-        nll(model, token_windows(tok, args.calib, args.seq_len, args.num_samples, prefix))
+        nll(model, document_windows(tok, args.calib, args.seq_len, args.num_samples, prefix))
         if args.stats:
             torch.save(sim.amax, args.stats)
     evals = {
-        "short": token_windows(tok, args.heldout, args.seq_len, args.short_windows, prefix),
-        "long": token_windows(tok, args.heldout, 4 * args.seq_len, args.long_windows, prefix),
+        "short": document_windows(tok, args.heldout, args.seq_len, args.short_windows, prefix),
+        "long": document_windows(tok, args.heldout, 4 * args.seq_len, args.long_windows, prefix),
     }
     sim.use(Scheme("none", "-", "-"))
     ref = {key: math.exp(total / n) for key, (total, n) in ((k, nll(model, w)) for k, w in evals.items())}
