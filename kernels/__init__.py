@@ -23,5 +23,6 @@ from .decode_attention import (
     decode_workspace_shape,
     paged_decode_attention,
 )
+from .paged_cache import PagedKVCache
 from .prefill_attention import paged_prefill_attention
 from .quantize_cache import CacheWriter, quantize_to_cache

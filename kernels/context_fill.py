@@ -24,6 +24,7 @@ import torch
 
 from .decode_config import next_pow2
 from .launch import unspecialized
+from .paged_cache import PagedKVCache
 from .prefill_attention import _interpreting
 from .scales_layout import broadcast_scale, scale_granularity
 
@@ -114,10 +115,7 @@ if HAVE_TRITON:
 def fill_context(
     key: torch.Tensor,
     value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
+    cache: PagedKVCache,
     ws_key: torch.Tensor,
     ws_value: torch.Tensor,
     block_table: torch.Tensor,
@@ -131,8 +129,8 @@ def fill_context(
     """Write requests ``0 .. num_reqs`` into the workspace (see the module docstring).
 
     ``key``/``value`` ``[num_tokens, num_kv_heads, head_size]`` (rows as ``query_start_loc``
-    counts them; last dim contiguous); ``key_cache``/``value_cache`` the 8-bit cache views
-    ``[num_blocks, block_size, num_kv_heads, head_size]`` as fp8/int8 (last dim contiguous);
+    counts them; last dim contiguous); ``cache`` the 8-bit cache (K/V views ``[num_blocks,
+    block_size, num_kv_heads, head_size]``, last dim contiguous) and its scales;
     ``ws_key``/``ws_value`` contiguous ``[num_pages, block_size, num_kv_heads, head_size]``;
     ``offsets`` from :func:`workspace_offsets`; ``max_pages`` an upper bound on any request's
     pages (the launch grid; a request's extra programs exit at once). ``from_cache_only``
@@ -142,10 +140,11 @@ def fill_context(
     if num_reqs == 0 or max_pages == 0:
         return
     if not HAVE_TRITON or (key.device.type == "cpu" and not _interpreting()):
-        fill_context_ref(key, value, key_cache, value_cache, k_scale, v_scale, ws_key, ws_value, block_table,
-                         query_start_loc, seq_lens, offsets, num_reqs, from_cache_only)  # fmt: skip
+        fill_context_ref(key, value, cache, ws_key, ws_value, block_table, query_start_loc, seq_lens, offsets, num_reqs,
+                         from_cache_only)  # fmt: skip
         return
     _, block_size, hkv, d = ws_key.shape
+    key_cache, value_cache, k_scale, v_scale = cache.key_cache, cache.value_cache, cache.k_scale, cache.v_scale
     _fill_context_kernel[(num_reqs, max_pages)](
         key, value, key_cache, value_cache, k_scale, v_scale, ws_key, ws_value,
         block_table, query_start_loc, seq_lens, offsets,
@@ -161,10 +160,11 @@ def fill_context(
 
 
 def fill_context_ref(
-    key, value, key_cache, value_cache, k_scale, v_scale, ws_key, ws_value, block_table, query_start_loc, seq_lens,
-    offsets, num_reqs, from_cache_only=False,
+    key, value, cache: PagedKVCache, ws_key, ws_value, block_table, query_start_loc, seq_lens, offsets, num_reqs,
+    from_cache_only=False,
 ) -> None:  # fmt: skip
     """PyTorch reference of :func:`fill_context` (host loop over requests)."""
+    key_cache, value_cache, k_scale, v_scale = cache.key_cache, cache.value_cache, cache.k_scale, cache.v_scale
     block_size, hkv = ws_key.shape[1], ws_key.shape[2]
     qsl = query_start_loc[: num_reqs + 1].tolist()
     lens = seq_lens[:num_reqs].tolist()

@@ -51,6 +51,7 @@ from . import decode_config as _cfg
 from .decode_config import MAX_HEAD_SIZE, MAX_NUM_SPLITS, DecodeKernelConfig, _config_from_env  # noqa: F401
 from .decode_plan import DecodeLayer, DecodePlan, uses_reference
 from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype
+from .paged_cache import PagedKVCache
 from .reference import paged_decode_attention_ref
 from .scales_layout import flat_scale
 
@@ -183,8 +184,8 @@ def paged_decode_attention(
         out = torch.empty_like(query)
     cfg = config or DEFAULT_CONFIG
     layer = DecodeLayer(
-        key_cache, value_cache, k_scale, v_scale, kv_dtype, num_q_heads=num_q_heads, act_dtype=query.dtype,
-        softmax_scale=softmax_scale, sliding_window=window, logits_soft_cap=cap, config=cfg,
+        PagedKVCache(key_cache, value_cache, k_scale, v_scale, kv_dtype), num_q_heads=num_q_heads,
+        act_dtype=query.dtype, softmax_scale=softmax_scale, sliding_window=window, logits_soft_cap=cap, config=cfg,
     )  # fmt: skip
     if num_seqs == 0:
         return out

@@ -30,8 +30,9 @@ from .decode_config import (
     workspace_numel,
 )
 from .decode_triton import HAVE_TRITON, decode_reduce_kernel, decode_split_kernel
-from .dtypes import SUPPORTED_ACT_DTYPES, KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype
+from .dtypes import SUPPORTED_ACT_DTYPES, check_paged_caches
 from .launch import FastKernel
+from .paged_cache import PagedKVCache
 from .reference import paged_decode_attention_ref
 from .scales_layout import flat_scale
 
@@ -139,11 +140,7 @@ class DecodeLayer:
 
     def __init__(
         self,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        k_scale: torch.Tensor,
-        v_scale: torch.Tensor,
-        kv_dtype: KVQuantDType | str,
+        cache: PagedKVCache,
         *,
         num_q_heads: int,
         act_dtype: torch.dtype,
@@ -152,8 +149,9 @@ class DecodeLayer:
         logits_soft_cap: float | None = None,
         config: DecodeKernelConfig | None = None,
     ) -> None:
-        self.kv_dtype = parse_kv_dtype(kv_dtype)
-        block_size, num_kv_heads, head_size = check_paged_caches(key_cache, value_cache)
+        self.cache = cache
+        self.kv_dtype = cache.kv_dtype
+        block_size, num_kv_heads, head_size = check_paged_caches(cache.key_cache, cache.value_cache)
         if not (16 <= head_size <= MAX_HEAD_SIZE) or head_size % 8 != 0:
             raise ValueError(f"head size {head_size} unsupported; need a multiple of 8 in [16, {MAX_HEAD_SIZE}]")
         if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
@@ -162,12 +160,9 @@ class DecodeLayer:
             raise ValueError(f"query dtype {act_dtype} unsupported; expected one of {SUPPORTED_ACT_DTYPES}")
         if sliding_window is not None and not isinstance(sliding_window, int):
             raise ValueError(f"sliding_window must be an int (tokens) or None, got {sliding_window!r}")
-        self.device = device = key_cache.device
-        for name, t in (("value_cache", value_cache), ("k_scale", k_scale), ("v_scale", v_scale)):
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but key_cache is on {device}")
-        self.k_scale, k_gran = flat_scale(k_scale, "k_scale", num_kv_heads, head_size)
-        self.v_scale, v_gran = flat_scale(v_scale, "v_scale", num_kv_heads, head_size)
+        self.device = device = cache.device
+        self.k_scale, k_gran = flat_scale(cache.k_scale, "k_scale", num_kv_heads, head_size)
+        self.v_scale, v_gran = flat_scale(cache.v_scale, "v_scale", num_kv_heads, head_size)
         cfg = config or DEFAULT_CONFIG
         block_n = cfg.tile_tokens(head_size)
         if block_n < 16 or block_n & (block_n - 1):
@@ -178,8 +173,7 @@ class DecodeLayer:
         self.softmax_scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_size)
         self.window = sliding_window if sliding_window and sliding_window > 0 else 0  # <= 0: no window
         self.cap = abs(float(logits_soft_cap)) if logits_soft_cap else 0.0  # cap*tanh(x/cap) is even in cap
-        self.key_cache = as_storage(key_cache, self.kv_dtype)
-        self.value_cache = as_storage(value_cache, self.kv_dtype)
+        self.key_cache, self.value_cache = cache.key_cache, cache.value_cache
         self.reference = uses_reference(device)
         if self.reference:
             return

@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .dtypes import KVQuantDType, as_storage, check_paged_caches, parse_kv_dtype, qmax_of
+from .dtypes import KVQuantDType, check_paged_caches, parse_kv_dtype, qmax_of
 from .launch import FastKernel
+from .paged_cache import PagedKVCache
 from .reference import quantize_to_cache_ref
 from .scales_layout import PER_CHANNEL, PER_TENSOR, flat_scale
 
@@ -242,20 +243,15 @@ class CacheWriter:
     and vLLM's slot mapping. The launch shape depends only on the slot count (memoized).
     """
 
-    def __init__(
-        self, key_cache: torch.Tensor, value_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-        kv_dtype: KVQuantDType | str,
-    ) -> None:  # fmt: skip
-        self.kv_dtype = kv_dtype = parse_kv_dtype(kv_dtype)
-        block_size, num_heads, head_size = check_paged_caches(key_cache, value_cache)
-        if value_cache.device != key_cache.device:
-            raise ValueError(f"value_cache is on {value_cache.device} but key_cache is on {key_cache.device}")
-        self.device = device = key_cache.device
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache
+        self.kv_dtype = kv_dtype = cache.kv_dtype
+        block_size, num_heads, head_size = check_paged_caches(cache.key_cache, cache.value_cache)
+        self.device = device = cache.device
         self.num_heads, self.head_size = num_heads, head_size
-        self.k_scale, ks_stride, k_channel = _scale_and_stride(k_scale, "k_scale", num_heads, head_size, device)
-        self.v_scale, vs_stride, v_channel = _scale_and_stride(v_scale, "v_scale", num_heads, head_size, device)
-        kc = self.key_cache = as_storage(key_cache, kv_dtype)
-        vc = self.value_cache = as_storage(value_cache, kv_dtype)
+        self.k_scale, ks_stride, k_channel = _scale_and_stride(cache.k_scale, "k_scale", num_heads, head_size, device)
+        self.v_scale, vs_stride, v_channel = _scale_and_stride(cache.v_scale, "v_scale", num_heads, head_size, device)
+        kc, vc = self.key_cache, self.value_cache = cache.key_cache, cache.value_cache
         self.reference = device.type == "cpu" and not _interpret()
         if self.reference:
             return
@@ -350,4 +346,4 @@ def quantize_to_cache(
     for name, t in (("key", key), ("value", value), ("value_cache", value_cache), ("slot_mapping", slot_mapping)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but key_cache is on {device}")
-    CacheWriter(key_cache, value_cache, k_scale, v_scale, kv_dtype).write(key, value, slot_mapping, config)
+    CacheWriter(PagedKVCache(key_cache, value_cache, k_scale, v_scale, kv_dtype)).write(key, value, slot_mapping, config)

@@ -39,7 +39,6 @@ name=${2:?usage: stage-model.sh MODEL_DIR NAME}
 [ -f "$model_dir/config.json" ] || { echo "stage-model: $model_dir has no config.json (not a model directory)" >&2; exit 2; }
 out=.gpu/model-$name
 rm -rf "$out" && mkdir -p "$out"
-grep -qxF '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 tar -cf "$tmp/model.tar" -C "$(dirname "$model_dir")" --transform "s,^$(basename "$model_dir"),$name," "$(basename "$model_dir")"

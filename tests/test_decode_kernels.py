@@ -32,6 +32,7 @@ from vllm_kvquant.peer_decode import (
 )
 from vllm_kvquant.errors import KVQuantConfigError
 from vllm_kvquant.kernels.dtypes import KVQuantDType
+from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref, quantize_to_cache_ref
 
 FP8 = torch.float8_e4m3fn
@@ -172,7 +173,7 @@ def test_plan_build_and_kernel_mismatch():
     runner = TritonDecodeRunner(spec)
     q = torch.zeros(3, 4, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="a 'fa3' plan was built for the 'triton' kernel"):
-        runner.run(q, None, None, None, None, plan, q)
+        runner.run(q, None, plan, q)
 
 
 # ------------------------------------------------------------------ runners
@@ -208,7 +209,8 @@ def _case(kv_dtype="fp8_e4m3", per_head=True, seq_lens=(1, 17, 50, 33), num_kv_h
     q = (torch.randn(len(seq_lens), num_kv_heads * group, head_size, generator=g) * 2).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     return dict(q=q, kc=key_cache, vc=value_cache, bt=bt, lens=lens, ks=k_scale, vs=v_scale, kv_dtype=kv_dtype,
-                qsl=torch.arange(len(seq_lens) + 1, dtype=torch.int32))  # fmt: skip
+                qsl=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
+                cache=PagedKVCache(key_cache, value_cache, k_scale, v_scale, kv_dtype))  # fmt: skip
 
 
 def _spec(c, window=None, cap=None, dtype=torch.bfloat16) -> DecodeSpec:
@@ -234,7 +236,7 @@ def test_triton_runner_matches_reference(kv_dtype, per_head, window, cap):
                                  per_head=bool(per_head), per_channel=per_head == "channel", max_num_seqs=8)  # fmt: skip
     plan = DecodePlan.build(c["bt"], c["lens"], c["qsl"], 50, planner=_triton_planner(8, 2, 64, window, cap, kv_dtype))
     out = torch.full_like(c["q"], float("nan"))
-    runner.run(c["q"], c["kc"], c["vc"], c["ks"], c["vs"], plan, out)
+    runner.run(c["q"], c["cache"], plan, out)
     torch.testing.assert_close(out.float(), _ref(c, window=window, cap=cap).float(), atol=2e-2, rtol=2e-2)
 
 
@@ -249,7 +251,7 @@ def test_triton_runner_varlen_plan_skips_non_decode_rows():
     rows[0], rows[4] = c["q"][0], c["q"][2]
     plan = DecodePlan.build(c["bt"], c["lens"], qsl, 50, planner=_triton_planner(8), varlen=True)
     out = torch.full_like(rows, float("nan"))
-    runner.run(rows, c["kc"], c["vc"], c["ks"], c["vs"], plan, out)
+    runner.run(rows, c["cache"], plan, out)
     ref = _ref(c)
     torch.testing.assert_close(out[[0, 4]].float(), ref[[0, 2]].float(), atol=2e-2, rtol=2e-2)
     assert torch.isnan(out[[1, 2, 3, 5, 6]].float()).all()  # prefill rows are not the decode kernel's
@@ -297,7 +299,7 @@ def test_fa3_runner_wiring(per_head, window, cap, q_scale):
                       max_seq_len=50, fa3_num_splits=32, fa3_scheduler_metadata=meta, fa3_schedule_for=(-1, False))  # fmt: skip
     out = torch.full_like(c["q"], float("nan"))
     qs = None if q_scale is None else torch.tensor([q_scale])
-    runner.run(c["q"], c["kc"], c["vc"], c["ks"], c["vs"], plan, out, q_scale=qs)
+    runner.run(c["q"], c["cache"], plan, out, q_scale=qs)
     call = fake.calls[0]
     assert call["window_size"] == ([window - 1, 0] if window else None) and call["softcap"] == (cap or 0.0)
     assert call["num_splits"] == 32
@@ -362,11 +364,11 @@ def test_flashinfer_runner_folds_scales(per_head, window, cap, dtype, host):
                       max_seq_len=50)  # fmt: skip
     plan.flashinfer_wrapper = _FakeFlashInferWrapper(plan, spec.scale, spec.window_left, spec.soft_cap)
     out = torch.full_like(c["q"], float("nan"))
-    runner.run(c["q"], c["kc"], c["vc"], c["ks"], c["vs"], plan, out)
+    runner.run(c["q"], c["cache"], plan, out)
     torch.testing.assert_close(out.float(), _ref(c, window=window, cap=cap).float(), atol=2e-2, rtol=2e-2)
     plan.flashinfer_wrapper = _FakeFlashInferWrapper(plan, spec.scale * 2)
     with pytest.raises(KVQuantConfigError, match="every layer must share softmax scale, sliding window and soft cap"):
-        runner.run(c["q"], c["kc"], c["vc"], c["ks"], c["vs"], plan, out)
+        runner.run(c["q"], c["cache"], plan, out)
 
 
 # ------------------------------------------------------------------ benchmark plumbing

@@ -35,6 +35,7 @@ from vllm_kvquant.backend import KVQuantAttentionBackend
 from vllm_kvquant.decode_runner import DecodePlan
 from vllm_kvquant.peer_decode import create_planner, create_runner
 from vllm_kvquant.errors import KVQuantConfigError
+from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref, quantize_to_cache_ref
 
 pytestmark = pytest.mark.gpu
@@ -74,6 +75,7 @@ class Case:
             self.ks = (k.abs().amax(dim=dims) / QMAX[kv_dtype]).reshape(-1).float()
             self.vs = (v.abs().amax(dim=dims) / QMAX[kv_dtype]).reshape(-1).float()
         quantize_to_cache_ref(k, v, self.kc, self.vc, torch.arange(n_tok, device="cuda"), self.ks, self.vs, kv_dtype)
+        self.cache = PagedKVCache(self.kc, self.vc, self.ks, self.vs, kv_dtype)
         del k, v
         self.set_batch(seq_lens, seed)
 
@@ -158,7 +160,7 @@ def test_kernel_matches_reference(kernel, kv_dtype, per_head):
         return
     runner, planner = _make(kernel, case)
     out = torch.full_like(case.q, float("nan"))
-    runner.run(case.q, case.kc, case.vc, case.ks, case.vs, _plan(case, planner), out)
+    runner.run(case.q, case.cache, _plan(case, planner), out)
     _check(kernel, out, case, what=f"per_head={per_head}")
 
 
@@ -168,7 +170,7 @@ def test_window_and_soft_cap(kernel, kv_dtype, window, cap):
     case = Case(kv_dtype, LENS[:8], hq=16, hkv=4, d=64, seed=3)
     runner, planner = _make(kernel, case, window, cap)
     out = torch.full_like(case.q, float("nan"))
-    runner.run(case.q, case.kc, case.vc, case.ks, case.vs, _plan(case, planner), out)
+    runner.run(case.q, case.cache, _plan(case, planner), out)
     _check(kernel, out, case, window, cap, what=f"window={window} cap={cap}")
 
 
@@ -177,7 +179,7 @@ def test_long_context_batch(kernel, kv_dtype):
     case = Case(kv_dtype, [16384, 9000, 32768, 1, 12345, 30000, 8192, 4097], per_head=True, seed=5)
     runner, planner = _make(kernel, case)
     out = torch.full_like(case.q, float("nan"))
-    runner.run(case.q, case.kc, case.vc, case.ks, case.vs, _plan(case, planner, use_cuda_graph=True), out)
+    runner.run(case.q, case.cache, _plan(case, planner, use_cuda_graph=True), out)
     _check(kernel, out, case, what="long context")
 
 
@@ -188,7 +190,7 @@ def test_cuda_graph_replay_after_replanning(kernel, kv_dtype):
     runner, planner = _make(kernel, case)
     out = torch.full_like(case.q, float("nan"))
     plan = _plan(case, planner, use_cuda_graph=True)
-    run = lambda p: runner.run(case.q, case.kc, case.vc, case.ks, case.vs, p, out)  # noqa: E731
+    run = lambda p: runner.run(case.q, case.cache, p, out)  # noqa: E731
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -20,6 +20,7 @@ from test_prefill_attention import TOL, make_case, reference
 from vllm_kvquant import prefill as prefill_mod
 from vllm_kvquant.config import PREFILL_CHOICES, KVQuantConfig
 from vllm_kvquant.errors import KVQuantConfigError
+from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.reference import PREFILL_MODES, prefill_fresh_attention_ref
 from vllm_kvquant.prefill import PrefillPlan, PrefillRunner
 
@@ -86,6 +87,11 @@ def _plan(case, all_rows, **kw):
     )  # fmt: skip
 
 
+def paged(case: dict) -> PagedKVCache:
+    """The case's caches, scales and format as the runner takes them."""
+    return PagedKVCache(case["key_cache"], case["value_cache"], case["k_scale"], case["v_scale"], case["kv_dtype"])
+
+
 def _reference(case, **kw):
     return reference({k: v for k, v in case.items() if k != "seq_lens"}, **kw)
 
@@ -93,8 +99,7 @@ def _reference(case, **kw):
 def _check(case, runner, plan, window=None, cap=None):
     q = case["query"]
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-    runner.run(q, case["key"], case["value"], case["key_cache"], case["value_cache"], case["k_scale"], case["v_scale"],
-               case["kv_dtype"], plan, out)  # fmt: skip
+    runner.run(q, case["key"], case["value"], paged(case), plan, out)
     out = out.cpu()
     want = _reference(case, mode=runner.mode, sliding_window=window, logits_soft_cap=cap)
     qsl = case["query_start_loc"].tolist()
@@ -172,7 +177,7 @@ def test_quantized_runner_repeatable_with_prefix_cache(path, monkeypatch):
     runner = _runner(base, "quantized", path, monkeypatch)
     out1 = torch.empty_like(base["query"])
     plan1 = PrefillPlan.build(base["query_start_loc"], base["seq_lens"], base["block_table"], num_tokens=50, max_query_len=50)
-    args = (base["key_cache"], base["value_cache"], base["k_scale"], base["v_scale"], "fp8_e4m3")
+    args = (paged(base),)
     runner.run(base["query"], base["key"], base["value"], *args, plan1, out1)
     # Second time: a decode in front, 32 tokens cached, 18 new ones.
     q2 = torch.cat([base["query"][:1], base["query"][32:]])
@@ -273,9 +278,10 @@ def test_gpu_fa3_merge_under_cuda_graph():
                              max_query_len=n, all_rows=True)  # fmt: skip
     out = torch.empty_like(bufs["query"])
 
+    cache = PagedKVCache(bufs["key_cache"], bufs["value_cache"], bufs["k_scale"], bufs["v_scale"], "int8")
+
     def step():
-        runner.run(bufs["query"], bufs["key"], bufs["value"], bufs["key_cache"], bufs["value_cache"],
-                   bufs["k_scale"], bufs["v_scale"], "int8", plan, out)  # fmt: skip
+        runner.run(bufs["query"], bufs["key"], bufs["value"], cache, plan, out)
 
     step()
     torch.cuda.synchronize()

@@ -13,12 +13,12 @@ from __future__ import annotations
 import _triton_env  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is imported)
 import pytest
 import torch
-from test_prefill_runner import NUM_DECODES, FakeFA3, _batch, _check, _reference
+from test_prefill_runner import NUM_DECODES, FakeFA3, _batch, _check, _reference, paged
 from test_prefill_runner import _plan as runner_plan
 
 from vllm_kvquant import prefill as prefill_mod
 from vllm_kvquant.kernels.context_fill import fill_context, fill_context_ref, workspace_offsets
-from vllm_kvquant.kernels.dtypes import as_storage
+from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner
 
 
@@ -93,9 +93,8 @@ def _workspace_case(kv_dtype, act_dtype, head_size, hkv, block_size, per_head, s
     shape = (hkv, head_size) if per_head == "channel" else (hkv if per_head else 1,)  # channel: per head and channel
     k_scale = torch.rand(*shape, generator=g) * 0.02 + 0.005
     v_scale = torch.rand(*shape, generator=g) * 0.02 + 0.005
-    return dict(key=key, value=value, key_cache=as_storage(key_cache, kv_dtype), value_cache=as_storage(value_cache, kv_dtype),
-                k_scale=k_scale, v_scale=v_scale, block_table=table, query_start_loc=qsl, seq_lens=seq_lens,
-                max_pages=max_pages)  # fmt: skip
+    return dict(key=key, value=value, cache=PagedKVCache(key_cache, value_cache, k_scale, v_scale, kv_dtype),
+                block_table=table, query_start_loc=qsl, seq_lens=seq_lens, max_pages=max_pages)  # fmt: skip
 
 
 _GRID = [
@@ -159,11 +158,11 @@ def test_fill_from_cache_only_matches_reference(kvd, act, hs, hkv, bs, per_head)
     tol = dict(atol=0, rtol=torch.finfo(act).eps if act == torch.bfloat16 else 0)
     torch.testing.assert_close(k1, k2, equal_nan=True, **tol)
     torch.testing.assert_close(v1, v2, equal_nan=True, **tol)
-    ks = case["k_scale"].float().view(-1, 1)
+    ks = case["cache"].k_scale.float().view(-1, 1)
     lens, offs = case["seq_lens"].tolist(), offsets.tolist()
     for i in range(n):  # every token of the sequence = its cache entry * scale
         p = -(-lens[i] // bs)
-        want = (case["key_cache"][case["block_table"][i, :p].long()].float() * ks).reshape(-1, hkv, hs)[: lens[i]]
+        want = (case["cache"].key_cache[case["block_table"][i, :p].long()].float() * ks).reshape(-1, hkv, hs)[: lens[i]]
         got = k1[offs[i] : offs[i] + p].reshape(-1, hkv, hs)[: lens[i]]
         torch.testing.assert_close(got.float(), want.to(act).float(), **tol)
 
@@ -178,12 +177,12 @@ def test_fill_context_dequantizes_with_scales():
     fill_context_ref(**args, ws_key=ws_k, ws_value=ws_v, offsets=offsets, num_reqs=5)
     # request 1: context 16 tokens = its first page exactly, from cache page table[1, 0]
     src = int(case["block_table"][1, 0])
-    want = case["key_cache"][src].float() * case["k_scale"].view(1, 2, 1)
+    want = case["cache"].key_cache[src].float() * case["cache"].k_scale.view(1, 2, 1)
     torch.testing.assert_close(ws_k[int(offsets[1])], want)
     channel = _workspace_case("int8", torch.float32, 64, 2, 16, "channel", seed=5)  # one scale per head and channel
     fill_context_ref(**{k: v for k, v in channel.items() if k != "max_pages"}, ws_key=ws_k, ws_value=ws_v,
                      offsets=offsets, num_reqs=5)  # fmt: skip
-    want = channel["value_cache"][src].float() * channel["v_scale"].view(1, 2, 64)
+    want = channel["cache"].value_cache[src].float() * channel["cache"].v_scale.view(1, 2, 64)
     torch.testing.assert_close(ws_v[int(offsets[1])], want)
 
 
@@ -282,8 +281,7 @@ def test_gpu_fa3_over_workspace_matches_reference(kv_dtype, window, cap):
     q = case["query"]
     a, b = (torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device) for _ in range(2))
     for p, o in ((plan, a), (merge, b)):
-        runner.run(q, case["key"], case["value"], case["key_cache"], case["value_cache"], case["k_scale"],
-                   case["v_scale"], case["kv_dtype"], p, o)  # fmt: skip
+        runner.run(q, case["key"], case["value"], paged(case), p, o)
     s = int(case["query_start_loc"][NUM_DECODES])
     e = int(case["query_start_loc"][-1])
     torch.testing.assert_close(a[s:e].float(), b[s:e].float(), atol=3e-2, rtol=3e-2)
@@ -307,7 +305,7 @@ def test_gpu_quantized_over_workspace_repeatable(kv_dtype):
                            logits_soft_cap=None, mode="quantized", device="cuda")  # fmt: skip
     assert runner.path == "fa3"
     ws = ContextWorkspace.allocate(4096, 16, hkv, d, torch.bfloat16, "cuda")
-    args = (base["key_cache"], base["value_cache"], base["k_scale"], base["v_scale"], kv_dtype)
+    args = (paged(base),)
     plan1 = PrefillPlan.build(base["query_start_loc"], base["seq_lens"], base["block_table"], num_tokens=700,
                               max_query_len=700, has_context=False, workspace=ws, seq_lens_cpu=base["seq_lens"].cpu(),
                               from_cache_only=True)  # fmt: skip

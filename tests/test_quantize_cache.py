@@ -14,6 +14,7 @@ import torch
 
 from vllm_kvquant.kernels import quantize_cache as qc
 from vllm_kvquant.kernels.dtypes import KVQuantDType, qmax_of, torch_dtype_of
+from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.quantize_cache import CacheWriter, WriteConfig, pick_config, quantize_to_cache
 from vllm_kvquant.kernels.reference import quantize_to_cache_ref
 
@@ -430,7 +431,7 @@ def test_cache_writer_reused_across_calls(kv_dtype):
     ks, vs = torch.full((h,), 0.02, device=dev), torch.full((1,), 0.03, device=dev)
     kc, vc = make_caches("split", nb, bs, h, d, torch.uint8, device=dev)
     kc2, vc2 = kc.clone(), vc.clone()
-    writer = CacheWriter(kc, vc, ks, vs, kv_dtype)
+    writer = CacheWriter(PagedKVCache(kc, vc, ks, vs, kv_dtype))
     for i, t in enumerate((5, 17, 5)):
         key, value = make_kv(t, h, d, torch.bfloat16, device=dev)
         slots = make_slots(t, t, nb, bs, device=dev)
@@ -447,7 +448,7 @@ def test_gpu_cache_writer_direct_launch():
     ks, vs = torch.full((h,), 0.02, device="cuda"), torch.full((1,), 0.03, device="cuda")
     kc, vc = make_caches("split", nb, bs, h, d, torch.uint8, device="cuda")
     kc2, vc2 = kc.clone(), vc.clone()
-    direct, jit = CacheWriter(kc, vc, ks, vs, FP8), CacheWriter(kc2, vc2, ks, vs, FP8)
+    direct, jit = CacheWriter(PagedKVCache(kc, vc, ks, vs, FP8)), CacheWriter(PagedKVCache(kc2, vc2, ks, vs, FP8))
     jit._kernel.direct = False
     for seed in range(3):
         key, value = make_kv(t, h, d, torch.bfloat16, device="cuda")

@@ -8,8 +8,9 @@ that cannot run):
   fills a :class:`DecodePlan` once per batch in :meth:`DecodePlan.build`, never per layer: the
   batch's block table and lengths plus what its kernel precomputes (our Triton plan, FA3's
   scheduler metadata, FlashInfer's ``plan()``);
-- **per layer**, a :class:`DecodeRunner` runs
-  ``run(query, key_cache, value_cache, k_scale, v_scale, plan, out, *, q_scale=None)`` on that plan.
+- **per layer**, a :class:`DecodeRunner` runs ``run(query, cache, plan, out, *, q_scale=None)`` on
+  that plan, ``cache`` the layer's :class:`~vllm_kvquant.kernels.PagedKVCache` (K/V views, scales,
+  format: made once per layer, the argument every launcher of the backend takes).
 
 Both are built from one :class:`DecodeSpec` (the layer's constants). A kernel subclasses the two
 classes, sets ``kernel`` / ``name`` and implements ``_prepare`` / ``_run``; nothing else of the
@@ -31,6 +32,7 @@ from .kernels.decode_config import device_num_sms
 from .kernels.decode_plan import DecodeLayer
 from .kernels.decode_plan import DecodePlan as TritonPlan
 from .kernels.dtypes import KVQuantDType
+from .kernels.paged_cache import PagedKVCache
 
 __all__ = ["DecodePlan", "DecodePlanner", "DecodeRunner", "DecodeSpec", "TritonDecodePlanner", "TritonDecodeRunner"]
 
@@ -170,13 +172,14 @@ class DecodePlanner:
 
 
 class DecodeRunner:
-    """One layer's decode kernel. ``run(query, key_cache, value_cache, k_scale, v_scale, plan, out)``.
+    """One layer's decode kernel. ``run(query, cache, plan, out)``.
 
     ``query``/``out``: ``[num_seqs, num_heads, head_size]``, row ``i`` for request ``i`` (any
     strides with a contiguous last dim); with a varlen plan the step's whole ``[num_tokens,
-    ...]`` tensors. Caches: the K/V views of :func:`vllm_kvquant.compat.split_kv_cache`
-    (uint8/fp8/int8 storage, any strides); scales: fp32 ``[1]`` or ``[num_kv_heads]``;
-    ``q_scale`` (fa3 only): the static fp8 query scale (vLLM's ``layer._q_scale``; 1.0 if None).
+    ...]`` tensors. ``cache``: a :class:`PagedKVCache` over the K/V views of
+    :func:`vllm_kvquant.compat.split_kv_cache` (any strides) and the layer's scales (fp32 ``[1]``,
+    ``[num_kv_heads]`` or ``[num_kv_heads, head_size]``); ``q_scale`` (fa3 only): the static fp8
+    query scale (vLLM's ``layer._q_scale``; 1.0 if None).
     """
 
     name: ClassVar[str] = ""
@@ -187,10 +190,7 @@ class DecodeRunner:
     def run(
         self,
         query: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        k_scale: torch.Tensor,
-        v_scale: torch.Tensor,
+        cache: PagedKVCache,
         plan: DecodePlan,
         out: torch.Tensor,
         *,
@@ -198,9 +198,12 @@ class DecodeRunner:
     ) -> torch.Tensor:
         if plan.kernel != self.name:
             raise ValueError(f"kvquant decode: a '{plan.kernel}' plan was built for the '{self.name}' kernel")
-        return self._run(query, key_cache, value_cache, k_scale, v_scale, plan, out, q_scale)
+        if cache.kv_dtype is not self.spec.kv_dtype:
+            raise ValueError(f"kvquant decode: a {cache.kv_dtype.value} cache given to a {self.spec.kv_dtype.value} runner")
+        return self._run(query, cache, plan, out, q_scale)
 
-    def _run(self, query, key_cache, value_cache, k_scale, v_scale, plan, out, q_scale) -> torch.Tensor:
+    def _run(self, query: torch.Tensor, cache: PagedKVCache, plan: DecodePlan, out: torch.Tensor,
+             q_scale: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         raise NotImplementedError
 
 
@@ -242,26 +245,25 @@ class TritonDecodeRunner(DecodeRunner):
         self._layers: dict[tuple, DecodeLayer] = {}
         self._last: tuple | None = None
 
-    def _layer(self, query, key_cache, value_cache, k_scale, v_scale) -> DecodeLayer:
+    def _layer(self, query: torch.Tensor, cache: PagedKVCache) -> DecodeLayer:
         last = self._last
-        if last is not None and last[0] is key_cache and last[1] is value_cache and last[2] is k_scale \
-                and last[3] is v_scale and last[4] is query.dtype:  # fmt: skip
-            return last[5]
-        key = (key_cache.data_ptr(), tuple(key_cache.shape), key_cache.stride(), value_cache.data_ptr(),
-               value_cache.stride(), k_scale.data_ptr(), v_scale.data_ptr(), query.dtype)  # fmt: skip
+        if last is not None and last[0] is cache and last[1] is query.dtype:
+            return last[2]
+        kc, vc = cache.key_cache, cache.value_cache
+        key = (kc.data_ptr(), tuple(kc.shape), kc.stride(), vc.data_ptr(), vc.stride(), cache.k_scale.data_ptr(),
+               cache.v_scale.data_ptr(), cache.kv_dtype, query.dtype)  # fmt: skip
         layer = self._layers.get(key)
         if layer is None:
             if len(self._layers) >= 64:  # a layer sees one cache; only benchmarks rotate through many
                 self._layers.clear()
             s = self.spec
             layer = self._layers[key] = DecodeLayer(
-                key_cache, value_cache, k_scale, v_scale, s.kv_dtype, num_q_heads=s.num_heads, act_dtype=query.dtype,
-                softmax_scale=s.scale, sliding_window=s.sliding_window, logits_soft_cap=s.logits_soft_cap,
-                config=_triton_decode.DEFAULT_CONFIG,
+                cache, num_q_heads=s.num_heads, act_dtype=query.dtype, softmax_scale=s.scale,
+                sliding_window=s.sliding_window, logits_soft_cap=s.logits_soft_cap, config=_triton_decode.DEFAULT_CONFIG,
             )  # fmt: skip
-        self._last = (key_cache, value_cache, k_scale, v_scale, query.dtype, layer)
+        self._last = (cache, query.dtype, layer)
         return layer
 
-    def _run(self, query, key_cache, value_cache, k_scale, v_scale, plan, out, q_scale):
+    def _run(self, query, cache, plan, out, q_scale):
         # The one call into our Triton kernel (kernels/decode_plan.py: no validation, no allocation).
-        return self._layer(query, key_cache, value_cache, k_scale, v_scale).run(query, out, plan.triton)
+        return self._layer(query, cache).run(query, out, plan.triton)

@@ -19,7 +19,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from . import calibration_hooks, compat
 from .config import KVQuantConfig
-from .kernels import CacheWriter, DecodeLayer
+from .kernels import CacheWriter, DecodeLayer, PagedKVCache
 from .layer_scales import LAYER_ATTR, LayerQuantState, layer_state
 from .metadata import KVQuantMetadata
 from .prefill import PrefillRunner
@@ -29,13 +29,14 @@ from .validation import check_supported
 class LayerKernels:
     """One layer's launchers over one cache tensor and one set of scales (built once)."""
 
-    __slots__ = ("kv_cache", "state", "k_scale", "v_scale", "key_cache", "value_cache", "writer", "decode")
+    __slots__ = ("kv_cache", "state", "k_scale", "v_scale", "cache", "writer", "decode")
 
     def __init__(self, impl: "KVQuantAttentionImpl", kv_cache: torch.Tensor, state: LayerQuantState) -> None:
         self.kv_cache, self.state = kv_cache, state
         self.k_scale, self.v_scale = state.k_scale, state.v_scale
-        self.key_cache, self.value_cache = compat.split_kv_cache(kv_cache, impl.head_size)
-        self.writer = CacheWriter(self.key_cache, self.value_cache, state.k_scale, state.v_scale, state.kv_dtype)
+        key_cache, value_cache = compat.split_kv_cache(kv_cache, impl.head_size)
+        self.cache = PagedKVCache(key_cache, value_cache, state.k_scale, state.v_scale, state.kv_dtype)
+        self.writer = CacheWriter(self.cache)
         self.decode: DecodeLayer | None = None  # made at the first decode (needs the query dtype)
 
     def current(self, kv_cache: torch.Tensor, state: LayerQuantState | None) -> bool:
@@ -43,11 +44,9 @@ class LayerKernels:
         return kv_cache is self.kv_cache and state is s and s.k_scale is self.k_scale and s.v_scale is self.v_scale
 
     def decode_layer(self, impl: "KVQuantAttentionImpl", act_dtype: torch.dtype) -> DecodeLayer:
-        st = self.state
         self.decode = DecodeLayer(
-            self.key_cache, self.value_cache, st.k_scale, st.v_scale, st.kv_dtype, num_q_heads=impl.num_heads,
-            act_dtype=act_dtype, softmax_scale=impl.scale, sliding_window=impl.sliding_window,
-            logits_soft_cap=impl.logits_soft_cap,
+            self.cache, num_q_heads=impl.num_heads, act_dtype=act_dtype, softmax_scale=impl.scale,
+            sliding_window=impl.sliding_window, logits_soft_cap=impl.logits_soft_cap,
         )  # fmt: skip
         return self.decode
 
@@ -163,10 +162,7 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         # Prefill first: under CUDA graphs its FA3 part also writes decode rows, which the
         # decode kernel then overwrites.
         if m.prefill is not None:
-            st = lk.state
-            (self._prefill or self._prefill_runner(query.device)).run(
-                query, key, value, lk.key_cache, lk.value_cache, st.k_scale, st.v_scale, st.kv_dtype, m.prefill, out
-            )
+            (self._prefill or self._prefill_runner(query.device)).run(query, key, value, lk.cache, m.prefill, out)
         if m.decode:
             decode = lk.decode
             if decode is None or decode.act_dtype is not query.dtype:
@@ -174,10 +170,8 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             decode.run(query, out, m.decode[self.num_heads])
         elif m.decode_other is not None:  # fa3 / flashinfer (kvquant option "kernel"): the leading decode rows
             nd = m.num_decode_tokens
-            st = lk.state
-            (self._other_decode or self._other_decode_runner(query, st)).run(
-                query[:nd], lk.key_cache, lk.value_cache, st.k_scale, st.v_scale, m.decode_other, out[:nd],
-                q_scale=getattr(layer, "_q_scale", None),
+            (self._other_decode or self._other_decode_runner(query, lk.state)).run(
+                query[:nd], lk.cache, m.decode_other, out[:nd], q_scale=getattr(layer, "_q_scale", None)
             )
         return output
 

@@ -36,7 +36,8 @@ import torch
 
 from .errors import KVQuantConfigError
 from .kernels.context_fill import fill_context, workspace_offsets
-from .kernels.dtypes import SUPPORTED_HEAD_SIZES, KVQuantDType, as_storage
+from .kernels.dtypes import SUPPORTED_HEAD_SIZES
+from .kernels.paged_cache import PagedKVCache
 from .kernels.prefill_attention import (
     MODE_FULL,
     MODE_MERGE,
@@ -312,20 +313,16 @@ class PrefillRunner:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        k_scale: torch.Tensor,
-        v_scale: torch.Tensor,
-        kv_dtype: KVQuantDType | str,
+        cache: PagedKVCache,
         plan: PrefillPlan,
         out: torch.Tensor,
     ) -> None:
         """Write the prefill rows of ``out`` (``[num_tokens, num_heads, head_size]``).
 
         ``query``/``key``/``value``/``out`` are the layer's whole tensors (rows from
-        ``plan.row_start`` on are used); ``key_cache``/``value_cache`` the views of
-        ``compat.split_kv_cache`` (one-byte storage, any strides), already holding this step's
-        K/V; ``k_scale``/``v_scale`` fp32 ``[1]``, ``[num_kv_heads]`` or ``[num_kv_heads, head_size]``. Mode ``quantized``
+        ``plan.row_start`` on are used); ``cache`` the layer's 8-bit cache (the views of
+        ``compat.split_kv_cache``, any strides), already holding this step's K/V, and its scales
+        (fp32 ``[1]``, ``[num_kv_heads]`` or ``[num_kv_heads, head_size]``). Mode ``quantized``
         never reads ``key``/``value``.
         """
         if plan.num_reqs == 0:
@@ -334,11 +331,10 @@ class PrefillRunner:
         if s:
             query, key, value, out = query[s:], key[s:], value[s:], out[s:]
         if self.path == "reference":
-            return self._run_reference(query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan, out)
+            return self._run_reference(query, key, value, cache, plan, out)
         lse = None
         if self.path == "fa3" and plan.context_fill is not None:
-            return self._run_fa3_over_workspace(query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype,
-                                                plan, out)  # fmt: skip
+            return self._run_fa3_over_workspace(query, key, value, cache, plan, out)
         if self.path == "fa3" and self.mode == "bf16":
             _, lse = self._fa(
                 q=query, k=key, v=value, out=out,
@@ -350,16 +346,14 @@ class PrefillRunner:
             if not plan.has_context:
                 return None
         launch_prefill(
-            self._config(plan), self._kernel_mode, query, key, value, key_cache, value_cache, out,
-            plan.block_table, plan.query_start_loc, plan.seq_lens, k_scale, v_scale, kv_dtype == "int8",
+            self._config(plan), self._kernel_mode, query, key, value, cache.key_cache, cache.value_cache, out,
+            plan.block_table, plan.query_start_loc, plan.seq_lens, cache.k_scale, cache.v_scale, cache.is_int8,
             plan.num_tokens, plan.num_reqs, lens_are_seq=True, all_rows=plan.all_rows, lse=lse,
             launcher=self._launcher,
         )  # fmt: skip
         return None
 
-    def _run_fa3_over_workspace(
-        self, query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan: PrefillPlan, out
-    ) -> None:  # fmt: skip
+    def _run_fa3_over_workspace(self, query, key, value, cache: PagedKVCache, plan: PrefillPlan, out) -> None:
         """Each request's whole sequence into the 16-bit workspace, then one paged FA3 call.
 
         Mode ``quantized`` reads the new tokens back from the cache too, and asks FA3 for one
@@ -370,9 +364,8 @@ class PrefillRunner:
         n = plan.num_reqs
         quantized = self.mode == "quantized"
         fill_context(
-            key, value, as_storage(key_cache, kv_dtype), as_storage(value_cache, kv_dtype), k_scale, v_scale,
-            ws.key, ws.value, plan.block_table, plan.query_start_loc, plan.seq_lens, cf.offsets, n, cf.max_pages,
-            from_cache_only=quantized,
+            key, value, cache, ws.key, ws.value, plan.block_table, plan.query_start_loc, plan.seq_lens, cf.offsets, n,
+            cf.max_pages, from_cache_only=quantized,
         )  # fmt: skip
         extra = {"num_splits": 1} if quantized else {}
         self._fa(
@@ -384,11 +377,11 @@ class PrefillRunner:
         )  # fmt: skip
         return None
 
-    def _run_reference(self, query, key, value, key_cache, value_cache, k_scale, v_scale, kv_dtype, plan, out) -> None:
+    def _run_reference(self, query, key, value, cache: PagedKVCache, plan, out) -> None:
         """PyTorch (vLLM's CPU build): slow but simple; writes the same rows as the kernels."""
         ref = paged_prefill_attention_ref(
-            query, key, value, as_storage(key_cache, kv_dtype), as_storage(value_cache, kv_dtype), plan.block_table,
-            plan.query_start_loc, plan.context_lens, k_scale, v_scale, kv_dtype, self.scale, self.sliding_window,
+            query, key, value, cache.key_cache, cache.value_cache, plan.block_table, plan.query_start_loc,
+            plan.context_lens, cache.k_scale, cache.v_scale, cache.kv_dtype, self.scale, self.sliding_window,
             self.logits_soft_cap, mode=self.mode,
         )  # fmt: skip
         qsl = plan.query_start_loc.tolist()

@@ -180,8 +180,7 @@ class _LayerWarmup:
         if workspace is not None and plan.context_fill is None:
             raise RuntimeError(f"kvquant warm-up: {seq_len} tokens do not fit the prefill workspace")
         q, k, v = self.qkv(n)
-        st, lk = self.kernels.state, self.kernels
-        runner.run(q, k, v, lk.key_cache, lk.value_cache, st.k_scale, st.v_scale, st.kv_dtype, plan, torch.zeros_like(q))
+        runner.run(q, k, v, self.kernels.cache, plan, torch.zeros_like(q))
 
 
 def warm_up_builder(builder: Any, *, max_tokens: int | None = None) -> WarmupReport:

@@ -48,6 +48,7 @@ from vllm_kvquant.backend import KVQuantAttentionBackend
 from vllm_kvquant.decode_runner import DecodePlan, DecodePlanner
 from vllm_kvquant.peer_decode import create_planner, create_runner, flashinfer_page_table
 from vllm_kvquant.errors import KVQuantConfigError
+from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref
 
 FP8 = torch.float8_e4m3fn
@@ -194,8 +195,8 @@ def _kvquant(prob: Problem, kernel: str, kind: str, per_channel: bool = False) -
     planner = create_planner(kernel, block_size=c.block_size, max_num_seqs=prob.batch,
                              max_num_blocks_per_seq=prob.nbs, per_channel=per_channel, **common)  # fmt: skip
     plan = prob.plan(planner, use_cuda_graph=c.device == "cuda")
-    kc, vc = prob.caches("kvquant", kind)
-    return lambda i: runner.run(prob.queries[i], kc[i], vc[i], ks, vs, plan, prob.out)
+    caches = [PagedKVCache(k, v, ks, vs, kvd) for k, v in zip(*prob.caches("kvquant", kind))]
+    return lambda i: runner.run(prob.queries[i], caches[i], plan, prob.out)
 
 
 def _vllm_fa3(prob: Problem, kind: str) -> Callable[[int], Any]:

@@ -22,6 +22,7 @@ import torch
 from benchmarks.common import buffer_sets, measure_copy_gbps, time_rotating
 from benchmarks.harness import command
 from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig, DecodeLayer, DecodePlan
+from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref
 
 STORE = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
@@ -74,7 +75,7 @@ def run(a: argparse.Namespace) -> dict:
             )
             ref = None
             for spec, cfg in configs:
-                layer = DecodeLayer(key, value, ks, vs, kv_dtype, num_q_heads=a.num_q_heads,
+                layer = DecodeLayer(PagedKVCache(key, value, ks, vs, kv_dtype), num_q_heads=a.num_q_heads,
                                     act_dtype=torch.bfloat16, config=cfg)  # fmt: skip
                 plans = [DecodePlan.build(batch, t, seq_lens, None, num_q_heads=a.num_q_heads,
                                           num_kv_heads=a.num_kv_heads, head_size=a.head_size, config=cfg)

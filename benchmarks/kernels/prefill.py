@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions  # noqa: E402
 from benchmarks.harness import REPO, command, device_slug, write_result  # noqa: E402
+from vllm_kvquant.kernels.paged_cache import PagedKVCache  # noqa: E402
 from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner, fa3_unavailable_reason  # noqa: E402
 
 #: (name, requests, new tokens per request, cached tokens per request)
@@ -200,8 +201,8 @@ def bench(shapes, *, hq=32, hkv=8, d=128, bs=16, smoke=False) -> list[dict]:
                 runner = PrefillRunner(num_heads=hq, num_kv_heads=hkv, head_size=d, scale=scale, sliding_window=None,
                                        logits_soft_cap=None, mode=mode, device=device, path=path)  # fmt: skip
 
-                def fn(runner=runner, kc=kc, vc=vc, kvd=kvd, plan=plan):
-                    runner.run(p.q, p.k, p.v, kc, vc, ks, vs, kvd, plan, p.out)
+                def fn(runner=runner, cache=PagedKVCache(kc, vc, ks, vs, kvd), plan=plan):
+                    runner.run(p.q, p.k, p.v, cache, plan, p.out)
 
                 finish(row, fn)
                 if row["status"] == "ok":

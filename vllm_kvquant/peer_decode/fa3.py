@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from ..decode_runner import DecodePlan, DecodePlanner, DecodeRunner, DecodeSpec
-from ..kernels.dtypes import as_storage
 
 FP8 = torch.float8_e4m3fn
 #: Splits FA3 may use per (sequence, KV head) under CUDA graphs (vLLM's
@@ -144,13 +143,14 @@ class FA3DecodeRunner(DecodeRunner):
             dst.copy_((query.float().view(n, scale.shape[1], -1) / scale).clamp(-448.0, 448.0).view(n, hq, d))
         return dst
 
-    def _run(self, query, key_cache, value_cache, k_scale, v_scale, plan, out, q_scale):
+    def _run(self, query, cache, plan, out, q_scale):
         s = self.spec
         n = query.shape[0]
         q_scale = self._unit_q_scale if q_scale is None else q_scale.float()
         q8 = self.quantize_query(query, q_scale)
-        kc = self._canonical(as_storage(key_cache, s.kv_dtype))
-        vc = self._canonical(as_storage(value_cache, s.kv_dtype))
+        kc = self._canonical(cache.key_cache)
+        vc = self._canonical(cache.value_cache)
+        k_scale, v_scale = cache.k_scale, cache.v_scale
         shape = (n, s.num_kv_heads)
         # The batch's schedule fits layers with the planner's window and soft cap; others (e.g.
         # alternating sliding-window layers) let FA3 schedule in-kernel, as vLLM does then.

@@ -20,7 +20,6 @@ import torch
 
 from ..decode_runner import DecodePlan, DecodePlanner, DecodeRunner, DecodeSpec, kernel_option
 from ..errors import KVQuantConfigError
-from ..kernels.dtypes import as_storage
 
 FP8 = torch.float8_e4m3fn
 #: FlashInfer's decode head sizes (vLLM 0.26 FlashInferBackend.get_supported_head_sizes, <= 256).
@@ -159,12 +158,13 @@ class FlashInferDecodeRunner(DecodeRunner):
             )
         self._checked.add(id(wrapper))
 
-    def _run(self, query, key_cache, value_cache, k_scale, v_scale, plan, out, q_scale):
+    def _run(self, query, cache, plan, out, q_scale):
         s = self.spec
         wrapper = plan.flashinfer_wrapper
         self._check_plan(wrapper)
-        kc = as_storage(key_cache, s.kv_dtype).transpose(1, 2)  # HND views, no copy
-        vc = as_storage(value_cache, s.kv_dtype).transpose(1, 2)
+        kc = cache.key_cache.transpose(1, 2)  # HND views, no copy
+        vc = cache.value_cache.transpose(1, 2)
+        k_scale, v_scale = cache.k_scale, cache.v_scale
         if self._host_scales is not None:
             k_host, v_host = self._host_scales
             return wrapper.run(query, (kc, vc), k_scale=k_host, v_scale=v_host, out=out)
