@@ -77,6 +77,33 @@ class DecodeKernelConfig:
     asm_num_stages: int = 3
     #: SM count assumed where no CUDA device is queried (Triton interpreter on CPU).
     cpu_num_sms: int = 8
+    #: Mask the K/V loads per page of the sequence instead of per token (the slots of the
+    #: sequence's last page past its end, and before a sliding window, are read; their scores
+    #: are -inf and their V rows zeroed in-kernel). A mask constant over a page lets a V page
+    #: stored channel-major (tokens contiguous, ``decode_lab --layouts v-channel-major``) load
+    #: in 16-byte vectors; per-token masks keep such loads at one byte. Not yet measured: off.
+    page_masks: bool = False
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "DecodeKernelConfig":
+        """Defaults overridden by ``"num_stages=3, block_n=64, page_masks=1"`` (tuning runs); a
+        ValueError names an unknown field or a bad value."""
+        kw: dict = {}
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            key, _, val = (x.strip() for x in item.partition("="))
+            field = cls.__dataclass_fields__.get(key)
+            if field is None:
+                raise ValueError(f"unknown DecodeKernelConfig field {key!r} in {spec!r}")
+            if field.type == "bool":
+                if val.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ValueError(f"{key} takes 1/0 (true/false), got {val!r}")
+                kw[key] = val.lower() in ("1", "true", "yes")
+            else:
+                try:
+                    kw[key] = None if val == "None" else int(val)
+                except ValueError:
+                    raise ValueError(f"{key} takes an integer, got {val!r}") from None
+        return cls(**kw)
 
     def tile_tokens(self, head_size: int) -> int:
         if self.block_n is not None:
@@ -99,19 +126,10 @@ class DecodeKernelConfig:
 
 def _config_from_env() -> DecodeKernelConfig:
     """``KVQUANT_DECODE_CONFIG="num_stages=3,block_n=64"`` overrides defaults (for tuning runs)."""
-    spec = os.environ.get("KVQUANT_DECODE_CONFIG", "").strip()
-    if not spec:
-        return DecodeKernelConfig()
-    kw = {}
-    for item in spec.split(","):
-        key, _, val = item.partition("=")
-        key = key.strip()
-        if key not in DecodeKernelConfig.__dataclass_fields__:
-            raise ValueError(f"KVQUANT_DECODE_CONFIG: unknown field {key!r}")
-        val = val.strip()
-        flag = key in ("dot_in_fp16", "asm_dequant_fp8", "asm_dequant_int8")
-        kw[key] = (val.lower() in ("1", "true", "yes")) if flag else (None if val == "None" else int(val))
-    return DecodeKernelConfig(**kw)
+    try:
+        return DecodeKernelConfig.from_spec(os.environ.get("KVQUANT_DECODE_CONFIG", ""))
+    except ValueError as e:
+        raise ValueError(f"KVQUANT_DECODE_CONFIG: {e}") from None
 
 
 DEFAULT_CONFIG = _config_from_env()

@@ -195,7 +195,7 @@ class DecodeLayer:
         self._split_const = (
             head_size, head_pad, num_q_heads // num_kv_heads, max(16, next_pow2(num_q_heads // num_kv_heads)),
             block_size, block_n, min_tiles, k_gran, v_gran, use_window, self.cap > 0.0, dot_dtype,
-            asm_dequant, q_rescale,
+            asm_dequant, q_rescale, cfg.page_masks,
         )  # fmt: skip
         self._reduce_const = (head_size, head_pad, block_n, min_tiles, use_window)
         self._split = FastKernel(decode_split_kernel, device)

@@ -145,7 +145,7 @@ if HAVE_TRITON:
         HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
         K_GRAN: tl.constexpr, V_GRAN: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, ASM_DEQUANT: tl.constexpr, Q_RESCALE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, ASM_DEQUANT: tl.constexpr, Q_RESCALE: tl.constexpr, PAGE_MASKS: tl.constexpr,
         # plan constexprs
         SPLIT: tl.constexpr, VARLEN: tl.constexpr,
     ):  # fmt: skip
@@ -202,15 +202,22 @@ if HAVE_TRITON:
         k_base = k_ptr + kvh.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
         v_base = v_ptr + kvh.to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd
 
+        first_page = start // BLOCK_SIZE
+        end_page = tl.cdiv(seq_len, BLOCK_SIZE)
         for t in range(lo, hi):
             tok = t * BLOCK_N + offs_n
             valid = (tok < seq_len) & (tok >= start)
-            page = tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btb, mask=valid, other=0).to(tl.int64)
+            if PAGE_MASKS:  # constant over each page: loads may vectorize along tokens
+                pidx = tok // BLOCK_SIZE
+                load_mask = (pidx < end_page) & (pidx >= first_page)
+            else:
+                load_mask = valid
+            page = tl.load(bt_row + (tok // BLOCK_SIZE) * stride_btb, mask=load_mask, other=0).to(tl.int64)
             slot = (tok % BLOCK_SIZE).to(tl.int64)
             if HEAD_PAD == HEAD_SIZE:
-                kv_mask = valid[:, None]
+                kv_mask = load_mask[:, None]
             else:
-                kv_mask = valid[:, None] & d_mask[None, :]
+                kv_mask = load_mask[:, None] & d_mask[None, :]
             k = tl.load(k_base + page[:, None] * stride_kb + slot[:, None] * stride_kt, mask=kv_mask, other=0.0)
             v = tl.load(v_base + page[:, None] * stride_vb + slot[:, None] * stride_vt, mask=kv_mask, other=0.0)
             if ASM_DEQUANT:  # fp16 dots on a GPU (exact: e4m3 and int8 are subsets of fp16)
@@ -219,6 +226,8 @@ if HAVE_TRITON:
             else:
                 k = k.to(DOT_DTYPE)
                 v = v.to(DOT_DTYPE)
+            if PAGE_MASKS:  # slots read outside the sequence hold anything (NaN too): p = 0 must meet v = 0
+                v = tl.where(valid[:, None], v, 0.0)
 
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [GROUP_PAD, BLOCK_N] fp32
             if USE_SOFTCAP:

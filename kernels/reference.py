@@ -99,6 +99,9 @@ def _attend(
     if sliding_window:
         mask |= k_pos[None, :] <= q_positions[:, None] - sliding_window
     logits = logits.masked_fill(mask[None], float("-inf"))
+    # Tokens no query attends to (before every window) contribute nothing, whatever they hold: the
+    # cache may keep anything there (NaN bytes too), and 0 * NaN would not be 0.
+    v = v.masked_fill(mask.all(0)[:, None, None], 0.0)
     probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("hqk,khd->qhd", probs, v)
     if return_lse:

@@ -39,10 +39,12 @@
 #               steps of the 1024x512 workload each under torch.profiler (KVQ_PROFILE_ARGS extra flags);
 #               writes benchmarks/results/profile-<device>.json
 #   ncu         kernel-only (no bundle): Nsight Compute on one launch of our decode split kernel per
-#               format (KVQ_LAB_SHAPES, default 64x16384; KVQ_NCU_CONFIG overrides), full section set;
+#               format (KVQ_LAB_SHAPES, default 64x16384; KVQ_NCU_CONFIG overrides; KVQ_LAB_LAYOUT one cache
+#               layout of decode_lab's LAYOUTS, default backend), full section set;
 #               logs/ncu-decode-<dtype>.ncu-rep, -details.log and -raw.csv come back in results.tgz
 #   decode-lab  kernel-only (no bundle): benchmarks/kernels/decode_lab.py over KVQ_LAB_CONFIGS (space-separated
-#               DecodeKernelConfig overrides, quoted; '' = default), writes benchmarks/results/decode-lab.json
+#               DecodeKernelConfig overrides, quoted; '' = default) and KVQ_LAB_LAYOUTS (cache layouts, default
+#               backend; e.g. "backend v-channel-major"), writes benchmarks/results/decode-lab.json
 #   tp          benchmarks/tp/check.py (needs 2 GPUs)
 # Every lane's log and every results JSON come back in $OUT/results.tgz (the device returns at most 8 files);
 # $OUT/summary.txt lists each lane's exit code and duration.
@@ -171,14 +173,14 @@ ncu|decode-lab)
     lane ncu 570 "for dt in ${KVQ_LAB_DTYPES:-fp8_e4m3 int8}; do \
       ncu --target-processes all -k regex:_decode_split_kernel -c 1 --set full --import-source yes -f \
         -o $LOGS/ncu-decode-\$dt python3 -m benchmarks.kernels.decode_lab --ncu-config '${KVQ_NCU_CONFIG:-}' \
-        --shapes $shapes --kv-dtypes \$dt && \
+        --shapes $shapes --kv-dtypes \$dt --layouts ${KVQ_LAB_LAYOUT:-backend} && \
       ncu --import $LOGS/ncu-decode-\$dt.ncu-rep --page details > $LOGS/ncu-decode-\$dt-details.log && \
       ncu --import $LOGS/ncu-decode-\$dt.ncu-rep --page raw --csv > $LOGS/ncu-decode-\$dt-raw.csv; done"
   else
     # Our kernel under KVQ_LAB_CONFIGS (space-separated DecodeKernelConfig overrides, '' = default),
     # checked against the reference and timed as CUDA graphs beside a copy in the same run.
     lane decode-lab 570 "python3 -m benchmarks.kernels.decode_lab --shapes ${KVQ_LAB_SHAPES:-1x32768 8x32768 64x4096 64x16384 128x8192} \
-      --configs ${KVQ_LAB_CONFIGS:-''} --out benchmarks/results/decode-lab.json"
+      --configs ${KVQ_LAB_CONFIGS:-''} --layouts ${KVQ_LAB_LAYOUTS:-backend} --out benchmarks/results/decode-lab.json"
   fi
   ;;
 tp)

@@ -222,6 +222,45 @@ def test_sliding_window(window, splits):
     run_and_check(case, sliding_window=window, max_num_splits=splits, config=SMALL)
 
 
+def _poison_unattended_slots(case: dict, window: int | None) -> None:
+    """Write 0x7f (fp8: NaN; int8: 127) into every slot a request's pages hold but its query must
+    not see: past its end in its last page, and before its sliding window."""
+    bs = case["key_cache"].shape[1]
+    for i, n in enumerate(case["seq_lens"].tolist()):
+        first = max(n - window, 0) if window else 0
+        for t in [*range(first), *range(n, -(-n // bs) * bs)]:
+            page = int(case["block_table"][i, t // bs])
+            for c in (case["key_cache"], case["value_cache"]):
+                c.view(torch.uint8)[page, t % bs] = 0x7F
+
+
+@pytest.mark.parametrize("kvd", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("window, splits", [(None, 1), (None, 3), (40, 1), (7, 4)])
+def test_page_masks_ignore_what_the_pages_hold_outside_the_sequence(kvd, window, splits):
+    """``page_masks``: whole pages are read, so slots outside a request's attended range reach the
+    kernel; NaN or extreme bytes there must change nothing."""
+    case = make_case(kv_dtype=kvd, head_size=64, num_kv_heads=2, group=4, block_size=16, seq_lens=(1, 17, 100, 0, 45),
+                     act_dtype=torch.bfloat16, seed=31)  # fmt: skip
+    _poison_unattended_slots(case, window)
+    cfg = DecodeKernelConfig(block_n=32, min_tokens_per_split=32, page_masks=True)
+    run_and_check(case, sliding_window=window, max_num_splits=splits, config=cfg)
+    run_and_check(case, sliding_window=window, logits_soft_cap=20.0, max_num_splits=splits, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kvd", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("window", [None, 40])
+def test_gpu_page_masks(kvd, window):
+    """The page-masked loads compiled for the GPU (default tile, head 128, GQA 4; int8 through the
+    inline-PTX path): right, and blind to what a request's pages hold outside it."""
+    case = make_case(kv_dtype=kvd, head_size=128, num_kv_heads=2, group=4, block_size=16,
+                     seq_lens=(1, 17, 100, 0, 45, 3000), act_dtype=torch.bfloat16, seed=32, device="cuda")  # fmt: skip
+    _poison_unattended_slots(case, window)
+    for splits in (1, None):
+        run_and_check(case, sliding_window=window, max_num_splits=splits, config=DecodeKernelConfig(page_masks=True))
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_soft_cap(splits):
     case = make_case(head_size=64, num_kv_heads=2, group=4, block_size=32, seq_lens=(1, 33, 120), q_mult=4.0,
@@ -288,9 +327,15 @@ def test_config_knobs(monkeypatch):
     monkeypatch.setenv("KVQUANT_DECODE_CONFIG", "num_stages=3, block_n=64,dot_in_fp16=1")
     cfg = da._config_from_env()
     assert (cfg.num_stages, cfg.tile_tokens(128), cfg.dot_in_fp16) == (3, 64, True)
+    monkeypatch.setenv("KVQUANT_DECODE_CONFIG", "page_masks=true,block_n=None")
+    assert da._config_from_env() == DecodeKernelConfig(page_masks=True)
     monkeypatch.setenv("KVQUANT_DECODE_CONFIG", "bogus=1")
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(ValueError, match="KVQUANT_DECODE_CONFIG: unknown DecodeKernelConfig field 'bogus'"):
         da._config_from_env()
+    with pytest.raises(ValueError, match="page_masks takes 1/0"):
+        DecodeKernelConfig.from_spec("page_masks=maybe")
+    with pytest.raises(ValueError, match="num_stages takes an integer, got '3.5'"):
+        DecodeKernelConfig.from_spec("num_stages=3.5")
     assert DecodeKernelConfig().tile_tokens(128) == 128 and DecodeKernelConfig().tile_tokens(256) == 64
     case = make_case(head_size=64, seq_lens=(20,), seed=13)
     with pytest.raises(ValueError, match="power of two"):

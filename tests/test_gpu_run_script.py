@@ -126,8 +126,11 @@ def test_kernel_only_stages(tmp_path) -> None:
     assert "ncu --target-processes all -k regex:_decode_split_kernel -c 1 --set full" in lane["cmd"]
     assert "benchmarks.kernels.decode_lab --ncu-config" in lane["cmd"] and "--shapes 8x32768" in lane["cmd"]
     assert "--page details" in lane["cmd"] and "--page raw --csv" in lane["cmd"]
+    assert "--layouts backend" in lane["cmd"]
     _, (lane,) = plan("decode-lab", 1, tmp_path, KVQ_LAB_CONFIGS="'' 'num_stages=3,num_warps=8'")
-    assert "--configs '' 'num_stages=3,num_warps=8'" in lane["cmd"]
+    assert "--configs '' 'num_stages=3,num_warps=8'" in lane["cmd"] and "--layouts backend " in lane["cmd"]
+    _, (lane,) = plan("decode-lab", 1, tmp_path, KVQ_LAB_LAYOUTS="backend v-channel-major")
+    assert "--layouts backend v-channel-major " in lane["cmd"]
     assert "--out benchmarks/results/decode-lab.json" in lane["cmd"]
     assert (REPO / "benchmarks" / "kernels" / "decode_lab.py").is_file()
 

@@ -3,11 +3,12 @@
 For tuning on the GPU machine without the vLLM bundle (a call costs seconds): the cache is
 allocated in the backend's own layout (``[num_blocks, num_kv_heads, block_size, 2 * head_size]``,
 K then V per token, as ``KVQuantAttentionBackend.get_kv_cache_shape`` says) and viewed as the
-backend views it; every config is checked against the PyTorch reference and timed as a CUDA graph
+backend views it, or in a candidate layout (``--layouts``, :data:`LAYOUTS`); every config is checked against the PyTorch reference and timed as a CUDA graph
 over rotating caches (median), beside a device-to-device copy measured in the same run.
 
     python -m benchmarks.kernels.decode_lab --configs "dot_in_fp16=0,asm_dequant_int8=0" "asm_num_stages=4"
     python -m benchmarks.kernels.decode_lab --ncu-config "" --shapes 64x16384   # one launch, for ncu
+    python -m benchmarks.kernels.decode_lab --layouts backend v-channel-major     # V pages transposed
 """
 
 from __future__ import annotations
@@ -30,33 +31,49 @@ SCALE = {"fp8_e4m3": (0.02, 0.015), "int8": (0.035, 0.03)}
 
 
 def parse_config(spec: str) -> DecodeKernelConfig:
-    kw: dict = {}
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        key, _, val = item.partition("=")
-        if key not in DecodeKernelConfig.__dataclass_fields__:
-            raise SystemExit(f"unknown config field {key!r}")
-        kw[key] = val.lower() in ("1", "true") if key in ("dot_in_fp16", "asm_dequant_fp8", "asm_dequant_int8") else int(val)
-    return DecodeKernelConfig(**kw)
+    try:
+        return DecodeKernelConfig.from_spec(spec)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
-def make_case(batch: int, context: int, kv_dtype: str, hq: int, hkv: int, d: int, bs: int, copies: int, seed: int = 0):
-    """Caches (backend layout, ``copies`` disjoint regions), shuffled block tables, queries."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+#: Cache layouts the lab can time: ``backend`` is the backend's own (per block and KV head, each
+#: token's K then V, ``[block_size, 2 * head_size]``); ``v-channel-major`` keeps K token-major but
+#: stores each page's V transposed (``[head_size, block_size]``: a channel's tokens contiguous), so
+#: that P @ V reads its reduction dimension (tokens) contiguously, as Q @ K^T reads K's channels.
+#: The kernel takes any strides; a layout that wins here is a candidate for the backend's.
+LAYOUTS = ("backend", "v-channel-major")
+
+
+def make_case(batch: int, context: int, kv_dtype: str, hq: int, hkv: int, d: int, bs: int, copies: int, seed: int = 0,
+              layout: str = "backend", device: str = "cuda"):  # fmt: skip
+    """Caches (``layout``, ``copies`` disjoint regions), shuffled block tables, queries. The
+    logical K/V values depend only on the seed, not on the layout."""
+    if layout not in LAYOUTS:
+        raise SystemExit(f"unknown cache layout {layout!r}; choose from {list(LAYOUTS)}")
+    g = torch.Generator(device=device).manual_seed(seed)
     pages = -(-context // bs)
     nb = batch * pages * copies + 1
-    raw = torch.randn(nb, hkv, bs, 2 * d, device="cuda", generator=g) * 60
+    raw = torch.randn(nb, hkv, bs, 2 * d, device=device, generator=g) * 60
     store = STORE[kv_dtype]
     raw = raw.clamp(-127, 127).round() if store == torch.int8 else raw.clamp(-448, 448)
-    kv = raw.to(store).view(torch.uint8)
+    if layout == "backend":
+        kv = raw.to(store).view(torch.uint8)
+        key = kv[..., :d].permute(0, 2, 1, 3)  # [num_blocks, block_size, num_kv_heads, d], the backend's views
+        value = kv[..., d:].permute(0, 2, 1, 3)
+    else:
+        kv = torch.empty(nb, hkv, 2, bs * d, dtype=store, device=device).view(torch.uint8)
+        kv[:, :, 0].view(store).copy_(raw[..., :d].reshape(nb, hkv, bs * d))
+        kv[:, :, 1].view(store).copy_(raw[..., d:].transpose(-1, -2).reshape(nb, hkv, d * bs))
+        key = kv[:, :, 0].view(nb, hkv, bs, d).permute(0, 2, 1, 3)
+        value = kv[:, :, 1].view(nb, hkv, d, bs).permute(0, 3, 1, 2)  # strides: token 1, channel bs
     del raw
-    key = kv[..., :d].permute(0, 2, 1, 3)  # [num_blocks, block_size, num_kv_heads, d], the backend's views
-    value = kv[..., d:].permute(0, 2, 1, 3)
     tables = [
-        (torch.randperm(batch * pages, device="cuda", generator=g) + 1 + c * batch * pages).view(batch, pages).int()
+        (torch.randperm(batch * pages, device=device, generator=g) + 1 + c * batch * pages).view(batch, pages).int()
         for c in range(copies)
     ]
-    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    queries = [torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(copies)]
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    queries = [torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(copies)]
     return key, value, tables, seq_lens, queries
 
 
@@ -65,13 +82,14 @@ def run(a: argparse.Namespace) -> dict:
     print(f"copy {copy_gbps:.0f} GB/s", flush=True)
     configs = [(spec, parse_config(spec)) for spec in a.configs]
     rows = []
-    for kv_dtype in a.kv_dtypes:
+    for kv_dtype, layout in ((k, lay) for k in a.kv_dtypes for lay in a.layouts):
         ks, vs = (torch.tensor([s], device="cuda") for s in SCALE[kv_dtype])
         for batch, context in a.shapes:
             kv_bytes = batch * context * a.num_kv_heads * a.head_size * 2
             copies = 1 if a.ncu_config else buffer_sets(kv_bytes, min_total=1 << 30, max_sets=8)
             key, value, tables, seq_lens, queries = make_case(
-                batch, context, kv_dtype, a.num_q_heads, a.num_kv_heads, a.head_size, a.block_size, copies
+                batch, context, kv_dtype, a.num_q_heads, a.num_kv_heads, a.head_size, a.block_size, copies,
+                layout=layout,
             )
             ref = None
             for spec, cfg in configs:
@@ -88,7 +106,7 @@ def run(a: argparse.Namespace) -> dict:
                     ref = paged_decode_attention_ref(queries[0][:n], layer.key_cache, layer.value_cache,
                                                      tables[0][:n], seq_lens[:n], ks, vs, kv_dtype).float()  # fmt: skip
                 err = (outs[0][: ref.shape[0]].float() - ref).abs().max().item()
-                row = dict(config=spec or "default", kv_dtype=kv_dtype, batch=batch, context=context,
+                row = dict(config=spec or "default", layout=layout, kv_dtype=kv_dtype, batch=batch, context=context,
                            splits=plans[0].num_splits, max_abs_err=err)  # fmt: skip
                 if not a.ncu_config:
                     us, mode = time_rotating(lambda c: layer.run(queries[c], outs[c], plans[c]), copies, True, 25, 200)
@@ -108,6 +126,7 @@ def main() -> None:
     p.add_argument("--ncu-config", default=None, help="one config, one untimed launch per shape (profile with ncu)")
     p.add_argument("--shapes", nargs="+", default=["1x32768", "8x32768", "64x4096", "64x16384", "128x8192"])
     p.add_argument("--kv-dtypes", nargs="+", default=["fp8_e4m3", "int8"])
+    p.add_argument("--layouts", nargs="+", default=["backend"], choices=LAYOUTS, help="cache layouts to time")
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
@@ -121,9 +140,9 @@ def main() -> None:
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
     if not a.ncu_config:
-        print(f"{'config':46s} {'kv':8s} {'shape':>10s} {'us':>8s} {'%copy':>6s} {'err':>8s}")
+        print(f"{'config':46s} {'layout':15s} {'kv':8s} {'shape':>10s} {'us':>8s} {'%copy':>6s} {'err':>8s}")
         for r in result["rows"]:
-            print(f"{r['config'][:46]:46s} {r['kv_dtype'][:8]:8s} {r['batch']:>4d}x{r['context']:<6d}"
+            print(f"{r['config'][:46]:46s} {r['layout']:15s} {r['kv_dtype'][:8]:8s} {r['batch']:>4d}x{r['context']:<6d}"
                   f"{r['us']:8.1f} {r['pct_copy']:6.1f} {r['max_abs_err']:8.4f}")  # fmt: skip
 
 
