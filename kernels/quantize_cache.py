@@ -229,9 +229,10 @@ def _as_3d(x: torch.Tensor, name: str, num_heads: int, head_size: int) -> torch.
     return x
 
 
-def _scale_and_stride(s: torch.Tensor, name: str, num_heads: int, head_size: int, device: torch.device):
-    """``(flat fp32 scale, head stride, per channel)``: head stride 0 for one shared scale."""
-    flat, granularity = flat_scale(s, name, num_heads, head_size, device)
+def _scale_and_stride(s: torch.Tensor, name: str, num_heads: int, head_size: int):
+    """``(flat fp32 scale, head stride, per channel)``: head stride 0 for one shared scale (the
+    scale's device was checked by :class:`PagedKVCache`)."""
+    flat, granularity = flat_scale(s, name, num_heads, head_size)
     return flat, (0 if granularity == PER_TENSOR else 1), granularity == PER_CHANNEL
 
 
@@ -249,8 +250,8 @@ class CacheWriter:
         block_size, num_heads, head_size = check_paged_caches(cache.key_cache, cache.value_cache)
         self.device = device = cache.device
         self.num_heads, self.head_size = num_heads, head_size
-        self.k_scale, ks_stride, k_channel = _scale_and_stride(cache.k_scale, "k_scale", num_heads, head_size, device)
-        self.v_scale, vs_stride, v_channel = _scale_and_stride(cache.v_scale, "v_scale", num_heads, head_size, device)
+        self.k_scale, ks_stride, k_channel = _scale_and_stride(cache.k_scale, "k_scale", num_heads, head_size)
+        self.v_scale, vs_stride, v_channel = _scale_and_stride(cache.v_scale, "v_scale", num_heads, head_size)
         kc, vc = self.key_cache, self.value_cache = cache.key_cache, cache.value_cache
         self.reference = device.type == "cpu" and not _interpret()
         if self.reference:

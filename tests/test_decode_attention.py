@@ -41,8 +41,8 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cache(case: dict) -> PagedKVCache:
-    """The case's caches and scales as the lean path takes them."""
+def paged(case: dict) -> PagedKVCache:
+    """A case's caches, scales and format as the lean paths take them (decode and prefill cases)."""
     return PagedKVCache(case["key_cache"], case["value_cache"], case["k_scale"], case["v_scale"], case["kv_dtype"])
 
 
@@ -427,7 +427,7 @@ def test_varlen_plan_serves_only_one_token_requests(kvd, splits):
     query = (torch.randn(rows, *case["query"].shape[1:], generator=g) * 2).to(case["query"].dtype)
     query = query.to(case["query"].device)
     out = torch.full_like(query, float("nan"))
-    layer = DecodeLayer(_cache(case), num_q_heads=query.shape[1], act_dtype=query.dtype, config=SMALL)
+    layer = DecodeLayer(paged(case), num_q_heads=query.shape[1], act_dtype=query.dtype, config=SMALL)
     plan = DecodePlan.build(len(lens), case["block_table"], case["seq_lens"], qsl, num_q_heads=query.shape[1],
                             num_kv_heads=2, head_size=64, max_num_splits=splits, config=SMALL)  # fmt: skip
     assert plan.varlen and plan.num_splits == splits
@@ -447,7 +447,7 @@ def test_layer_and_plan_are_reused_across_calls():
     """One layer object, one plan, many calls with new queries: results match fresh calls."""
     case = make_case(head_size=64, num_kv_heads=2, group=2, seq_lens=(40, 3, 77), seed=22)
     hq = case["query"].shape[1]
-    layer = DecodeLayer(_cache(case), num_q_heads=hq, act_dtype=case["query"].dtype, config=SMALL)
+    layer = DecodeLayer(paged(case), num_q_heads=hq, act_dtype=case["query"].dtype, config=SMALL)
     ws = alloc_decode_workspace(3, hq, 64, 4, device=case["query"].device)
     plans = [
         DecodePlan.build(3, case["block_table"], case["seq_lens"], None, num_q_heads=hq, num_kv_heads=2,
@@ -554,7 +554,7 @@ def test_gpu_direct_launch_matches_jit_launch(kvd):
     case["seq_lens"].copy_(torch.tensor([3000, 1, 17, 0, 2048, 999, 128, 2999], dtype=torch.int32))
     hq, hs = case["query"].shape[1:]
     layers = [
-        DecodeLayer(_cache(case), num_q_heads=hq, act_dtype=case["query"].dtype)
+        DecodeLayer(paged(case), num_q_heads=hq, act_dtype=case["query"].dtype)
         for _ in range(2)
     ]
     layers[1]._split.direct = layers[1]._reduce.direct = False  # always through Triton's JIT

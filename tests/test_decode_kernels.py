@@ -174,6 +174,11 @@ def test_plan_build_and_kernel_mismatch():
     q = torch.zeros(3, 4, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="a 'fa3' plan was built for the 'triton' kernel"):
         runner.run(q, None, plan, q)
+    plan.kernel = "triton"
+    kv = torch.zeros(4, 16, 2, 64, dtype=torch.uint8)
+    int8_cache = PagedKVCache(kv, kv, torch.ones(1), torch.ones(1), "int8")
+    with pytest.raises(ValueError, match="kvquant decode: a int8 cache given to a fp8_e4m3 runner"):
+        runner.run(q, int8_cache, plan, q)
 
 
 # ------------------------------------------------------------------ runners

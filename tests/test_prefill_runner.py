@@ -15,6 +15,7 @@ from __future__ import annotations
 import _triton_env  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is imported)
 import pytest
 import torch
+from test_decode_attention import paged
 from test_prefill_attention import TOL, make_case, reference
 
 from vllm_kvquant import prefill as prefill_mod
@@ -85,11 +86,6 @@ def _plan(case, all_rows, **kw):
         max_query_len=case["query"].shape[0] if all_rows else int(qlens.max()), all_rows=all_rows,
         num_decodes=NUM_DECODES, num_decode_tokens=int(qsl_cpu[NUM_DECODES]), **kw,
     )  # fmt: skip
-
-
-def paged(case: dict) -> PagedKVCache:
-    """The case's caches, scales and format as the runner takes them."""
-    return PagedKVCache(case["key_cache"], case["value_cache"], case["k_scale"], case["v_scale"], case["kv_dtype"])
 
 
 def _reference(case, **kw):

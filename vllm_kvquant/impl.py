@@ -29,19 +29,18 @@ from .validation import check_supported
 class LayerKernels:
     """One layer's launchers over one cache tensor and one set of scales (built once)."""
 
-    __slots__ = ("kv_cache", "state", "k_scale", "v_scale", "cache", "writer", "decode")
+    __slots__ = ("kv_cache", "state", "cache", "writer", "decode")
 
     def __init__(self, impl: "KVQuantAttentionImpl", kv_cache: torch.Tensor, state: LayerQuantState) -> None:
         self.kv_cache, self.state = kv_cache, state
-        self.k_scale, self.v_scale = state.k_scale, state.v_scale
         key_cache, value_cache = compat.split_kv_cache(kv_cache, impl.head_size)
         self.cache = PagedKVCache(key_cache, value_cache, state.k_scale, state.v_scale, state.kv_dtype)
         self.writer = CacheWriter(self.cache)
         self.decode: DecodeLayer | None = None  # made at the first decode (needs the query dtype)
 
     def current(self, kv_cache: torch.Tensor, state: LayerQuantState | None) -> bool:
-        s = self.state
-        return kv_cache is self.kv_cache and state is s and s.k_scale is self.k_scale and s.v_scale is self.v_scale
+        s, c = self.state, self.cache  # the cache holds the scale tensors it was made with
+        return kv_cache is self.kv_cache and state is s and s.k_scale is c.k_scale and s.v_scale is c.v_scale
 
     def decode_layer(self, impl: "KVQuantAttentionImpl", act_dtype: torch.dtype) -> DecodeLayer:
         self.decode = DecodeLayer(
