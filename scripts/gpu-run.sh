@@ -106,12 +106,14 @@ JIT_TESTS="tests/test_jit_warmup_gpu.py"
 case $stage in
 check)
   # The engine lanes start first: they hold the longest chain (calibrate, then engines or a server).
-  pytest_lane engines 560 KVQUANT_FAIL_ON_SKIP=1 "$ENGINE_TESTS"
-  pytest_lane serve 560 KVQUANT_FAIL_ON_SKIP=1 "$SERVE_TESTS"
-  pytest_lane jit 560 KVQUANT_FAIL_ON_SKIP=1 "$JIT_TESTS"
-  pytest_lane kernels-a 560 "" "-m gpu $KERNEL_TESTS_A ${KVQ_EXTRA_TESTS:-}"
-  pytest_lane kernels-b 560 "" "-m gpu $KERNEL_TESTS_B"
-  pytest_lane kernels-c 560 "" "-m gpu $KERNEL_TESTS_C"
+  # KVQ_CHECK_LIMIT: seconds per lane (default 560; less when setup.sh runs in the same call).
+  lim=${KVQ_CHECK_LIMIT:-560}
+  pytest_lane engines $lim KVQUANT_FAIL_ON_SKIP=1 "$ENGINE_TESTS"
+  pytest_lane serve $lim KVQUANT_FAIL_ON_SKIP=1 "$SERVE_TESTS"
+  pytest_lane jit $lim KVQUANT_FAIL_ON_SKIP=1 "$JIT_TESTS"
+  pytest_lane kernels-a $lim "" "-m gpu $KERNEL_TESTS_A ${KVQ_EXTRA_TESTS:-}"
+  pytest_lane kernels-b $lim "" "-m gpu $KERNEL_TESTS_B"
+  pytest_lane kernels-c $lim "" "-m gpu $KERNEL_TESTS_C"
   ;;
 bench)
   lane bench 560 "python3 -m benchmarks.kernels.host_overhead; python3 -m benchmarks.kernels.prefill; \
