@@ -37,7 +37,7 @@
 #               python3 -m benchmarks.serving.merge_throughput benchmarks/results/throughput-part-?-1024x512.json
 #   profile     benchmarks/serving/profile_step.py --compile: kvquant-fp8 and vllm-fp8-flash, 160 engine
 #               steps of the 1024x512 workload each under torch.profiler (KVQ_PROFILE_ARGS extra flags);
-#               writes benchmarks/results/profile-<device>.json
+#               writes benchmarks/results/profile-<device>.json; KVQ_PROFILE_BUDGET seconds (default 540)
 #   ncu         kernel-only (no bundle): Nsight Compute on one launch of our decode split kernel per
 #               format (KVQ_LAB_SHAPES, default 64x16384; KVQ_NCU_CONFIG overrides; KVQ_LAB_LAYOUT one cache
 #               layout of decode_lab's LAYOUTS, default backend), full section set;
@@ -157,8 +157,10 @@ throughput)
   done
   ;;
 profile)
-  lane profile 570 "python3 -m benchmarks.serving.profile_step --compile --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} \
-    --time-budget 540 --child-timeout 330 ${KVQ_PROFILE_ARGS:-}"
+  # KVQ_PROFILE_BUDGET: seconds for both engines (default 540; less when setup.sh runs in the same call).
+  budget=${KVQ_PROFILE_BUDGET:-540}
+  lane profile $((budget + 30)) "python3 -m benchmarks.serving.profile_step --compile --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} \
+    --time-budget $budget --child-timeout $((budget * 11 / 18)) ${KVQ_PROFILE_ARGS:-}"
   ;;
 ncu|decode-lab)
   # Kernel-only, no bundle (the image has torch, Triton and ncu): the source tree laid out as the
