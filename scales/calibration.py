@@ -176,7 +176,8 @@ class AmaxRecorder:
             )
         if not abs_k.shape[0]:
             return torch.zeros(abs_k.shape[1:])
-        paired = torch.tensor(partners) != torch.arange(len(partners))
+        # On K's device: the backend records CUDA tensors while it calibrates.
+        paired = torch.tensor(partners, device=abs_k.device) != torch.arange(len(partners), device=abs_k.device)
         other = abs_k[..., partners]
         norm = torch.where(paired, torch.sqrt(abs_k * abs_k + other * other), abs_k)
         return norm.amax(dim=0).cpu()

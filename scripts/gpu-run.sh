@@ -84,7 +84,7 @@ lane() {
 # Two kernel lanes: most of their time is Triton / FlashInfer compiling on the host (16 cores).
 KERNEL_TESTS_A="tests/test_quantize_cache.py tests/test_decode_attention.py tests/test_prefill_attention.py"
 KERNEL_TESTS_B="tests/test_prefill_runner.py tests/test_prefill_workspace.py"
-KERNEL_TESTS_C="tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests/test_online_scales.py"
+KERNEL_TESTS_C="tests/test_decode_kernels_gpu.py tests/test_full_graphs.py tests/test_online_scales.py tests/test_scales_calibration.py"
 ENGINE_TESTS="tests/test_backend_gpu.py"
 SERVE_TESTS="tests/test_serve.py tests/test_serve_bad_input.py"
 TMP_ROOT=/tmp/kvq-pytest

@@ -203,3 +203,19 @@ def test_k_pair_norms_bound_every_rotation_and_set_per_channel_k_scales() -> Non
     assert head.k_scale == pytest.approx([4 / 127])  # per head: the plain amax, as before
     with pytest.raises(ScalesError, match="RoPE pairing covers 4 channels"):
         rec.record(NAMES[1], torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
+
+
+@pytest.mark.gpu
+def test_k_pair_norms_of_cuda_tensors() -> None:
+    """The backend records CUDA K/V while calibrating: the pair norms must match the CPU result."""
+    from vllm_kvquant.scales.calibration import rope_partners
+
+    partners = rope_partners(8, {"rotary_dim": 8, "neox": True})
+    g = torch.Generator().manual_seed(0)
+    key, value = torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g)
+    on_cpu, on_gpu = AmaxRecorder(k_partners=partners), AmaxRecorder(k_partners=partners)
+    on_cpu.record(NAMES[0], key, value)
+    on_gpu.record(NAMES[0], key.cuda(), value.cuda())
+    for want, got in zip(on_cpu.stats()[NAMES[0]], on_gpu.stats()[NAMES[0]]):
+        assert got.device.type == "cpu"
+        torch.testing.assert_close(got, want)
