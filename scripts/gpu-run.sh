@@ -157,7 +157,8 @@ throughput)
   done
   ;;
 profile)
-  # KVQ_PROFILE_BUDGET: seconds for both engines (default 540; less when setup.sh runs in the same call).
+  # KVQ_PROFILE_BUDGET: seconds for both engines (default 540; less when setup.sh runs in the same call);
+  # one engine child may take 11/18 of it (330 s of 540), so a hung first engine leaves the second time.
   budget=${KVQ_PROFILE_BUDGET:-540}
   lane profile $((budget + 30)) "python3 -m benchmarks.serving.profile_step --compile --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} \
     --time-budget $budget --child-timeout $((budget * 11 / 18)) ${KVQ_PROFILE_ARGS:-}"
