@@ -48,18 +48,25 @@ class Setup:
 def make_setup(
     *, num_heads=4, num_kv_heads=2, head_size=64, block_size=16, num_blocks=64, max_blocks=8, max_num_seqs=8,
     kv_dtype="int8", per_head=True, device="cpu", sliding_window=None, logits_soft_cap=None, options=None,
+    cudagraph_mode=None,
 ) -> Setup:  # fmt: skip
-    """``options``: the ``kvquant`` entry of vLLM's ``additional_config``."""
+    """``options``: the ``kvquant`` entry of vLLM's ``additional_config``; ``cudagraph_mode``: the
+    engine's (a ``CUDAGraphMode`` name; None: unknown, which the builder treats as FULL)."""
     from vllm_kvquant.backend import KVQuantAttentionBackend
 
     device = torch.device(device)
+    mode = None
+    if cudagraph_mode is not None:
+        from vllm.config import CUDAGraphMode
+
+        mode = CUDAGraphMode[cudagraph_mode]
     n = num_kv_heads if per_head else 1
     qmax = 127.0 if kv_dtype == "int8" else 448.0
     k_scale = torch.linspace(3.0, 4.0, n, dtype=torch.float32, device=device) / qmax
     v_scale = torch.linspace(3.5, 4.5, n, dtype=torch.float32, device=device) / qmax
     layer = FakeAttention(num_heads, LayerQuantState(KVQuantDType(kv_dtype), k_scale, v_scale, "test"))
     vllm_config = SimpleNamespace(
-        compilation_config=SimpleNamespace(static_forward_context={LAYER: layer}, cudagraph_mode=None),
+        compilation_config=SimpleNamespace(static_forward_context={LAYER: layer}, cudagraph_mode=mode),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         model_config=SimpleNamespace(dtype=torch.bfloat16, max_model_len=max_blocks * block_size),
         parallel_config=None, additional_config={"kvquant": options} if options else {},

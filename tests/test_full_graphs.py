@@ -17,6 +17,8 @@ rounding of a different split count / tile size between the two plans).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import _triton_env  # noqa: F401  (sets TRITON_INTERPRET=1 before triton is imported)
 import pytest
 import torch
@@ -46,7 +48,8 @@ def path(request, monkeypatch):
 
 
 def _capture_batch(num_tokens: int) -> tuple[list[int], list[int]]:
-    """vLLM's capture dummy batch (gpu_model_runner._dummy_run, mixed mode)."""
+    """vLLM's capture dummy batch (gpu_model_runner._dummy_run, mixed mode; 0.26's
+    vllm/v1/worker/gpu InputBatch.make_dummy spreads the tokens the same way)."""
     num_reqs = min(num_tokens, MAX_REQS)
     lens = [num_tokens // num_reqs] * num_reqs
     lens[-1] += num_tokens % num_reqs
@@ -143,9 +146,51 @@ def test_step_counts_tell_full_graph_replays_of_mixed_steps(monkeypatch):
     assert step_counts() == after  # counting twice changes nothing
 
 
-def test_uniform_decode_capture_plans_no_prefill(path):
-    """FULL_AND_PIECEWISE decode graphs (max_query_len 1) replay one-token batches only."""
-    setup = make_setup(max_num_seqs=MAX_REQS)
+@pytest.mark.parametrize("capture_tokens", [2, 8])
+def test_one_token_capture_under_full_mode_replays_mixed_batches(path, capture_tokens):
+    """0.26's model runner (vllm/v1/worker/gpu) captures a FULL-mode graph of N <= max_num_seqs
+    tokens on N one-token requests and reports that batch's own max_query_len, 1: the graph
+    still serves mixed batches, so its metadata must plan the prefill kernel too (without it,
+    prefill rows of replayed mixed steps got no attention: 0 of 7 greedy outputs matched eager
+    on an H100)."""
+    setup = make_setup(kv_dtype="int8", max_num_seqs=MAX_REQS, num_blocks=160, cudagraph_mode="FULL")
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    lens, ctx = [1] * capture_tokens, [0] * capture_tokens
+    md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, lens, ctx, max_query_len=1))
+    assert md.prefill is not None and md.prefill.all_rows and md.prefill.max_query_len == capture_tokens
+    # (query_lens, context_lens) that fit the graph: a prefill over context, mixed, out of order.
+    batches = {2: [([2], [5]), ([1, 1], [9, 3])],
+               8: [([1, 1, 1, 5], [20, 0, 37, 0]), ([3, 1, 2, 1], [9, 30, 0, 0]), ([8], [23])]}  # fmt: skip
+    for query_lens, context_lens in batches[capture_tokens]:
+        out, ref = _replay(setup, bufs, md, capture_tokens, query_lens, context_lens)
+        n = sum(query_lens)
+        torch.testing.assert_close(out[:n].float(), ref.float(), **TOL)
+
+
+def test_full_graphs_replay_mixed_batches_by_mode():
+    from vllm.config import CUDAGraphMode
+
+    from vllm_kvquant.compat import full_graphs_replay_mixed_batches
+
+    def config(mode):
+        return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=mode))
+
+    expected = {"FULL": True, "FULL_AND_PIECEWISE": False, "FULL_DECODE_ONLY": False, "PIECEWISE": False, "NONE": False}
+    assert {name: full_graphs_replay_mixed_batches(config(CUDAGraphMode[name])) for name in expected} == expected
+    assert full_graphs_replay_mixed_batches(config(None)) and full_graphs_replay_mixed_batches(SimpleNamespace())
+
+
+@pytest.mark.parametrize("cudagraph_mode", ["FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "FULL"])
+def test_uniform_decode_capture_plans_no_prefill(path, cudagraph_mode):
+    """Decode graphs (max_query_len 1) of FULL_AND_PIECEWISE / FULL_DECODE_ONLY replay
+    one-token batches only: no prefill plan. Under FULL only the one-token graph has none."""
+    if cudagraph_mode == "FULL":
+        setup = make_setup(max_num_seqs=MAX_REQS, cudagraph_mode=cudagraph_mode)
+        bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+        md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, [1], [0], max_query_len=1))
+        assert md.prefill is None and md.decode[setup.num_heads].varlen
+        return
+    setup = make_setup(max_num_seqs=MAX_REQS, cudagraph_mode=cudagraph_mode)
     bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
     m = bufs.fill(setup, [1] * 4, [0] * 4, max_query_len=1)
     md = setup.builder.build_for_cudagraph_capture(m)
@@ -165,7 +210,6 @@ def test_sliding_window_and_soft_cap_in_graph_mode(path):
 
 def test_declared_cuda_graph_support_follows_the_decode_kernel():
     """ALWAYS with our kernels (auto = triton); fa3 / flashinfer plan only the leading decodes."""
-    from types import SimpleNamespace
 
     from vllm.v1.attention.backend import AttentionCGSupport
 
@@ -190,13 +234,17 @@ def test_fa3_decode_kernel_is_refused_at_startup_on_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("capture", ["24-tokens", "8-one-token-requests"])
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
-def test_gpu_cuda_graph_capture_and_replay(kv_dtype):
-    """A real CUDA graph of write + attention, captured on a dummy batch, replayed on mixes."""
-    setup = make_setup(kv_dtype=kv_dtype, max_num_seqs=MAX_REQS, num_blocks=160, device="cuda")
+def test_gpu_cuda_graph_capture_and_replay(kv_dtype, capture):
+    """A real CUDA graph of write + attention, captured on a dummy batch, replayed on mixes.
+    ``8-one-token-requests``: 0.26's FULL-mode capture of N <= max_num_seqs tokens (N requests
+    of one token, max_query_len 1)."""
+    setup = make_setup(kv_dtype=kv_dtype, max_num_seqs=MAX_REQS, num_blocks=160, device="cuda", cudagraph_mode="FULL")
     bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
-    tokens = 24
-    md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, *_capture_batch(tokens), max_query_len=tokens))
+    tokens = 24 if capture == "24-tokens" else 8
+    lens, ctx = _capture_batch(tokens)
+    md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, lens, ctx, max_query_len=max(lens)))
     q_buf, k_buf, v_buf = step_inputs(setup, tokens)
     out_buf = torch.empty_like(q_buf)
 
@@ -221,6 +269,23 @@ def test_gpu_cuda_graph_capture_and_replay(kv_dtype):
         out.copy_(out_buf)
 
     for query_lens, context_lens in [*BATCHES.values(), ([3, 1, 2, 1], [9, 30, 0, 0])]:
+        if sum(query_lens) > tokens:
+            continue
         out, ref = _replay(setup, bufs, md, tokens, query_lens, context_lens, run=replay)
         n = sum(query_lens)
         torch.testing.assert_close(out[:n].float(), ref.float(), **TOL)
+
+
+def test_debug_script_engines_and_pairs(tmp_path):
+    """scripts/debug_full_graphs.py (GPU diagnosis): every pair names engines it defines."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "debug_full_graphs.py"
+    spec = importlib.util.spec_from_file_location("debug_full_graphs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    specs = module.specs(tmp_path)
+    assert {name for pair in module.PAIRS for name in pair} <= set(specs)
+    assert specs["kvq-full"]["compilation_config"]["cudagraph_mode"] == "FULL"
+    assert specs["kvq-eager"]["enforce_eager"] and specs["fa-full"]["attention_backend"] == "FLASH_ATTN"

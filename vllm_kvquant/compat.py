@@ -174,6 +174,21 @@ def split_decodes_and_prefills(common_attn_metadata: Any) -> tuple[int, int, int
     return split(common_attn_metadata, decode_threshold=1)
 
 
+def full_graphs_replay_mixed_batches(vllm_config: Any) -> bool:
+    """Whether vLLM may replay one full CUDA graph for a batch that mixes prefills and decodes:
+    ``cudagraph_mode`` FULL (one routine for every batch). FULL_AND_PIECEWISE and
+    FULL_DECODE_ONLY replay full graphs for uniform decode batches only. Unknown: True (safe).
+
+    The capture batch alone does not tell: 0.26's model runner (``vllm/v1/worker/gpu``)
+    captures a mixed graph of N tokens on min(N, max_num_seqs) requests with the dummy batch's
+    own ``max_query_len``, which is 1 when N <= max_num_seqs, exactly like a decode graph."""
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if mode is None:
+        return True
+    mixed = mode.mixed_mode() if hasattr(mode, "mixed_mode") else mode
+    return getattr(mixed, "name", str(mixed)) == "FULL"
+
+
 def additional_config(vllm_config: Any) -> dict:
     extra = getattr(vllm_config, "additional_config", None)
     return dict(extra or {})

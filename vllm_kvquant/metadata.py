@@ -16,6 +16,9 @@ Two kinds of build:
   every padded request with grids from upper bounds (``num_reqs``, ``num_actual_tokens``):
   the decode kernel serves requests with one new token, the prefill kernel those with more;
   each reads its lengths on the device and padding requests (no new tokens) do nothing.
+  Only graphs that vLLM replays for uniform decode batches alone (FULL_AND_PIECEWISE,
+  FULL_DECODE_ONLY, or one token) leave the prefill plan out; under FULL every graph has it,
+  whatever the capture batch looks like.
 """
 
 from __future__ import annotations
@@ -245,7 +248,11 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         elif graph_safe:
             # Upper bounds only: the replayed batch may mix decodes and prefills in any way.
             metadata.decode = self._decode_plans(m.num_reqs, m)
-            if m.max_query_len > 1:  # else a uniform-decode graph: replayed for one-token requests only
+            # A capture's max_query_len of 1 does not make a decode-only graph: under FULL, vLLM
+            # captures mixed graphs on one-token dummy requests too (compat doc). A graph of one
+            # token serves one request of one token: the decode kernel's.
+            mixed = m.num_actual_tokens > 1 and compat.full_graphs_replay_mixed_batches(self.vllm_config)
+            if m.max_query_len > 1 or mixed:
                 metadata.prefill = PrefillPlan.build(
                     m.query_start_loc, m.seq_lens, m.block_table_tensor,
                     num_tokens=m.num_actual_tokens, max_query_len=m.num_actual_tokens, all_rows=True,
