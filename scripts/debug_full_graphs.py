@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_backend_gpu import _agreement, _engine, run_engine  # noqa: E402
+from test_backend_gpu import _agreement, _engine, run_engines  # noqa: E402
 
 FULL = {"mode": 0, "cudagraph_mode": "FULL"}
 
@@ -54,9 +53,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     all_specs = specs(model)
     names = sys.argv[3:] or list(all_specs)
-    with ThreadPoolExecutor(len(names)) as pool:
-        futs = {n: pool.submit(run_engine, all_specs[n], out / f"{n}.json") for n in names}
-        runs = {n: f.result() for n, f in futs.items()}
+    runs = run_engines({n: all_specs[n] for n in names}, out)
     for n, r in runs.items():
         if "error" in r:
             print("ERROR", n, r["error"], r["log"][-3000:])

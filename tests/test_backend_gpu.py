@@ -97,15 +97,20 @@ def run_engine(engine: dict, out: Path, timeout: float = 480) -> dict:
     return result
 
 
+def run_engines(specs: dict[str, dict], root: Path, workers: int | None = None) -> dict[str, dict]:
+    """Every engine of ``specs`` by :func:`run_engine`, ``workers`` at a time (default: all),
+    each writing ``root/NAME.json``; results by name."""
+    with ThreadPoolExecutor(max(1, len(specs) if workers is None else workers)) as pool:
+        futures = {name: pool.submit(run_engine, spec, root / f"{name}.json") for name, spec in specs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 @pytest.fixture(scope="module")
 def runs(calibrated_tiny_model, tmp_path_factory) -> dict[str, dict]:
     model_dir = calibrated_tiny_model[0]  # its default sidecar: int8 per head; dtype fp8_e4m3 converts it
-    root = tmp_path_factory.mktemp("engines")
     specs = engine_specs(model_dir)
     workers = int(os.environ.get("KVQ_GPU_TEST_PARALLEL", str(len(specs))))
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {name: pool.submit(run_engine, spec, root / f"{name}.json") for name, spec in specs.items()}
-        return {name: f.result() for name, f in futures.items()}
+    return run_engines(specs, tmp_path_factory.mktemp("engines"), workers)
 
 
 def _get(runs: dict, name: str) -> dict:

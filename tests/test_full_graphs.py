@@ -180,16 +180,18 @@ def test_full_graphs_replay_mixed_batches_by_mode():
     assert full_graphs_replay_mixed_batches(config(None)) and full_graphs_replay_mixed_batches(SimpleNamespace())
 
 
-@pytest.mark.parametrize("cudagraph_mode", ["FULL_AND_PIECEWISE", "FULL_DECODE_ONLY", "FULL"])
+def test_one_token_graph_under_full_mode_plans_no_prefill():
+    """Under FULL a graph of one token serves one request of one token: decode kernel only."""
+    setup = make_setup(max_num_seqs=MAX_REQS, cudagraph_mode="FULL")
+    bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
+    md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, [1], [0], max_query_len=1))
+    assert md.prefill is None and md.decode[setup.num_heads].varlen
+
+
+@pytest.mark.parametrize("cudagraph_mode", ["FULL_AND_PIECEWISE", "FULL_DECODE_ONLY"])
 def test_uniform_decode_capture_plans_no_prefill(path, cudagraph_mode):
     """Decode graphs (max_query_len 1) of FULL_AND_PIECEWISE / FULL_DECODE_ONLY replay
-    one-token batches only: no prefill plan. Under FULL only the one-token graph has none."""
-    if cudagraph_mode == "FULL":
-        setup = make_setup(max_num_seqs=MAX_REQS, cudagraph_mode=cudagraph_mode)
-        bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
-        md = setup.builder.build_for_cudagraph_capture(bufs.fill(setup, [1], [0], max_query_len=1))
-        assert md.prefill is None and md.decode[setup.num_heads].varlen
-        return
+    one-token batches only: no prefill plan."""
     setup = make_setup(max_num_seqs=MAX_REQS, cudagraph_mode=cudagraph_mode)
     bufs = Buffers.alloc(setup, MAX_REQS, MAX_TOKENS)
     m = bufs.fill(setup, [1] * 4, [0] * 4, max_query_len=1)
