@@ -19,9 +19,13 @@
 #               benchmarks/kernels/decode.py (~2.5 min with FlashInfer's JIT; carry .gpu/fi)
 #   accuracy    benchmarks/accuracy/run.py (--time-budget, default 390 s; carry .benchdata)
 #   serve-load  benchmarks/serving/serve_load.py for KVQ_SERVE_CONFIGS (default kvquant-fp8; the
-#               second call: KVQ_SERVE_CONFIGS=vllm-fp8), KVQ_SERVE_ARGS extra flags; writes
-#               benchmarks/results/serve-load-<device>-<configs>.json. Merge the parts anywhere:
-#               python3 -m benchmarks.serving.serve_load --merge A.json B.json --out benchmarks/results/serve-load-nvidia-h200.json
+#               second call: KVQ_SERVE_CONFIGS=vllm-fp8), KVQ_SERVE_ARGS extra flags. KVQ_SERVE_PHASE:
+#               load (default: server, grid, checks; --no-trained-check), trained (the trained tiny
+#               model's phase only, e.g. KVQ_SERVE_CONFIGS=kvquant-fp8,vllm-fp8 in a third call) or
+#               all (both: does not fit one call for Llama-3-8B shapes). Writes
+#               benchmarks/results/serve-load-<device>-<configs>[-trained].json; the server logs come
+#               back under logs/tmp/serve-load. Merge the parts anywhere:
+#               python3 -m benchmarks.serving.serve_load --merge A.json B.json C.json --out benchmarks/results/serve-load-nvidia-h200.json
 #   throughput  benchmarks/serving/throughput.py --compile --repeats 3, one workload (KVQ_WORKLOAD 1024x512,
 #               256 requests, or 7424x512, 48), one part per call (KVQ_THR_PART, default a; on N GPUs the
 #               first N parts, one per GPU: parts never share a GPU); each part <= 3 engines (~1 min start
@@ -33,11 +37,15 @@
 #                           d: kvquant-fp8 kvquant-fp8 vllm-fp8-flash (two engine starts of one config)
 #                 7424x512  a: vllm-fp8-flash kvquant-fp8   b: vllm-fp8-flash kvquant-int8
 #                           c: vllm-bf16 vllm-int8-per-token-head (two engines a call: ~35 s a run)
+#               KVQ_THR_ARGS extra flags (e.g. the serving steady state: KVQ_WORKLOAD=1024x256 KVQ_REQUESTS=512
+#               KVQ_THR_ARGS="--max-num-seqs 64 --max-num-batched-tokens 8192");
 #               writes benchmarks/results/throughput-part-P-WL.json; merge the parts anywhere:
 #               python3 -m benchmarks.serving.merge_throughput benchmarks/results/throughput-part-?-1024x512.json
 #   profile     benchmarks/serving/profile_step.py --compile: kvquant-fp8 and vllm-fp8-flash, 160 engine
 #               steps of the 1024x512 workload each under torch.profiler (KVQ_PROFILE_ARGS extra flags);
-#               writes benchmarks/results/profile-<device>.json; KVQ_PROFILE_BUDGET seconds (default 540)
+#               writes benchmarks/results/profile-<device>.json; KVQ_PROFILE_BUDGET seconds (default 540);
+#               KVQ_PROFILE_WORKLOAD=serve64: serving's steady state at 64 requests instead (see below)
+#   (throughput and profile engines get 28 GiB of GPU memory, the fraction computed per card; KVQ_GPU_MEM)
 #   ncu         kernel-only (no bundle): Nsight Compute on one launch of our decode split kernel per
 #               format (KVQ_LAB_SHAPES, default 64x16384; KVQ_NCU_CONFIG overrides; KVQ_LAB_LAYOUT one cache
 #               layout of decode_lab's LAYOUTS, default backend), full section set;
@@ -103,6 +111,14 @@ pytest_lane() {
 # calibrate then engine starts would add minutes to the serve lane's).
 JIT_TESTS="tests/test_jit_warmup_gpu.py"
 
+# GPU memory for throughput / profile engines: 28 GiB (0.2 of an H200; 0.2 of an H100 does not hold
+# Llama-3-8B's weights, so the same fraction cannot serve both cards). KVQ_GPU_MEM overrides.
+gpu_mem() {
+  if [ -n "${KVQ_GPU_MEM:-}" ]; then echo "$KVQ_GPU_MEM"; return; fi
+  if [ "${KVQ_DRY_RUN:-0}" = 1 ]; then echo 0.2; return; fi
+  python3 -c "import torch; print(round(28 * 2**30 / torch.cuda.get_device_properties(0).total_memory, 3))"
+}
+
 case $stage in
 check)
   # The engine lanes start first: they hold the longest chain (calibrate, then engines or a server).
@@ -125,8 +141,15 @@ accuracy)
 serve-load)
   configs=${KVQ_SERVE_CONFIGS:-kvquant-fp8}
   slug=${KVQ_DEVICE_SLUG:-$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")}
-  lane "serve-load-${configs//,/+}" 575 "python3 -m benchmarks.serving.serve_load --configs $configs \
-      --time-budget ${KVQ_SERVE_BUDGET:-540} --out benchmarks/results/serve-load-$slug-${configs//,/+}.json ${KVQ_SERVE_ARGS:-}"
+  case ${KVQ_SERVE_PHASE:-load} in
+  load) phase_args=--no-trained-check suffix= ;;
+  trained) phase_args=--trained-only suffix=-trained ;;
+  all) phase_args= suffix= ;;
+  *) echo "KVQ_SERVE_PHASE must be load, trained or all, got '$KVQ_SERVE_PHASE'" >&2; exit 2 ;;
+  esac
+  lane "serve-load-${configs//,/+}$suffix" 575 "python3 -m benchmarks.serving.serve_load --configs $configs $phase_args \
+      --workdir $TMP_ROOT/serve-load --time-budget ${KVQ_SERVE_BUDGET:-540} \
+      --out benchmarks/results/serve-load-$slug-${configs//,/+}$suffix.json ${KVQ_SERVE_ARGS:-}"
   ;;
 throughput)
   wl=${KVQ_WORKLOAD:-1024x512}
@@ -148,7 +171,7 @@ throughput)
   want=${KVQ_THR_PART:-$(echo $parts | cut -d' ' -f1-"$NGPU")}
   [ "$(echo ${want//,/ } | wc -w)" -le "$NGPU" ] || { echo "throughput parts '$want' need one GPU each, $NGPU visible" >&2; exit 2; }
   common="--compile --repeats ${KVQ_REPEATS:-3} --input-len ${wl%x*} --output-len ${wl#*x} --num-requests $n \
-    --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} --time-budget 540 --child-timeout 300"
+    --gpu-memory-utilization $(gpu_mem) --time-budget 540 --child-timeout 300 ${KVQ_THR_ARGS:-}"
   for part in ${want//,/ }; do
     configs=$(thr_configs "$part")
     [ -n "$configs" ] || { echo "no throughput part $part for $wl (parts: $parts)" >&2; exit 2; }
@@ -159,9 +182,21 @@ throughput)
 profile)
   # KVQ_PROFILE_BUDGET: seconds for both engines (default 540; less when setup.sh runs in the same call);
   # one engine child may take 11/18 of it (330 s of 540), so a hung first engine leaves the second time.
+  # KVQ_PROFILE_WORKLOAD: throughput (default: the 1024x512 workload, 256 requests at once) or
+  # serve64, the steady state of `vllm serve` at max concurrency 64 (serve-load's first grid point):
+  # 64 running, each finished request replaced by a new 1024-token prompt, vLLM serve's token budget
+  # of 8192, steps recorded after the start-up ramp; writes profile-<device>-serve64.json.
   budget=${KVQ_PROFILE_BUDGET:-540}
-  lane profile $((budget + 30)) "python3 -m benchmarks.serving.profile_step --compile --gpu-memory-utilization ${KVQ_GPU_MEM:-0.2} \
-    --time-budget $budget --child-timeout $((budget * 11 / 18)) ${KVQ_PROFILE_ARGS:-}"
+  case ${KVQ_PROFILE_WORKLOAD:-throughput} in
+  throughput) workload_args= ;;
+  serve64)
+    slug=${KVQ_DEVICE_SLUG:-$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")}
+    workload_args="--max-num-seqs 64 --max-num-batched-tokens 8192 --num-requests 512 --input-len 1024 \
+      --output-len 256 --delay-iterations 400 --out benchmarks/results/profile-$slug-serve64.json" ;;
+  *) echo "KVQ_PROFILE_WORKLOAD must be throughput or serve64, got '$KVQ_PROFILE_WORKLOAD'" >&2; exit 2 ;;
+  esac
+  lane profile $((budget + 30)) "python3 -m benchmarks.serving.profile_step --compile --gpu-memory-utilization $(gpu_mem) \
+    --time-budget $budget --child-timeout $((budget * 11 / 18)) $workload_args ${KVQ_PROFILE_ARGS:-}"
   ;;
 ncu|decode-lab)
   # Kernel-only, no bundle (the image has torch, Triton and ncu): the source tree laid out as the

@@ -63,6 +63,17 @@ def test_other_stages_use_one_lane_on_one_gpu(stage, tmp_path) -> None:
 def test_serve_load_parts(tmp_path) -> None:
     _, (lane,) = plan("serve-load", 1, tmp_path, KVQ_SERVE_CONFIGS="vllm-fp8")
     assert "--configs vllm-fp8" in lane["cmd"] and "serve-load-nvidia-h200-vllm-fp8.json" in lane["cmd"]
+    # The grid fills a call: the trained-model phase is a call of its own, for both configs.
+    assert "--no-trained-check" in lane["cmd"] and "--trained-only" not in lane["cmd"]
+    # The servers' logs land in the pytest temp root, whose *.log files come back.
+    assert "--workdir /tmp/kvq-pytest/serve-load" in lane["cmd"]
+    _, (lane,) = plan("serve-load", 1, tmp_path, KVQ_SERVE_CONFIGS="kvquant-fp8,vllm-fp8", KVQ_SERVE_PHASE="trained")
+    assert lane["name"] == "serve-load-kvquant-fp8+vllm-fp8-trained"
+    assert "--trained-only" in lane["cmd"] and "serve-load-nvidia-h200-kvquant-fp8+vllm-fp8-trained.json" in lane["cmd"]
+    _, (lane,) = plan("serve-load", 1, tmp_path, KVQ_SERVE_PHASE="all")
+    assert "--no-trained-check" not in lane["cmd"] and "--trained-only" not in lane["cmd"]
+    rc, lanes = plan("serve-load", 1, tmp_path, KVQ_SERVE_PHASE="grid")
+    assert rc == 2 and not lanes
 
 
 def _configs(cmd: str) -> list[str]:
@@ -110,6 +121,27 @@ def test_throughput_parts_never_share_a_gpu(tmp_path) -> None:
     assert rc == 2 and not lanes
     rc, lanes = plan("throughput", 1, tmp_path, KVQ_WORKLOAD="7424x512", KVQ_THR_PART="d")
     assert rc == 2 and not lanes
+
+
+def test_profile_serving_steady_state(tmp_path) -> None:
+    """serve64: the engine as `vllm serve` runs it at 64 concurrent requests (serve-load's first point)."""
+    _, (lane,) = plan("profile", 1, tmp_path, KVQ_PROFILE_WORKLOAD="serve64")
+    for flag in ("--max-num-seqs 64", "--max-num-batched-tokens 8192", "--input-len 1024", "--output-len 256",
+                 "--out benchmarks/results/profile-nvidia-h200-serve64.json"):
+        assert flag in " ".join(lane["cmd"].split()), flag
+    rc, lanes = plan("profile", 1, tmp_path, KVQ_PROFILE_WORKLOAD="nope")
+    assert rc == 2 and not lanes
+
+
+def test_engine_memory_is_a_fixed_size_per_card(tmp_path) -> None:
+    """28 GiB on any card (the H200's 0.2 does not hold Llama-3-8B on an H100); KVQ_GPU_MEM overrides."""
+    for stage in ("profile", "throughput"):
+        _, (lane,) = plan(stage, 1, tmp_path)
+        assert "--gpu-memory-utilization 0.2 " in lane["cmd"]
+        _, (lane,) = plan(stage, 1, tmp_path, KVQ_GPU_MEM="0.35")
+        assert "--gpu-memory-utilization 0.35 " in lane["cmd"]
+    _, (lane,) = plan("throughput", 1, tmp_path, KVQ_THR_ARGS="--max-num-seqs 64")
+    assert "--max-num-seqs 64" in lane["cmd"]
 
 
 def test_profile_stage(tmp_path) -> None:

@@ -138,3 +138,56 @@ def test_merge_command_names_the_measured_card(tmp_path, monkeypatch) -> None:
     assert serve_load.main(["--merge", str(tmp_path / "a.json")]) == 0
     merged = json.loads((tmp_path / "benchmarks" / "results" / "serve-load-nvidia-h200.json").read_text())
     assert merged["rows"] == part["rows"] and merged["summary"]["no_leak_ok"] == {"vllm-fp8": True}
+
+
+def test_phase_arguments() -> None:
+    """The grid and the trained-model phase can run in separate device calls."""
+    assert serve_load.parse_args([]).reserve == 200.0
+    assert serve_load.parse_args(["--no-trained-check"]).reserve == 60.0
+    assert serve_load.parse_args(["--no-trained-check", "--reserve", "90"]).reserve == 90.0
+    args = serve_load.parse_args(["--trained-only", "--configs", "kvquant-fp8,vllm-fp8"])
+    assert args.trained_only and args.trained_check and args.configs == ["kvquant-fp8", "vllm-fp8"]
+    with pytest.raises(SystemExit):
+        serve_load.parse_args(["--trained-only", "--no-trained-check"])
+
+
+@pytest.mark.parametrize("flags, phases", [
+    ([], ["load", "trained"]), (["--no-trained-check"], ["load"]), (["--trained-only"], ["trained"]),
+])  # fmt: skip
+def test_run_config_runs_the_chosen_phases(flags, phases, tmp_path, monkeypatch) -> None:
+    from benchmarks.serving import serve_load_phases
+
+    ran: list[str] = []
+    monkeypatch.setattr(serve_load_phases, "load_phase", lambda name, *a: ran.append("load"))
+    monkeypatch.setattr(serve_load_phases, "trained_consistency", lambda name, *a: ran.append("trained") or {"ok": True})
+    result: dict = {"rows": []}
+    args = serve_load.parse_args(flags)
+    serve_load_phases.run_config("kvquant-fp8", args, tmp_path, result, tmp_path / "out.json", 0.0)
+    assert ran == phases
+    assert ("consistency" in result) == ("trained" in phases)
+
+
+def test_server_log_scan_counts_jit_compilations_warnings_and_errors(tmp_path) -> None:
+    log = tmp_path / "server.log"
+    log.write_text("\n".join([
+        "(EngineCore pid=12) INFO 12-06 07:07:33 [core.py:1] started",
+        "(EngineCore pid=12) WARNING 12-06 07:08:01 [jit_monitor.py:90] Triton kernel JIT compilation during "
+        "inference: _decode_split_kernel",
+        "(APIServer pid=3) WARNING 12-06 07:08:02 [serving.py:7] something odd",
+        "(EngineCore pid=12) ERROR 12-06 07:08:03 [core.py:9] boom",
+        "Traceback (most recent call last):",
+    ]))  # fmt: skip
+    scan = serve_load_server.notable_lines(log)
+    assert (scan["jit_during_inference"], scan["warnings"], scan["errors"]) == (1, 2, 2)
+    assert scan["lines"][0].startswith("WARNING") and "_decode_split_kernel" in scan["lines"][0]
+    assert serve_load_server.notable_lines(tmp_path / "missing.log")["jit_during_inference"] is None
+
+
+def test_merge_of_load_and_trained_parts() -> None:
+    load = {"device": {"name": "H200"}, "command": "a", "rows": [{"name": "kvquant-fp8", "failed": 0}],
+            "no_leak": {"kvquant-fp8": {"ok": True}}, "servers": {"kvquant-fp8": {"start_s": 60}}}  # fmt: skip
+    trained = {"device": {"name": "H200"}, "command": "c", "rows": [],
+               "consistency": {"kvquant-fp8": {"ok": True}, "vllm-fp8": {"ok": True}}}  # fmt: skip
+    merged = serve_load_results.merge_results([load, trained])
+    assert merged["servers"] == load["servers"] and merged["rows"] == load["rows"]
+    assert merged["summary"]["consistency_ok"] == {"kvquant-fp8": True, "vllm-fp8": True}

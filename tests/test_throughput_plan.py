@@ -94,3 +94,13 @@ def test_a_child_without_a_result_is_an_error_row(tmp_path, monkeypatch) -> None
     thr.run_rows(args, plan_rows(["kvquant-int8", "vllm-bf16"]), result, tmp_path / "o.json", t_start=thr.time.time(),
                  run=lambda argv, timeout: None if "kvquant-int8" in argv else 3)  # fmt: skip
     assert [r["error"] for r in result["rows"]] == ["timed out after 300 s", "child exited 3 without a result"]
+
+
+def test_scheduler_limits_reach_the_engine_and_the_child() -> None:
+    """The serving steady state (64 running, `vllm serve`'s token budget) reproduced offline."""
+    args = _args("--max-num-seqs", "64", "--max-num-batched-tokens", "8192")
+    kw = engine_kwargs("kvquant-fp8", Path("/m"), args)
+    assert kw["max_num_seqs"] == 64 and kw["max_num_batched_tokens"] == 8192
+    argv = thr.child_argv(args, "kvquant-fp8", "kvquant-fp8", Path("/tmp/r.json"))
+    assert argv[argv.index("--max-num-batched-tokens") + 1] == "8192" and argv[argv.index("--max-num-seqs") + 1] == "64"
+    assert "max_num_batched_tokens" not in engine_kwargs("kvquant-fp8", Path("/m"), _args())

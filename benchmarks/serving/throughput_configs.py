@@ -80,7 +80,7 @@ def plan_rows(names: list[str]) -> list[tuple[str, str]]:
 
 def engine_kwargs(config: str, model_dir: Path, args: Any, **extra: Any) -> dict:
     """``LLM(...)`` keyword arguments of ``config`` for the run's options (``args``: max_model_len
-    from input/output lengths, gpu_memory_utilization, max_num_seqs, tensor_parallel_size,
+    from input/output lengths, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, tensor_parallel_size,
     fast_start, eager, seed). ``extra`` (e.g. ``worker_extension_cls``) is added as is."""
     spec = CONFIGS[config]
     kw: dict[str, Any] = dict(
@@ -90,6 +90,8 @@ def engine_kwargs(config: str, model_dir: Path, args: Any, **extra: Any) -> dict
     )  # fmt: skip
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
+    if getattr(args, "max_num_batched_tokens", None):
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:
         kw["tensor_parallel_size"] = args.tensor_parallel_size
     if args.eager:
