@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
+import time
 from typing import Any, Callable
 
 import torch
@@ -38,7 +40,14 @@ except ImportError:  # pragma: no cover - only where Triton (or its knobs module
     _knobs = None
     _HAVE_TRITON = False
 
-__all__ = ["FastKernel", "direct_launch_supported", "current_stream", "unspecialized"]
+__all__ = ["FastKernel", "direct_launch_supported", "current_stream", "unspecialized", "SLOW_LAUNCH_S"]
+
+logger = logging.getLogger("vllm.kvquant")  # vLLM's namespace: its handler and format (no vLLM import)
+
+#: A JIT launch slower than this compiled (or loaded from disk) a variant: logged, since while
+#: serving it stalls every request in flight (a launch that finds its variant in memory takes
+#: well under a millisecond).
+SLOW_LAUNCH_S = 0.05
 
 #: The launch statement of ``JITFunction.run`` that :meth:`FastKernel.launch` reproduces.
 _EXPECTED_LAUNCH = "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata"
@@ -125,8 +134,14 @@ class FastKernel:
                 None, None, None, *make_args(True),
             )  # fmt: skip
             return
+        t0 = time.perf_counter()
         kernel = self.fn[grid](*make_args(False), **options)
         if self.direct:
+            seconds = time.perf_counter() - t0
+            if seconds > SLOW_LAUNCH_S:
+                # Names the variant, so that the start-up warm-up (vllm_kvquant/warmup.py) can cover it.
+                logger.info("kvquant: Triton launch of %s took %.2f s (compiled or loaded a variant): key %s, grid %s, "
+                            "options %s", getattr(self.fn, "__name__", self.fn), seconds, key, grid, options)  # fmt: skip
             kernel = kernel.result() if hasattr(kernel, "result") else kernel
             if _is_compiled(kernel):
                 self.compiled[key] = kernel

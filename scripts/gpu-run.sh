@@ -219,7 +219,7 @@ ncu|decode-lab)
   else
     # Our kernel under KVQ_LAB_CONFIGS (space-separated DecodeKernelConfig overrides, '' = default),
     # checked against the reference and timed as CUDA graphs beside a copy in the same run.
-    lane decode-lab 570 "python3 -m benchmarks.kernels.decode_lab --shapes ${KVQ_LAB_SHAPES:-1x32768 8x32768 64x4096 64x16384 128x8192} \
+    lane decode-lab 570 "python3 -m benchmarks.kernels.decode_lab --shapes ${KVQ_LAB_SHAPES:-1x32768 8x32768 64x1024 64x4096 64x16384 128x8192 256x1024} \
       --configs ${KVQ_LAB_CONFIGS:-''} --layouts ${KVQ_LAB_LAYOUTS:-backend} --out benchmarks/results/decode-lab.json"
   fi
   ;;

@@ -63,6 +63,42 @@ def test_first_launch_jits_then_direct(cuda_like):
     assert len(fn.jit_calls) == 2 and len(fn.compiled.calls) == 1
 
 
+class SlowJit(FakeJit):
+    """A JIT whose launches take ``seconds`` (a compilation)."""
+
+    __name__ = "slow_kernel"
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def __getitem__(self, grid):
+        call = super().__getitem__(grid)
+
+        def slow(*args, **options):
+            import time
+
+            time.sleep(self.seconds)
+            return call(*args, **options)
+
+        return slow
+
+
+def test_a_compiling_launch_is_logged_with_its_key(cuda_like, caplog):
+    """A variant the start-up warm-up missed shows in the server log, named, when it compiles."""
+    caplog.set_level("INFO", logger="vllm.kvquant")
+    k = launch.FastKernel(SlowJit(launch.SLOW_LAUNCH_S + 0.02), cuda_like)
+    k.launch(("plan", 16), (2, 1, 1), lambda direct: (1,), num_warps=4)
+    msgs = [r.getMessage() for r in caplog.records if "Triton launch of" in r.getMessage()]
+    assert len(msgs) == 1 and "slow_kernel" in msgs[0] and "('plan', 16)" in msgs[0] and "num_warps" in msgs[0]
+    k.launch(("plan", 16), (2, 1, 1), lambda direct: (1,), num_warps=4)  # compiled now: direct, not logged
+    assert len([r for r in caplog.records if "Triton launch of" in r.getMessage()]) == 1
+    caplog.clear()
+    fast = launch.FastKernel(FakeJit(), cuda_like)
+    fast.launch("key", (1, 1, 1), lambda direct: (1,))
+    assert not [r for r in caplog.records if "Triton launch of" in r.getMessage()]
+
+
 def test_launch_hooks_go_through_the_jit(cuda_like, monkeypatch):
     fn = FakeJit()
     k = launch.FastKernel(fn, cuda_like)

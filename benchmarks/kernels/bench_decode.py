@@ -60,8 +60,10 @@ ROW_NAMES = (
 )  # fmt: skip
 PER_CHANNEL_SUFFIX = "-per-channel"
 #: Sized for ~3 minutes on an H100 with FlashInfer's JIT: the issue's target shapes and more.
-DEFAULT_SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 32768), (16, 8192), (64, 4096), (64, 16384), (64, 32768),
-                  (128, 2048), (128, 8192))  # fmt: skip
+#: The issue's shapes, plus serving's regime at 1-2k tokens of context (64 and 256 running requests
+#: of a 1024-token prompt: `vllm serve` at max concurrency 64 / 256), where splits are short.
+DEFAULT_SHAPES = ((1, 4096), (1, 32768), (8, 4096), (8, 32768), (16, 8192), (64, 1024), (64, 4096), (64, 16384),
+                  (64, 32768), (128, 2048), (128, 8192), (256, 1024))  # fmt: skip
 SMOKE_SHAPES = ((2, 64), (3, 100))
 #: Static scales of the synthetic caches (real = stored * scale), per-tensor.
 K_SCALE = {"fp8": 0.02, "int8": 0.035}

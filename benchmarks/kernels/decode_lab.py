@@ -124,7 +124,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=[""], help="DecodeKernelConfig overrides, k=v,k=v ('' = default)")
     p.add_argument("--ncu-config", default=None, help="one config, one untimed launch per shape (profile with ncu)")
-    p.add_argument("--shapes", nargs="+", default=["1x32768", "8x32768", "64x4096", "64x16384", "128x8192"])
+    p.add_argument("--shapes", nargs="+", default=["1x32768", "8x32768", "64x1024", "64x4096", "64x16384", "128x8192", "256x1024"])
     p.add_argument("--kv-dtypes", nargs="+", default=["fp8_e4m3", "int8"])
     p.add_argument("--layouts", nargs="+", default=["backend"], choices=LAYOUTS, help="cache layouts to time")
     p.add_argument("--num-q-heads", type=int, default=32)
