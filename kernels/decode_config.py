@@ -83,6 +83,16 @@ class DecodeKernelConfig:
     #: stored channel-major (tokens contiguous, ``decode_lab --layouts v-channel-major``) load
     #: in 16-byte vectors; per-token masks keep such loads at one byte. Not yet measured: off.
     page_masks: bool = False
+    #: Register cap per thread of the split kernel (Triton's ``maxnreg``; None: the compiler's
+    #: choice). Programs per SM follow from registers: at 4 warps, 168 -> 3, 128 -> 4. Compiled
+    #: for sm_90 (Triton 3.6, head 128, tile 128): the fp8 asm path needs 184 registers (2
+    #: programs per SM) with 818 instructions per tile against 1361 for Triton's own conversion,
+    #: and fits 168 without spilling; a 64-token tile fits 128. Not yet measured: None.
+    maxnreg: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.maxnreg is not None and not 32 <= int(self.maxnreg) <= 255:
+            raise ValueError(f"maxnreg must be in [32, 255] registers (or None), got {self.maxnreg}")
 
     @classmethod
     def from_spec(cls, spec: str) -> "DecodeKernelConfig":
@@ -116,6 +126,13 @@ class DecodeKernelConfig:
 
     def stages(self, kv_dtype: str) -> int:
         return self.asm_num_stages if self.uses_asm(kv_dtype) else self.num_stages
+
+    def split_launch_options(self, kv_dtype: str, head_size: int) -> dict[str, int]:
+        """Triton launch options of the split kernel (``maxnreg`` only when set)."""
+        options = dict(num_warps=self.warps(head_size), num_stages=self.stages(kv_dtype))
+        if self.maxnreg is not None:
+            options["maxnreg"] = int(self.maxnreg)
+        return options
 
     def warps(self, head_size: int) -> int:
         return self.num_warps if next_pow2(head_size) <= 128 else self.num_warps_large_head

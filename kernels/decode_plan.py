@@ -39,7 +39,7 @@ from .scales_layout import flat_scale
 if HAVE_TRITON:
     import triton.language as tl
 
-__all__ = ["DecodePlan", "DecodeLayer", "uses_reference"]
+__all__ = ["DecodePlan", "DecodeLayer", "uses_reference", "split_kernel_constants"]
 
 
 def uses_reference(device: torch.device) -> bool:
@@ -48,6 +48,30 @@ def uses_reference(device: torch.device) -> bool:
 
 
 _PLAN_KEYS: dict[tuple, int] = {}
+
+
+def split_kernel_constants(
+    cfg: DecodeKernelConfig, *, head_size: int, num_q_heads: int, num_kv_heads: int, block_size: int, kv_dtype: str,
+    act_dtype: torch.dtype, k_gran: int, v_gran: int, use_window: bool, use_softcap: bool, device_type: str,
+) -> tuple:  # fmt: skip
+    """The split kernel's layer constexprs, in its signature's order (HEAD_SIZE .. PAGE_MASKS).
+
+    Shared by :class:`DecodeLayer` and the ahead-of-time compile report
+    (``benchmarks/kernels/decode_sass.py``), so that both compile the same variant."""
+    block_n = cfg.tile_tokens(head_size)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"config tile of {block_n} tokens: need a power of two >= 16")
+    group = num_q_heads // num_kv_heads
+    dot_dtype = tl.float16 if (cfg.dot_in_fp16 or act_dtype == torch.float16) else tl.bfloat16
+    if dot_dtype == tl.bfloat16 and device_type == "cpu":
+        dot_dtype = tl.float32  # the Triton interpreter (numpy) mis-computes bf16 casts and dots
+    q_rescale = dot_dtype == tl.float16 and act_dtype == torch.bfloat16
+    asm_dequant = device_type == "cuda" and dot_dtype == tl.float16 and cfg.uses_asm(kv_dtype)  # not interpreted
+    return (
+        head_size, max(16, next_pow2(head_size)), group, max(16, next_pow2(group)), block_size, block_n,
+        cfg.min_tiles_per_split(head_size), k_gran, v_gran, use_window, use_softcap, dot_dtype, asm_dequant,
+        q_rescale, cfg.page_masks,
+    )  # fmt: skip
 
 
 def _align(*tensors: torch.Tensor) -> tuple[int, ...]:
@@ -179,23 +203,18 @@ class DecodeLayer:
             return
 
         min_tiles = cfg.min_tiles_per_split(head_size)
-        dot_dtype = tl.float16 if (cfg.dot_in_fp16 or act_dtype == torch.float16) else tl.bfloat16
-        if dot_dtype == tl.bfloat16 and device.type == "cpu":
-            dot_dtype = tl.float32  # the Triton interpreter (numpy) mis-computes bf16 casts and dots
-        q_rescale = dot_dtype == tl.float16 and act_dtype == torch.bfloat16
-        asm_dequant = device.type == "cuda" and dot_dtype == tl.float16 and cfg.uses_asm(self.kv_dtype.value)  # not interpreted
         head_pad = max(16, next_pow2(head_size))
         use_window = self.window > 0
-        self.split_options = dict(num_warps=cfg.warps(head_size), num_stages=cfg.stages(self.kv_dtype.value))
+        self.split_options = cfg.split_launch_options(self.kv_dtype.value, head_size)
         self.reduce_options = dict(num_warps=cfg.reduce_num_warps)
         kc, vc, ks, vs = self.key_cache, self.value_cache, self.k_scale, self.v_scale
         scalars = (self.softmax_scale, self.cap, self.window, *kc.stride(), *vc.stride())
         self._split_args = (kc, vc, ks, vs, *scalars)
         self._split_ptrs = (kc.data_ptr(), vc.data_ptr(), ks.data_ptr(), vs.data_ptr(), *scalars)
-        self._split_const = (
-            head_size, head_pad, num_q_heads // num_kv_heads, max(16, next_pow2(num_q_heads // num_kv_heads)),
-            block_size, block_n, min_tiles, k_gran, v_gran, use_window, self.cap > 0.0, dot_dtype,
-            asm_dequant, q_rescale, cfg.page_masks,
+        self._split_const = split_kernel_constants(
+            cfg, head_size=head_size, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, block_size=block_size,
+            kv_dtype=self.kv_dtype.value, act_dtype=act_dtype, k_gran=k_gran, v_gran=v_gran, use_window=use_window,
+            use_softcap=self.cap > 0.0, device_type=device.type,
         )  # fmt: skip
         self._reduce_const = (head_size, head_pad, block_n, min_tiles, use_window)
         self._split = FastKernel(decode_split_kernel, device)

@@ -345,6 +345,19 @@ def test_config_knobs(monkeypatch):
     run_and_check(case, max_num_splits=2, config=DecodeKernelConfig(block_n=16, min_tokens_per_split=16, dot_in_fp16=True))
 
 
+def test_register_cap_reaches_the_launch_and_still_matches():
+    """``maxnreg`` (lab knob: programs per SM) is a launch option of the split kernel only, checked
+    on construction; the kernel's answer does not change (interpreter here; GPU in decode_lab)."""
+    cfg = DecodeKernelConfig.from_spec("maxnreg=168, asm_dequant_fp8=1")
+    assert cfg.split_launch_options("fp8_e4m3", 128) == {"num_warps": 4, "num_stages": cfg.asm_num_stages, "maxnreg": 168}
+    assert "maxnreg" not in DecodeKernelConfig().split_launch_options("int8", 128)
+    for bad in ("maxnreg=16", "maxnreg=300"):
+        with pytest.raises(ValueError, match="maxnreg must be in"):
+            DecodeKernelConfig.from_spec(bad)
+    case = make_case(head_size=64, seq_lens=(20, 70), act_dtype=torch.bfloat16, seed=15)
+    run_and_check(case, max_num_splits=2, config=DecodeKernelConfig(block_n=16, min_tokens_per_split=16, maxnreg=128))
+
+
 def test_bf16_query_beyond_fp16_range():
     """fp16 dots divide a bf16 query by a power of two in-kernel: |q| ~ 1e6 (fp16 max 65504) and
     tiny queries still match the reference, no inf/nan."""

@@ -8,6 +8,7 @@ import _triton_env  # noqa: F401  (TRITON_INTERPRET=1 without CUDA)
 import pytest
 import torch
 
+from benchmarks.kernels import decode_lab
 from benchmarks.kernels.decode_lab import LAYOUTS, SCALE, make_case, parse_config
 from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig, DecodeLayer, DecodePlan
 from vllm_kvquant.kernels.paged_cache import PagedKVCache
@@ -60,3 +61,17 @@ def test_config_specs():
 def test_unknown_layout_is_refused():
     with pytest.raises(SystemExit, match="unknown cache layout 'hnd'"):
         make_case(1, 16, "int8", 2, 1, 32, 16, 1, layout="hnd", device="cpu")
+
+
+def test_split_kernel_resources_give_programs_per_sm() -> None:
+    """Registers bound occupancy at 168 (3 programs of 4 warps), shared memory at 100 KB (2)."""
+    from types import SimpleNamespace
+
+    def layer(regs, shared):
+        k = SimpleNamespace(n_regs=regs, n_spills=0, metadata=SimpleNamespace(shared=shared, num_warps=4))
+        return SimpleNamespace(_split=SimpleNamespace(compiled={"key": k}))
+
+    assert decode_lab.split_kernel_resources(layer(168, 74752)) == dict(
+        regs=168, spills=0, shared_bytes=74752, programs_per_sm=3)  # fmt: skip
+    assert decode_lab.split_kernel_resources(layer(128, 107520))["programs_per_sm"] == 2
+    assert decode_lab.split_kernel_resources(SimpleNamespace(_split=SimpleNamespace(compiled={}))) == {}

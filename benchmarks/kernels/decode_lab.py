@@ -77,6 +77,21 @@ def make_case(batch: int, context: int, kv_dtype: str, hq: int, hkv: int, d: int
     return key, value, tables, seq_lens, queries
 
 
+def split_kernel_resources(layer: DecodeLayer) -> dict:
+    """Registers, spills and shared memory of the split kernel the layer compiled, and the
+    programs per SM they allow (4 warps: 65536 registers and 227 KB of shared memory per SM)."""
+    compiled = list(layer._split.compiled.values())
+    if not compiled:  # launched through the JIT only (a launch hook, KVQUANT_DIRECT_LAUNCH=0)
+        return {}
+    k = compiled[-1]
+    regs, shared = int(getattr(k, "n_regs", 0) or 0), int(k.metadata.shared)
+    threads = 32 * int(k.metadata.num_warps)
+    by_regs = 65536 // max(1, regs * threads) if regs else None
+    by_smem = (227 * 1024) // shared if shared else None
+    per_sm = min(x for x in (by_regs, by_smem, 32) if x)
+    return dict(regs=regs, spills=int(getattr(k, "n_spills", 0) or 0), shared_bytes=shared, programs_per_sm=per_sm)
+
+
 def run(a: argparse.Namespace) -> dict:
     copy_gbps = measure_copy_gbps()
     print(f"copy {copy_gbps:.0f} GB/s", flush=True)
@@ -107,7 +122,7 @@ def run(a: argparse.Namespace) -> dict:
                                                      tables[0][:n], seq_lens[:n], ks, vs, kv_dtype).float()  # fmt: skip
                 err = (outs[0][: ref.shape[0]].float() - ref).abs().max().item()
                 row = dict(config=spec or "default", layout=layout, kv_dtype=kv_dtype, batch=batch, context=context,
-                           splits=plans[0].num_splits, max_abs_err=err)  # fmt: skip
+                           splits=plans[0].num_splits, max_abs_err=err, **split_kernel_resources(layer))  # fmt: skip
                 if not a.ncu_config:
                     us, mode = time_rotating(lambda c: layer.run(queries[c], outs[c], plans[c]), copies, True, 25, 200)
                     gbps = kv_bytes / (us * 1e-6) / 1e9
