@@ -83,16 +83,22 @@ class DecodeKernelConfig:
     #: stored channel-major (tokens contiguous, ``decode_lab --layouts v-channel-major``) load
     #: in 16-byte vectors; per-token masks keep such loads at one byte. Not yet measured: off.
     page_masks: bool = False
-    #: Register cap per thread of the split kernel (Triton's ``maxnreg``; None: the compiler's
-    #: choice). Programs per SM follow from registers: at 4 warps, 168 -> 3, 128 -> 4. Compiled
-    #: for sm_90 (Triton 3.6, head 128, tile 128): the fp8 asm path needs 184 registers (2
-    #: programs per SM) with 818 instructions per tile against 1361 for Triton's own conversion,
-    #: and fits 168 without spilling; a 64-token tile fits 128. Not yet measured: None.
+    #: Register cap per thread of the split kernel (Triton's ``maxnreg``) for every format; None:
+    #: per format below. Programs per SM follow from registers: at 4 warps, 168 -> 3, 128 -> 4
+    #: (``python -m benchmarks.kernels.decode_sass`` shows what a cap compiles to).
     maxnreg: int | None = None
+    #: int8's cap where the kernel runs 4 warps (padded head <= 128). Triton 3.6 compiles int8's
+    #: unsplit variant (batches that fill the GPU) to 188 registers, 2 programs per SM; capped,
+    #: 3 without spilling. H100 (decode_lab, 2026-12-06): 256 x 1k 238.8 -> 216.6 us (74% -> 82%
+    #: of copy); 64 x 1k / 16k, 8 x 32k, 128 x 2k unchanged (split variants already use 168).
+    #: fp8 compiles to 168 by itself (capping changed its code and not its speed: left alone).
+    int8_maxnreg: int | None = 168
 
     def __post_init__(self) -> None:
-        if self.maxnreg is not None and not 32 <= int(self.maxnreg) <= 255:
-            raise ValueError(f"maxnreg must be in [32, 255] registers (or None), got {self.maxnreg}")
+        for name in ("maxnreg", "int8_maxnreg"):
+            cap = getattr(self, name)
+            if cap is not None and not 32 <= int(cap) <= 255:
+                raise ValueError(f"{name} must be in [32, 255] registers (or None), got {cap}")
 
     @classmethod
     def from_spec(cls, spec: str) -> "DecodeKernelConfig":
@@ -130,8 +136,11 @@ class DecodeKernelConfig:
     def split_launch_options(self, kv_dtype: str, head_size: int) -> dict[str, int]:
         """Triton launch options of the split kernel (``maxnreg`` only when set)."""
         options = dict(num_warps=self.warps(head_size), num_stages=self.stages(kv_dtype))
-        if self.maxnreg is not None:
-            options["maxnreg"] = int(self.maxnreg)
+        cap = self.maxnreg
+        if cap is None and kv_dtype == "int8" and next_pow2(head_size) <= 128:
+            cap = self.int8_maxnreg
+        if cap is not None:
+            options["maxnreg"] = int(cap)
         return options
 
     def warps(self, head_size: int) -> int:

@@ -346,12 +346,17 @@ def test_config_knobs(monkeypatch):
 
 
 def test_register_cap_reaches_the_launch_and_still_matches():
-    """``maxnreg`` (lab knob: programs per SM) is a launch option of the split kernel only, checked
-    on construction; the kernel's answer does not change (interpreter here; GPU in decode_lab)."""
-    cfg = DecodeKernelConfig.from_spec("maxnreg=168, asm_dequant_fp8=1")
-    assert cfg.split_launch_options("fp8_e4m3", 128) == {"num_warps": 4, "num_stages": cfg.asm_num_stages, "maxnreg": 168}
-    assert "maxnreg" not in DecodeKernelConfig().split_launch_options("int8", 128)
-    for bad in ("maxnreg=16", "maxnreg=300"):
+    """Register caps (programs per SM) are launch options of the split kernel only, checked on
+    construction; the kernel's answer does not change (interpreter here; GPU in decode_lab)."""
+    cfg = DecodeKernelConfig.from_spec("maxnreg=160, asm_dequant_fp8=1")
+    assert cfg.split_launch_options("fp8_e4m3", 128) == {"num_warps": 4, "num_stages": cfg.asm_num_stages, "maxnreg": 160}
+    assert cfg.split_launch_options("int8", 128)["maxnreg"] == 160  # one cap for every format
+    default = DecodeKernelConfig()  # int8 capped at 168 with 4 warps (measured), fp8 and 8-warp heads not
+    assert default.split_launch_options("int8", 128)["maxnreg"] == 168 == default.split_launch_options("int8", 64)["maxnreg"]
+    assert "maxnreg" not in default.split_launch_options("fp8_e4m3", 128)
+    assert "maxnreg" not in default.split_launch_options("int8", 256)
+    assert "maxnreg" not in DecodeKernelConfig.from_spec("int8_maxnreg=None").split_launch_options("int8", 128)
+    for bad in ("maxnreg=16", "maxnreg=300", "int8_maxnreg=8"):
         with pytest.raises(ValueError, match="maxnreg must be in"):
             DecodeKernelConfig.from_spec(bad)
     case = make_case(head_size=64, seq_lens=(20, 70), act_dtype=torch.bfloat16, seed=15)

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from benchmarks.harness import command
 from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig
 from vllm_kvquant.kernels.decode_plan import split_kernel_constants
 from vllm_kvquant.kernels.decode_triton import decode_split_kernel
+from vllm_kvquant.kernels.scales_layout import PER_HEAD
 
 #: Arguments Triton leaves unspecialized (``launch.unspecialized`` on the kernel).
 UNSPECIALIZED = ("num_splits", "stride_bts", "stride_pls", "stride_plh")
@@ -65,8 +67,26 @@ def arg_types(kv_dtype: str, dims: dict[str, int]) -> tuple[dict[str, str], dict
     return types, ones
 
 
-def compile_split_kernel(cfg: DecodeKernelConfig, kv_dtype: str, dims: dict[str, int], arch: int, workdir: Path) -> dict:
-    """Compile one variant ahead of time; its resources and loop from ptxas and cuobjdump."""
+@dataclass(frozen=True)
+class Variant:
+    """The plan and layer options that select a compiled variant besides the config."""
+
+    split: bool = True  # the plan splits sequences (False: batches that fill the GPU alone)
+    window: bool = False
+    softcap: bool = False
+    granularity: int = PER_HEAD  # of both K and V scales
+
+    @property
+    def name(self) -> str:
+        parts = ["split" if self.split else "nosplit", *(["window"] if self.window else []),
+                 *(["softcap"] if self.softcap else []), ["per_tensor", "per_head", "per_channel"][self.granularity]]  # fmt: skip
+        return "+".join(parts)
+
+
+def compile_split_kernel(
+    cfg: DecodeKernelConfig, kv_dtype: str, dims: dict[str, int], arch: int, workdir: Path, variant: Variant = Variant()
+) -> dict:  # fmt: skip
+    """Compile one variant ahead of time; its resources and loop from cuobjdump."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -76,10 +96,10 @@ def compile_split_kernel(cfg: DecodeKernelConfig, kv_dtype: str, dims: dict[str,
     constexpr_names = [p.name for p in fn.params if p.is_constexpr]
     layer = split_kernel_constants(
         cfg, head_size=dims["head_size"], num_q_heads=dims["num_q_heads"], num_kv_heads=dims["num_kv_heads"],
-        block_size=dims["block_size"], kv_dtype=kv_dtype, act_dtype=torch.bfloat16, k_gran=1, v_gran=1,
-        use_window=False, use_softcap=False, device_type="cuda",
+        block_size=dims["block_size"], kv_dtype=kv_dtype, act_dtype=torch.bfloat16, k_gran=variant.granularity,
+        v_gran=variant.granularity, use_window=variant.window, use_softcap=variant.softcap, device_type="cuda",
     )  # fmt: skip
-    constants = dict(zip(constexpr_names, (*layer, True, True)))  # plan constexprs: SPLIT, VARLEN
+    constants = dict(zip(constexpr_names, (*layer, variant.split, True)))  # plan constexprs: SPLIT, VARLEN
     types, ones = arg_types(kv_dtype, dims)
     constants.update(ones)
     signature, attrs = {}, {}
@@ -128,6 +148,21 @@ def loop_body(sass: str) -> dict:
     return dict(loop_instructions=sum(ops.values()), loop_opcodes=dict(ops.most_common(8)))
 
 
+def parse_variant(spec: str) -> Variant:
+    grans = {"per_tensor": 0, "per_head": 1, "per_channel": 2}
+    kw: dict = {}
+    for part in filter(None, spec.split("+")):
+        if part in ("split", "nosplit"):
+            kw["split"] = part == "split"
+        elif part in ("window", "softcap"):
+            kw[part] = True
+        elif part in grans:
+            kw["granularity"] = grans[part]
+        else:
+            raise SystemExit(f"--variants {spec!r}: unknown part {part!r}")
+    return Variant(**kw)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=[""], help="DecodeKernelConfig overrides, k=v,k=v ('' = default)")
@@ -137,12 +172,16 @@ def main(argv=None) -> int:
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--variants", nargs="+", default=["split"],
+                   help="plan/layer variants, each '+'-joined from: split|nosplit, window, softcap, "
+                        "per_tensor|per_head|per_channel (default: split, per_head)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("decode_sass compiles the kernel: run it without TRITON_INTERPRET=1")
     import triton
 
+    variants = [parse_variant(v) for v in a.variants]
     dims = dict(head_size=a.head_size, num_q_heads=a.num_q_heads, num_kv_heads=a.num_kv_heads, block_size=a.block_size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,9 +191,11 @@ def main(argv=None) -> int:
             except ValueError as e:
                 raise SystemExit(f"--configs {spec!r}: {e}") from None
             for kv_dtype in a.kv_dtypes:
-                row = dict(config=spec or "default", kv_dtype=kv_dtype, **compile_split_kernel(cfg, kv_dtype, dims, a.arch, Path(tmp)))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                for variant in variants:
+                    row = dict(config=spec or "default", kv_dtype=kv_dtype, variant=variant.name,
+                               **compile_split_kernel(cfg, kv_dtype, dims, a.arch, Path(tmp), variant))  # fmt: skip
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     result = dict(triton=triton.__version__, arch=f"sm_{a.arch}a", dims=dims,
                   command=command("benchmarks.kernels.decode_sass", sys.argv[1:] if argv is None else argv), rows=rows)  # fmt: skip
     if a.out:
