@@ -59,6 +59,14 @@ class DecodeKernelConfig:
     #: Split heuristic: aim for a grid of about this many programs per SM. 8 won the H100
     #: sweep (benchmarks/kernels/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
     target_ctas_per_sm: int = 8
+    #: Per-sequence split choice in-kernel (None: off, every split with ``min_tokens_per_split``
+    #: runs): a sequence uses only as many splits as give each this many tokens, but at least
+    #: the splits that fill ``fill_programs_per_sm`` programs per SM with the batch. Why: at 64 x
+    #: 1k, 3 splits of ~3 tiles take 73 us and 1 split 60 us (H100); at long contexts or small
+    #: batches the splits are needed (int8 64 x 16k: 775 us with 3, 978 with 1). Not yet
+    #: measured over the shape set: off.
+    split_long_tokens: int | None = None
+    fill_programs_per_sm: int = 3
     reduce_num_warps: int = 4
     #: Run the dots in fp16 for bf16 queries too: the 8-bit K/V convert to fp16 exactly and in
     #: one step (to bf16 it takes three), and P is rounded to fp16's 11 bits instead of bf16's 8.
@@ -95,6 +103,10 @@ class DecodeKernelConfig:
     int8_maxnreg: int | None = 168
 
     def __post_init__(self) -> None:
+        if self.split_long_tokens is not None and int(self.split_long_tokens) < 1:
+            raise ValueError(f"split_long_tokens must be >= 1 (or None), got {self.split_long_tokens}")
+        if int(self.fill_programs_per_sm) < 1:
+            raise ValueError(f"fill_programs_per_sm must be >= 1, got {self.fill_programs_per_sm}")
         for name in ("maxnreg", "int8_maxnreg"):
             cap = getattr(self, name)
             if cap is not None and not 32 <= int(cap) <= 255:
@@ -148,6 +160,16 @@ class DecodeKernelConfig:
 
     def min_tiles_per_split(self, head_size: int) -> int:
         return max(1, self.min_tokens_per_split // self.tile_tokens(head_size))
+
+    def long_tiles_per_split(self, head_size: int) -> int:
+        """The kernel's ``LONG_TILES`` (0: per-sequence split choice off)."""
+        if self.split_long_tokens is None:
+            return 0
+        return max(1, _cdiv(int(self.split_long_tokens), self.tile_tokens(head_size)))
+
+    def fill_splits(self, num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+        """Splits per sequence that give the batch ``fill_programs_per_sm`` programs per SM."""
+        return max(1, _cdiv(self.fill_programs_per_sm * max(int(num_sms), 1), max(int(num_seqs) * int(num_kv_heads), 1)))
 
 
 def _config_from_env() -> DecodeKernelConfig:

@@ -69,8 +69,8 @@ def split_kernel_constants(
     asm_dequant = device_type == "cuda" and dot_dtype == tl.float16 and cfg.uses_asm(kv_dtype)  # not interpreted
     return (
         head_size, max(16, next_pow2(head_size)), group, max(16, next_pow2(group)), block_size, block_n,
-        cfg.min_tiles_per_split(head_size), k_gran, v_gran, use_window, use_softcap, dot_dtype, asm_dequant,
-        q_rescale, cfg.page_masks,
+        cfg.min_tiles_per_split(head_size), cfg.long_tiles_per_split(head_size), k_gran, v_gran, use_window,
+        use_softcap, dot_dtype, asm_dequant, q_rescale, cfg.page_masks,
     )  # fmt: skip
 
 
@@ -83,7 +83,7 @@ class DecodePlan:
     """Launch parameters of one batch, shared by every layer (build once per batch)."""
 
     __slots__ = (
-        "num_seqs", "num_q_heads", "num_kv_heads", "head_size", "num_splits", "split", "varlen", "grid",
+        "num_seqs", "num_q_heads", "num_kv_heads", "head_size", "num_splits", "fill_splits", "split", "varlen", "grid",
         "reduce_grid", "splits_pad", "block_table", "seq_lens", "query_start_loc", "part_o", "part_lse",
         "key", "split_args", "split_ptrs", "reduce_args", "reduce_ptrs",
     )  # fmt: skip
@@ -118,6 +118,7 @@ class DecodePlan:
         self.num_seqs = int(num_seqs)
         self.num_q_heads, self.num_kv_heads, self.head_size = num_q_heads, num_kv_heads, head_size
         self.num_splits = choose_num_splits(self.num_seqs, num_kv_heads, head_size, num_sms, max_num_splits, config=cfg)
+        self.fill_splits = cfg.fill_splits(self.num_seqs, num_kv_heads, num_sms)  # read when LONG_TILES > 0
         self.split = self.num_splits > 1
         self.varlen = query_start_loc is not None
         self.grid = (self.num_seqs, num_kv_heads, self.num_splits)
@@ -148,9 +149,10 @@ class DecodePlan:
             po_strides, pl_strides = (0, 0, 0), (0, 0)
             part_o = part_lse = seq_lens  # placeholders: dead code without SPLIT
         tensors = (block_table, seq_lens, qsl, part_o, part_lse)
-        self.split_args = (*tensors, self.num_splits, *block_table.stride(), *po_strides, *pl_strides)
+        splits = (self.num_splits, self.fill_splits)
+        self.split_args = (*tensors, *splits, *block_table.stride(), *po_strides, *pl_strides)
         self.split_ptrs = (*(t.data_ptr() for t in tensors), *self.split_args[5:])
-        self.reduce_args = (seq_lens, qsl, part_o, part_lse, self.num_splits, *po_strides, *pl_strides)
+        self.reduce_args = (seq_lens, qsl, part_o, part_lse, *splits, *po_strides, *pl_strides)
         self.reduce_ptrs = (*(t.data_ptr() for t in self.reduce_args[:4]), *self.reduce_args[4:])
         # Everything of the plan Triton specializes on (dtypes, alignments, exact integers, flags),
         # as a small int: per-call keys hash it, not the tuple.
@@ -216,7 +218,7 @@ class DecodeLayer:
             kv_dtype=self.kv_dtype.value, act_dtype=act_dtype, k_gran=k_gran, v_gran=v_gran, use_window=use_window,
             use_softcap=self.cap > 0.0, device_type=device.type,
         )  # fmt: skip
-        self._reduce_const = (head_size, head_pad, block_n, min_tiles, use_window)
+        self._reduce_const = (head_size, head_pad, block_n, min_tiles, cfg.long_tiles_per_split(head_size), use_window)
         self._split = FastKernel(decode_split_kernel, device)
         self._reduce = FastKernel(decode_reduce_kernel, device)
         self._plan: DecodePlan | None = None

@@ -88,13 +88,20 @@ if HAVE_TRITON:
         seq_len_ptr,
         split,
         num_splits,
+        fill_splits,
         window,
         BLOCK_N: tl.constexpr,
         MIN_TILES: tl.constexpr,
+        LONG_TILES: tl.constexpr,
         USE_WINDOW: tl.constexpr,
     ):
         """The sequence's length, first attended token, this split's tile range [lo, hi), and the
-        active split count."""
+        active split count.
+
+        ``LONG_TILES`` > 0: a sequence uses only as many of its ``num_splits`` as give each at
+        least ``LONG_TILES`` tiles, but never fewer than ``fill_splits`` (the splits per sequence
+        that fill the GPU with this batch): few long programs where the batch fills the GPU, many
+        short ones where it does not. 0: every split that gets ``MIN_TILES``."""
         seq_len = tl.load(seq_len_ptr)
         if USE_WINDOW:
             start = tl.maximum(seq_len - window, 0)
@@ -103,7 +110,11 @@ if HAVE_TRITON:
         tile_lo = start // BLOCK_N
         tile_end = tl.cdiv(seq_len, BLOCK_N)
         num_tiles = tile_end - tile_lo
-        tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), MIN_TILES)
+        if LONG_TILES > 0:
+            splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(num_tiles, LONG_TILES), fill_splits))
+        else:
+            splits = num_splits + fill_splits * 0
+        tiles_per_split = tl.maximum(tl.cdiv(num_tiles, splits), MIN_TILES)
         lo = tile_lo + split * tiles_per_split
         hi = tl.minimum(lo + tiles_per_split, tile_end)
         num_active = tl.cdiv(num_tiles, tiles_per_split)
@@ -124,7 +135,7 @@ if HAVE_TRITON:
 
     # The split count and the workspace strides follow the batch size, the block table's row
     # length the engine: none of them selects a variant (launch.unspecialized).
-    @triton.jit(**unspecialized("num_splits", "stride_bts", "stride_pls", "stride_plh"))
+    @triton.jit(**unspecialized("num_splits", "fill_splits", "stride_bts", "stride_pls", "stride_plh"))
     def _decode_split_kernel(
         # per call
         q_ptr, out_ptr,
@@ -137,13 +148,13 @@ if HAVE_TRITON:
         stride_vb, stride_vt, stride_vh, stride_vd,
         # per batch plan
         bt_ptr, seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr,
-        num_splits,
+        num_splits, fill_splits,
         stride_bts, stride_btb,
         stride_pos, stride_poh, stride_pok,
         stride_pls, stride_plh,
         # layer constexprs
         HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr, LONG_TILES: tl.constexpr,
         K_GRAN: tl.constexpr, V_GRAN: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
         DOT_DTYPE: tl.constexpr, ASM_DEQUANT: tl.constexpr, Q_RESCALE: tl.constexpr, PAGE_MASKS: tl.constexpr,
         # plan constexprs
@@ -156,7 +167,7 @@ if HAVE_TRITON:
             if skip:
                 return
         seq_len, start, lo, hi, num_active = _split_tile_range(
-            seq_lens_ptr + seq, split, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
+            seq_lens_ptr + seq, split, num_splits, fill_splits, window, BLOCK_N, MIN_TILES, LONG_TILES, USE_WINDOW
         )
 
         offs_g = tl.arange(0, GROUP_PAD)
@@ -255,7 +266,7 @@ if HAVE_TRITON:
             po = out_ptr + row64 * stride_os + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
             tl.store(po, o.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-    @triton.jit(**unspecialized("num_splits", "stride_pls", "stride_plh"))
+    @triton.jit(**unspecialized("num_splits", "fill_splits", "stride_pls", "stride_plh"))
     def _decode_reduce_kernel(
         # per call
         out_ptr,
@@ -264,12 +275,12 @@ if HAVE_TRITON:
         window,
         # per batch plan
         seq_lens_ptr, qsl_ptr, part_o_ptr, part_lse_ptr,
-        num_splits,
+        num_splits, fill_splits,
         stride_pos, stride_poh, stride_pok,
         stride_pls, stride_plh,
         # layer constexprs
         HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
-        USE_WINDOW: tl.constexpr,
+        LONG_TILES: tl.constexpr, USE_WINDOW: tl.constexpr,
         # plan constexprs
         SPLITS_PAD: tl.constexpr, VARLEN: tl.constexpr,
     ):  # fmt: skip
@@ -279,7 +290,7 @@ if HAVE_TRITON:
                 return
         head = tl.program_id(1)
         _seq_len, _start, _lo, _hi, num_active = _split_tile_range(
-            seq_lens_ptr + seq, 0, num_splits, window, BLOCK_N, MIN_TILES, USE_WINDOW
+            seq_lens_ptr + seq, 0, num_splits, fill_splits, window, BLOCK_N, MIN_TILES, LONG_TILES, USE_WINDOW
         )
         seq64 = seq.to(tl.int64)
         offs_s = tl.arange(0, SPLITS_PAD)

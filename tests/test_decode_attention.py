@@ -26,6 +26,7 @@ from vllm_kvquant.kernels.decode_attention import (
     decode_workspace_shape,
     paged_decode_attention,
 )
+from vllm_kvquant.kernels.decode_config import workspace_numel
 from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref, quantize_to_cache_ref
 
@@ -361,6 +362,39 @@ def test_register_cap_reaches_the_launch_and_still_matches():
             DecodeKernelConfig.from_spec(bad)
     case = make_case(head_size=64, seq_lens=(20, 70), act_dtype=torch.bfloat16, seed=15)
     run_and_check(case, max_num_splits=2, config=DecodeKernelConfig(block_n=16, min_tokens_per_split=16, maxnreg=128))
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
+@pytest.mark.parametrize("window", [None, 50])
+def test_per_sequence_split_choice(kv_dtype, window):
+    """``split_long_tokens``: short sequences of a batch use fewer of the plan's splits, long ones
+    all of them, and at least the splits that fill the GPU (``fill_splits``); the split and
+    reduce kernels agree on each sequence's active splits, so the answer matches the reference."""
+    cfg = DecodeKernelConfig(block_n=16, min_tokens_per_split=16, split_long_tokens=48, fill_programs_per_sm=1)
+    assert cfg.long_tiles_per_split(64) == 3 and DecodeKernelConfig().long_tiles_per_split(128) == 0
+    assert cfg.fill_splits(num_seqs=4, num_kv_heads=2, num_sms=16) == 2 and cfg.fill_splits(64, 8, 16) == 1
+    case = make_case(kv_dtype=kv_dtype, head_size=64, seq_lens=(5, 40, 130, 300, 17), seed=31)
+    for splits in (1, 3, 8):  # 1: no split at all; 8: more than the short sequences use
+        run_and_check(case, sliding_window=window, max_num_splits=splits, config=cfg)
+    if window is not None:
+        return
+    # Active splits per sequence, read from the partial LSEs (-inf where a split had no tokens).
+    ns, hq, d = case["query"].shape
+    num_splits = choose_num_splits(ns, case["key_cache"].shape[2], d, DecodeKernelConfig().cpu_num_sms, 8)
+    assert num_splits == 7, num_splits  # the plan's splits of this batch on the interpreter's 8 "SMs"
+    n_o = ns * hq * num_splits * d
+
+    def active_splits(config):
+        ws = torch.full((workspace_numel(ns, hq, d, num_splits),), float("nan"), device=case["query"].device)
+        paged_decode_attention(**case, max_num_splits=8, config=config, workspace=ws)
+        lse = ws[n_o : n_o + ns * hq * num_splits].view(ns, hq, num_splits)[:, 0]
+        return torch.isfinite(lse).sum(1).tolist()
+
+    base = DecodeKernelConfig(block_n=16, min_tokens_per_split=16)
+    # 130 tokens = 9 tiles: 5 splits of 2 tiles, or 3 of 3 (48 tokens); 300 tokens: 7 of 3 either way.
+    assert active_splits(base)[2:4] == [5, 7] and active_splits(cfg)[2:4] == [3, 7]
+    with pytest.raises(ValueError, match="split_long_tokens must be >= 1"):
+        DecodeKernelConfig(split_long_tokens=0)
 
 
 def test_bf16_query_beyond_fp16_range():

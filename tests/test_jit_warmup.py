@@ -164,8 +164,8 @@ def test_per_batch_arguments_select_no_variant() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     marked = json.loads(proc.stdout.strip().splitlines()[-1])
     assert marked == {
-        "_decode_split_kernel": ["num_splits", "stride_bts", "stride_pls", "stride_plh"],
-        "_decode_reduce_kernel": ["num_splits", "stride_pls", "stride_plh"],
+        "_decode_split_kernel": ["num_splits", "fill_splits", "stride_bts", "stride_pls", "stride_plh"],
+        "_decode_reduce_kernel": ["num_splits", "fill_splits", "stride_pls", "stride_plh"],
         "prefill_attention_kernel": ["bt_ptr", "lens_ptr", "num_seqs", "stride_lh", "stride_bt"],
         "_fill_context_kernel": ["bt_ptr", "seq_lens_ptr", "stride_bt"],
     }

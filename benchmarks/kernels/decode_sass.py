@@ -39,7 +39,7 @@ from vllm_kvquant.kernels.decode_triton import decode_split_kernel
 from vllm_kvquant.kernels.scales_layout import PER_HEAD
 
 #: Arguments Triton leaves unspecialized (``launch.unspecialized`` on the kernel).
-UNSPECIALIZED = ("num_splits", "stride_bts", "stride_pls", "stride_plh")
+UNSPECIALIZED = ("num_splits", "fill_splits", "stride_bts", "stride_pls", "stride_plh")
 #: Per-SM limits of sm_90 for the occupancy estimate.
 SM90_REGISTERS, SM90_SHARED = 65536, 227 * 1024
 
