@@ -113,7 +113,7 @@ if HAVE_TRITON:
         if LONG_TILES > 0:
             splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(num_tiles, LONG_TILES), fill_splits))
         else:
-            splits = num_splits + fill_splits * 0
+            splits = num_splits
         tiles_per_split = tl.maximum(tl.cdiv(num_tiles, splits), MIN_TILES)
         lo = tile_lo + split * tiles_per_split
         hi = tl.minimum(lo + tiles_per_split, tile_end)
