@@ -66,6 +66,21 @@ def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
     return call
 
 
+#: Per-SM limits of sm_90 (H100 / H200) for occupancy estimates.
+SM90_REGISTERS, SM90_SHARED_BYTES = 65536, 227 * 1024
+
+
+def programs_per_sm(regs: int, num_warps: int, shared_bytes: int) -> int:
+    """Programs of a kernel that fit one sm_90 SM at once, by registers and shared memory (a
+    zero ``regs`` or ``shared_bytes`` is not a limit), at most 32."""
+    limits = [32]
+    if regs:
+        limits.append(SM90_REGISTERS // (regs * 32 * num_warps))
+    if shared_bytes:
+        limits.append(SM90_SHARED_BYTES // shared_bytes)
+    return min(limits)
+
+
 def buffer_sets(bytes_per_set: int, min_total: int = 256 * 2**20, max_sets: int = 16) -> int:
     """How many input sets to rotate through so their total exceeds ``min_total`` (several L2s)."""
     return max(1, min(max_sets, -(-min_total // max(1, bytes_per_set))))

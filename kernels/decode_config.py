@@ -134,9 +134,14 @@ class DecodeKernelConfig:
         return cls(**kw)
 
     def tile_tokens(self, head_size: int) -> int:
+        """Tokens per K/V tile at ``head_size``: a power of two >= 16 (else ValueError)."""
         if self.block_n is not None:
-            return int(self.block_n)
-        return max(16, min(256, self.tile_bytes // max(16, next_pow2(head_size))))
+            block_n = int(self.block_n)
+        else:
+            block_n = max(16, min(256, self.tile_bytes // max(16, next_pow2(head_size))))
+        if block_n < 16 or block_n & (block_n - 1):
+            raise ValueError(f"config tile of {block_n} tokens: need a power of two >= 16")
+        return block_n
 
     def uses_asm(self, kv_dtype: str) -> bool:
         """Whether ``kv_dtype`` ("fp8_e4m3" | "int8") takes the inline-PTX conversion (fp16 dots only)."""

@@ -59,8 +59,6 @@ def split_kernel_constants(
     Shared by :class:`DecodeLayer` and the ahead-of-time compile report
     (``benchmarks/kernels/decode_sass.py``), so that both compile the same variant."""
     block_n = cfg.tile_tokens(head_size)
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"config tile of {block_n} tokens: need a power of two >= 16")
     group = num_q_heads // num_kv_heads
     dot_dtype = tl.float16 if (cfg.dot_in_fp16 or act_dtype == torch.float16) else tl.bfloat16
     if dot_dtype == tl.bfloat16 and device_type == "cpu":
@@ -190,9 +188,7 @@ class DecodeLayer:
         self.k_scale, k_gran = flat_scale(cache.k_scale, "k_scale", num_kv_heads, head_size)
         self.v_scale, v_gran = flat_scale(cache.v_scale, "v_scale", num_kv_heads, head_size)
         cfg = config or DEFAULT_CONFIG
-        block_n = cfg.tile_tokens(head_size)
-        if block_n < 16 or block_n & (block_n - 1):
-            raise ValueError(f"config tile of {block_n} tokens: need a power of two >= 16")
+        block_n = cfg.tile_tokens(head_size)  # validates the tile (also for the reference path)
 
         self.num_q_heads, self.num_kv_heads, self.head_size = num_q_heads, num_kv_heads, head_size
         self.act_dtype = act_dtype

@@ -119,6 +119,12 @@ gpu_mem() {
   python3 -c "import torch; print(round(28 * 2**30 / torch.cuda.get_device_properties(0).total_memory, 3))"
 }
 
+# The measured card's name in result file names (e.g. nvidia-h200); KVQ_DEVICE_SLUG overrides.
+device_slug() {
+  if [ -n "${KVQ_DEVICE_SLUG:-}" ]; then echo "$KVQ_DEVICE_SLUG"; return; fi
+  python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))"
+}
+
 case $stage in
 check)
   # The engine lanes start first: they hold the longest chain (calibrate, then engines or a server).
@@ -140,7 +146,7 @@ accuracy)
   ;;
 serve-load)
   configs=${KVQ_SERVE_CONFIGS:-kvquant-fp8}
-  slug=${KVQ_DEVICE_SLUG:-$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")}
+  slug=$(device_slug)
   case ${KVQ_SERVE_PHASE:-load} in
   load) phase_args=--no-trained-check suffix= ;;
   trained) phase_args=--trained-only suffix=-trained ;;
@@ -190,7 +196,7 @@ profile)
   case ${KVQ_PROFILE_WORKLOAD:-throughput} in
   throughput) workload_args= ;;
   serve64)
-    slug=${KVQ_DEVICE_SLUG:-$(python3 -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")}
+    slug=$(device_slug)
     workload_args="--max-num-seqs 64 --max-num-batched-tokens 8192 --num-requests 512 --input-len 1024 \
       --output-len 256 --delay-iterations 400 --out benchmarks/results/profile-$slug-serve64.json" ;;
   *) echo "KVQ_PROFILE_WORKLOAD must be throughput or serve64, got '$KVQ_PROFILE_WORKLOAD'" >&2; exit 2 ;;

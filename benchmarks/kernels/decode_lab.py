@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import buffer_sets, measure_copy_gbps, time_rotating
+from benchmarks.common import buffer_sets, measure_copy_gbps, programs_per_sm, time_rotating
 from benchmarks.harness import command
 from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig, DecodeLayer, DecodePlan
 from vllm_kvquant.kernels.paged_cache import PagedKVCache
@@ -85,11 +85,8 @@ def split_kernel_resources(layer: DecodeLayer) -> dict:
         return {}
     k = compiled[-1]
     regs, shared = int(getattr(k, "n_regs", 0) or 0), int(k.metadata.shared)
-    threads = 32 * int(k.metadata.num_warps)
-    by_regs = 65536 // max(1, regs * threads) if regs else None
-    by_smem = (227 * 1024) // shared if shared else None
-    per_sm = min(x for x in (by_regs, by_smem, 32) if x)
-    return dict(regs=regs, spills=int(getattr(k, "n_spills", 0) or 0), shared_bytes=shared, programs_per_sm=per_sm)
+    return dict(regs=regs, spills=int(getattr(k, "n_spills", 0) or 0), shared_bytes=shared,
+                programs_per_sm=programs_per_sm(regs, int(k.metadata.num_warps), shared))  # fmt: skip
 
 
 def run(a: argparse.Namespace) -> dict:

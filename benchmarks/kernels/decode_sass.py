@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import programs_per_sm
 from benchmarks.harness import command
 from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig
 from vllm_kvquant.kernels.decode_plan import split_kernel_constants
@@ -40,8 +41,8 @@ from vllm_kvquant.kernels.scales_layout import PER_HEAD
 
 #: Arguments Triton leaves unspecialized (``launch.unspecialized`` on the kernel).
 UNSPECIALIZED = ("num_splits", "fill_splits", "stride_bts", "stride_pls", "stride_plh")
-#: Per-SM limits of sm_90 for the occupancy estimate.
-SM90_REGISTERS, SM90_SHARED = 65536, 227 * 1024
+#: Scale granularities by their kernel code (scales_layout: PER_TENSOR, PER_HEAD, PER_CHANNEL).
+GRANULARITIES = ("per_tensor", "per_head", "per_channel")
 
 
 def toolchain_binary(name: str) -> Path:
@@ -79,7 +80,7 @@ class Variant:
     @property
     def name(self) -> str:
         parts = ["split" if self.split else "nosplit", *(["window"] if self.window else []),
-                 *(["softcap"] if self.softcap else []), ["per_tensor", "per_head", "per_channel"][self.granularity]]  # fmt: skip
+                 *(["softcap"] if self.softcap else []), GRANULARITIES[self.granularity]]  # fmt: skip
         return "+".join(parts)
 
 
@@ -120,13 +121,12 @@ def compile_split_kernel(
     cuobjdump = str(toolchain_binary("cuobjdump"))
     usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    spills = int(re.search(r"STACK:(\d+)", usage).group(1))  # local memory per thread (spills)
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # local memory per thread (spills)
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     shared = int(kernel.metadata.shared)
-    threads = 32 * options["num_warps"]
-    per_sm = min(SM90_REGISTERS // (regs * threads), SM90_SHARED // max(shared, 1), 32)
     widths = collections.Counter(int(w, 16) for w in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?, (0x[0-9a-f]+)", ptx))
-    return dict(regs=regs, stack_bytes=spills, shared_bytes=shared, programs_per_sm=per_sm,
+    return dict(regs=regs, stack_bytes=stack, shared_bytes=shared,
+                programs_per_sm=programs_per_sm(regs, options["num_warps"], shared),
                 tile_tokens=cfg.tile_tokens(dims["head_size"]), options=options,
                 cp_async_bytes={str(k): v for k, v in sorted(widths.items())}, **loop_body(sass))  # fmt: skip
 
@@ -149,15 +149,14 @@ def loop_body(sass: str) -> dict:
 
 
 def parse_variant(spec: str) -> Variant:
-    grans = {"per_tensor": 0, "per_head": 1, "per_channel": 2}
     kw: dict = {}
     for part in filter(None, spec.split("+")):
         if part in ("split", "nosplit"):
             kw["split"] = part == "split"
         elif part in ("window", "softcap"):
             kw[part] = True
-        elif part in grans:
-            kw["granularity"] = grans[part]
+        elif part in GRANULARITIES:
+            kw["granularity"] = GRANULARITIES.index(part)
         else:
             raise SystemExit(f"--variants {spec!r}: unknown part {part!r}")
     return Variant(**kw)

@@ -90,7 +90,7 @@ def engine_kwargs(config: str, model_dir: Path, args: Any, **extra: Any) -> dict
     )  # fmt: skip
     if args.max_num_seqs:
         kw["max_num_seqs"] = args.max_num_seqs
-    if getattr(args, "max_num_batched_tokens", None):
+    if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:
         kw["tensor_parallel_size"] = args.tensor_parallel_size
