@@ -395,6 +395,8 @@ def test_per_sequence_split_choice(kv_dtype, window):
     assert active_splits(base)[2:4] == [5, 7] and active_splits(cfg)[2:4] == [3, 7]
     with pytest.raises(ValueError, match="split_long_tokens must be >= 1"):
         DecodeKernelConfig(split_long_tokens=0)
+    with pytest.raises(ValueError, match="fill_programs_per_sm must be >= 1, got 0"):
+        DecodeKernelConfig.from_spec("fill_programs_per_sm=0")
 
 
 def test_bf16_query_beyond_fp16_range():

@@ -43,6 +43,16 @@ def test_report_of_two_configs(tmp_path) -> None:
     assert small["loop_instructions"] < rows[("default", "fp8_e4m3")]["loop_instructions"]
 
 
+def test_variant_specs() -> None:
+    from benchmarks.kernels import decode_sass
+
+    v = decode_sass.parse_variant("nosplit+window+per_channel")
+    assert (v.split, v.window, v.softcap, v.granularity) == (False, True, False, 2) and v.name == "nosplit+window+per_channel"
+    assert decode_sass.parse_variant("split").name == "split+per_head"
+    with pytest.raises(SystemExit, match="--variants 'split\\+fast': unknown part 'fast'"):
+        decode_sass.parse_variant("split+fast")
+
+
 def test_bad_config_and_the_interpreter_are_refused() -> None:
     proc = run_tool("--configs", "maxnreg=8")
     assert proc.returncode != 0 and "maxnreg must be in" in proc.stderr

@@ -19,12 +19,18 @@ def plan(stage: str, ngpu: int, tmp_path: Path, **env: str) -> tuple[int, list[d
         env={**os.environ, "KVQ_DRY_RUN": "1", "KVQ_NGPU": str(ngpu), "OUT": str(tmp_path),
              "KVQ_DEVICE_SLUG": "nvidia-h200", **env},
     )  # fmt: skip
+    (tmp_path / "last-stderr.txt").write_text(proc.stderr)
     lanes = []
     for line in proc.stdout.splitlines():
         m = re.match(r"lane (\S+) gpu=(\d+) limit=(\d+): (.*)", line)
         if m:
             lanes.append({"name": m[1], "gpu": int(m[2]), "limit": int(m[3]), "cmd": m[4]})
     return proc.returncode, lanes
+
+
+def last_stderr(tmp_path: Path) -> str:
+    """What the last :func:`plan` call printed to stderr."""
+    return (tmp_path / "last-stderr.txt").read_text()
 
 
 def test_check_runs_every_gpu_test_file_on_one_gpu(tmp_path) -> None:
@@ -74,6 +80,7 @@ def test_serve_load_parts(tmp_path) -> None:
     assert "--no-trained-check" not in lane["cmd"] and "--trained-only" not in lane["cmd"]
     rc, lanes = plan("serve-load", 1, tmp_path, KVQ_SERVE_PHASE="grid")
     assert rc == 2 and not lanes
+    assert "KVQ_SERVE_PHASE must be load, trained or all, got 'grid'" in last_stderr(tmp_path)
 
 
 def _configs(cmd: str) -> list[str]:
@@ -131,6 +138,7 @@ def test_profile_serving_steady_state(tmp_path) -> None:
         assert flag in " ".join(lane["cmd"].split()), flag
     rc, lanes = plan("profile", 1, tmp_path, KVQ_PROFILE_WORKLOAD="nope")
     assert rc == 2 and not lanes
+    assert "KVQ_PROFILE_WORKLOAD must be throughput or serve64, got 'nope'" in last_stderr(tmp_path)
 
 
 def test_engine_memory_is_a_fixed_size_per_card(tmp_path) -> None:

@@ -140,7 +140,7 @@ def test_merge_command_names_the_measured_card(tmp_path, monkeypatch) -> None:
     assert merged["rows"] == part["rows"] and merged["summary"]["no_leak_ok"] == {"vllm-fp8": True}
 
 
-def test_phase_arguments() -> None:
+def test_phase_arguments(capsys) -> None:
     """The grid and the trained-model phase can run in separate device calls."""
     assert serve_load.parse_args([]).reserve == 200.0
     assert serve_load.parse_args(["--no-trained-check"]).reserve == 60.0
@@ -149,6 +149,7 @@ def test_phase_arguments() -> None:
     assert args.trained_only and args.trained_check and args.configs == ["kvquant-fp8", "vllm-fp8"]
     with pytest.raises(SystemExit):
         serve_load.parse_args(["--trained-only", "--no-trained-check"])
+    assert "--trained-only and --no-trained-check leave nothing to run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, phases", [
