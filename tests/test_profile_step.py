@@ -24,7 +24,10 @@ def test_profiler_config_and_child_command(tmp_path) -> None:
     assert argv[1:3] == ["-m", "benchmarks.serving.profile_step"] and "--compile" in argv
     assert argv[argv.index("--one") + 1] == "kvquant-fp8" and argv[argv.index("--row-name") + 1] == "kvquant-fp8#2"
     assert argv[argv.index("--max-iterations") + 1] == "90" and argv[argv.index("--delay-iterations") + 1] == "7"
-    assert "--keep-traces" not in argv
+    assert "--keep-traces" not in argv and "--with-stack" not in argv
+    stacked = ps.parse_args(["--with-stack", "--workdir", str(tmp_path)])
+    assert ps.profiler_config(tmp_path / "t", stacked)["torch_profiler_with_stack"] is True
+    assert "--with-stack" in ps.child_argv(stacked, "kvquant-fp8", "kvquant-fp8", tmp_path / "r.json")
     with pytest.raises(SystemExit):
         ps.parse_args(["--max-iterations", "0"])
 
@@ -63,4 +66,5 @@ def test_smoke_on_vllm_cpu(tmp_path) -> None:
     assert "error" not in row, row.get("error")
     assert row["backend"] == "KVQUANT" and row["cudagraph_mode"] == "NONE"
     assert row["annotated_steps"] >= 6 and row["profiled_run"]["output_tokens"] == 12 * 16
+    assert "idle" in row  # per step kind; empty here: CPU engines launch no kernels
     assert not list((tmp_path / "w-smoke").glob("trace-*"))  # traces deleted without --keep-traces

@@ -132,3 +132,59 @@ def test_summary_and_trace_files(tmp_path) -> None:
     plain = tmp_path / "w.json"
     plain.write_text(json.dumps(_trace()))
     assert ta.analyze(plain)["per_kind"] == result["per_kind"]
+
+
+def _sync_trace() -> list[dict]:
+    """A mixed step whose attention op syncs the host (``aten::item``), then a decode step."""
+    ev: list[dict] = []
+
+    def host(cat, name, ts, dur, corr=None):
+        e = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1}
+        if corr is not None:
+            e["args"] = {"correlation": corr}
+        ev.append(e)
+
+    def kernel(name, ts, dur, corr):
+        ev.append({"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7,
+                   "args": {"correlation": corr}})  # fmt: skip
+
+    host("user_annotation", "execute_context_1(512)_generation_63(63)", 100, 200)
+    host("cuda_runtime", "cudaLaunchKernel", 102, 2, corr=1)
+    kernel("nvjet_tst_128x64_gemm", 105, 35, 1)
+    host("cpu_op", "vllm::unified_attention_with_output", 110, 90)
+    host("cpu_op", "aten::item", 120, 30)
+    host("cpu_op", "aten::_local_scalar_dense", 121, 28)
+    host("cuda_runtime", "cudaStreamSynchronize", 125, 20)  # waits for the GEMM
+    host("cuda_runtime", "cudaLaunchKernel", 160, 2, corr=2)  # GPU idle 140..170
+    kernel("_decode_split_kernel", 170, 10, 2)
+    host("cpu_op", "aten::mm", 184, 4)
+    host("cuda_runtime", "cudaLaunchKernel", 185, 2, corr=3)
+    kernel("nvjet_tst_64x64_gemm", 180, 10, 3)
+    host("user_annotation", "execute_context_0(0)_generation_64(64)", 300, 50)
+    host("cuda_runtime", "cudaGraphLaunch", 305, 2, corr=4)
+    kernel("nvjet_tst_64x64_gemm", 330, 10, 4)
+    return ev
+
+
+def test_idle_gaps_and_host_syncs_name_their_host_ops() -> None:
+    events = _sync_trace()
+    steps, _ = ta.find_steps(events)
+    assert [s.kind for s in steps] == ["mixed", "decode"] and [len(s.syncs) for s in steps] == [1, 0]
+    host = ta.HostIndex(events)
+    assert host.under(125, 1) == "aten::_local_scalar_dense < aten::item < vllm::unified_attention_with_output"
+    assert host.under(160, 1) == "vllm::unified_attention_with_output" and host.under(250, 1) == ""
+    idle = ta.idle_breakdown(steps, host)
+    assert idle["mixed"]["idle_gaps"] == [
+        {"before": "nvjet_tst_64x64_gemm", "after": "(next step)", "launched_under": "", "count": 1,
+         "total_us": 140.0, "mean_us_per_step": 140.0},
+        {"before": "nvjet_tst_128x64_gemm", "after": "_decode_split_kernel",
+         "launched_under": "vllm::unified_attention_with_output", "count": 1, "total_us": 30.0,
+         "mean_us_per_step": 30.0},
+    ]  # fmt: skip
+    assert idle["mixed"]["host_syncs_per_step"] == 1.0 and idle["mixed"]["host_syncs"] == [
+        {"call": "cudaStreamSynchronize", "under": "aten::_local_scalar_dense < aten::item < vllm::unified_attention_with_output",
+         "count": 1, "total_us": 20.0}]  # fmt: skip
+    assert idle["decode"] == {"idle_gaps": [], "host_syncs_per_step": 0.0, "host_syncs": []}
+    # The step table's idle time is the sum of these gaps.
+    assert ta.step_table(steps)[0]["idle_us"] == 170.0
+    assert ta.summarize(steps, host=host)["idle"] == idle

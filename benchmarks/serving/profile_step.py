@@ -10,7 +10,9 @@ records ``--max-iterations`` engine steps after skipping ``--delay-iterations`` 
 of the workload are its prefill ramp: prefill-only, then mixed steps, then decodes), writes a
 chrome trace, and ``trace_analysis.py`` turns it into GPU time per decode step and per mixed
 step by category (decode attention, prefill attention, cache write, GEMMs, other kernels) plus
-the idle GPU time between kernels (host gaps), and the top 10 kernels.
+the idle GPU time between kernels (host gaps), and the top 10 kernels; ``idle`` per step kind
+says where the idle time goes (the kernels around each gap, the host ops that launched the next
+one, and the host syncs with the ops they ran under; ``--with-stack`` adds Python frames).
 
 The profiler adds host time (every op is recorded), so ``idle_us`` is an upper bound of the host
 gaps without it and the profiled run's tokens/s (``profiled_run``) is below ``throughput.py``'s;
@@ -44,6 +46,9 @@ def _extend(ap) -> None:
     ap.add_argument("--delay-iterations", type=int, default=0, help="engine steps skipped after start_profile")
     ap.add_argument("--max-iterations", type=int, default=160, help="engine steps recorded")
     ap.add_argument("--keep-traces", action="store_true", help="keep the chrome traces in --workdir")
+    ap.add_argument("--with-stack", action="store_true",
+                    help="record Python frames too (idle gaps and host syncs then name the Python function; "
+                         "more profiler overhead)")
 
 
 def parse_args(argv=None):
@@ -57,7 +62,7 @@ def parse_args(argv=None):
 def profiler_config(trace_dir: Path, args) -> dict:
     """vLLM's ``ProfilerConfig`` (0.26) for one engine: torch profiler, a bounded window of steps."""
     return {
-        "profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
+        "profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": bool(args.with_stack),
         "torch_profiler_record_shapes": False, "torch_profiler_use_gzip": True,
         "torch_profiler_dump_cuda_time_total": False, "delay_iterations": args.delay_iterations,
         "max_iterations": args.max_iterations, "ignore_frontend": True,
@@ -125,7 +130,7 @@ def run_profiled(args) -> dict:
 def child_argv(args, row_name: str, config: str, json_path: Path) -> list[str]:
     argv = thr.child_argv(args, row_name, config, json_path, module=MODULE)
     argv += ["--delay-iterations", str(args.delay_iterations), "--max-iterations", str(args.max_iterations)]
-    return argv + (["--keep-traces"] if args.keep_traces else [])
+    return argv + (["--keep-traces"] if args.keep_traces else []) + (["--with-stack"] if args.with_stack else [])
 
 
 def print_table(rows: list[dict]) -> None:
@@ -139,6 +144,14 @@ def print_table(rows: list[dict]) -> None:
             vals = "  ".join(f"{m[f'mean_{c}']:>10.0f}" for c in cats)
             print(f"{r['name']:<17} {kind:<8} {m['steps']:>5} {m['mean_span_us']:>7.0f} {m['mean_busy_us']:>7.0f} "
                   f"{m['mean_idle_us']:>7.0f}  {vals}")  # fmt: skip
+    print("\nwhere the idle time goes (per step: us, gaps; kernel before -> after, launched under; host syncs)")
+    for r in rows:
+        for kind, idle in (r.get("idle") or {}).items():
+            print(f"{r['name']} {kind}: {idle['host_syncs_per_step']} host syncs per step "
+                  f"{[(h['call'], h['under'], h['count']) for h in idle['host_syncs'][:3]]}")
+            for g in idle["idle_gaps"][:4]:
+                print(f"  {g['mean_us_per_step']:>8.1f} us {g['count']:>5}x  {g['before']} -> {g['after']}"
+                      f"{'  [' + g['launched_under'] + ']' if g['launched_under'] else ''}")
 
 
 def main(argv=None) -> int:

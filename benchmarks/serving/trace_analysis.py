@@ -22,6 +22,13 @@ wraps every ``execute_model`` in a ``record_function`` named
   intervals; ``idle_us = span_us - busy_us``, the GPU waiting for the host (scheduling, input
   preparation, launches; the profiler's own host overhead included); and the kernel time per
   category (a sum: kernels on concurrent streams count fully).
+- **where the idle time goes** (per step kind): ``idle_gaps``, the GPU's gaps inside each step and
+  from its last kernel to the next step's first, summed by the kernel before, the kernel after
+  and the host ops that launched the one after (innermost first, e.g. ``aten::copy_ <
+  vllm::unified_attention_with_output``); and ``host_syncs``, the runtime calls that block the
+  host on the GPU (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, ``cudaEventSynchronize``,
+  synchronous ``cudaMemcpy``) with the host ops they ran under: with vLLM's async scheduling
+  a sync in a step's forward exposes every launch after it as idle GPU time.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ KERNEL_TABLE: tuple[tuple[str, str, str], ...] = (
 _COMPILED = [(cat, re.compile(pat)) for cat, pat, _ in KERNEL_TABLE]
 _KERNEL_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 _LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+_SYNC = re.compile(r"Synchronize|^cudaMemcpy$|^cuMemcpyDtoH(_v2)?$|^cudaMemcpy2D$")
+_HOST_CATS = ("cpu_op", "user_annotation", "python_function")
 _STEP = re.compile(r"^execute_(?:\d+_)?context_(\d+)\((?:sq)?(\d+).*?\)_generation_(\d+)\((?:sq)?(\d+)")
 
 
@@ -82,6 +91,17 @@ class Kernel:
     start: float  # us
     dur: float  # us
     family: str
+    launch: tuple[float, object] | None = None  # (host time, thread) of its launch, when recorded
+
+
+@dataclass
+class HostCall:
+    """A runtime call that blocks the host (see ``_SYNC``)."""
+
+    name: str
+    start: float  # us
+    dur: float  # us
+    tid: object
 
 
 @dataclass
@@ -94,6 +114,7 @@ class Step:
     context_tokens: int
     generation_requests: int
     kernels: list[Kernel] = field(default_factory=list)
+    syncs: list[HostCall] = field(default_factory=list)
 
     def category(self, kernel: Kernel) -> str:
         """The kernel's category in this step (call once every kernel is attributed)."""
@@ -139,12 +160,16 @@ def find_steps(events: list[dict]) -> tuple[list[Step], dict]:
                 steps.append(Step(e["name"], float(e["ts"]), step_kind(ctx_reqs, gen_reqs), ctx_tok, gen_reqs))
     steps.sort(key=lambda s: s.start)
     starts = [s.start for s in steps]
-    launches: dict[int, float] = {}
+    launches: dict[int, tuple[float, object]] = {}
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in _LAUNCH_CATS:
+            ts = float(e["ts"])
             corr = (e.get("args") or {}).get("correlation")
             if corr is not None:
-                launches[corr] = float(e["ts"])
+                launches[corr] = (ts, e.get("tid"))
+            i = bisect.bisect_right(starts, ts) - 1
+            if i >= 0 and _SYNC.search(str(e.get("name", ""))):
+                steps[i].syncs.append(HostCall(str(e["name"]), ts, float(e.get("dur", 0.0)), e.get("tid")))
     counts = {"by_gpu_order": 0, "no_launch": 0, "before_first_step": 0}
     placed: list[tuple[float, int]] = []  # (GPU start, step) of the kernels placed by their launch
     orphans: list[Kernel] = []
@@ -152,12 +177,13 @@ def find_steps(events: list[dict]) -> tuple[list[Step], dict]:
         if e.get("ph") != "X" or e.get("cat") not in _KERNEL_CATS:
             continue
         name = str(e.get("name", ""))
-        kernel = Kernel(name, float(e["ts"]), float(e.get("dur", 0.0)), kernel_family(name) if e["cat"] == "kernel" else "other")
         launch = launches.get((e.get("args") or {}).get("correlation"))
+        family = kernel_family(name) if e["cat"] == "kernel" else "other"
+        kernel = Kernel(name, float(e["ts"]), float(e.get("dur", 0.0)), family, launch)
         if launch is None:
             orphans.append(kernel)
             continue
-        i = bisect.bisect_right(starts, launch) - 1
+        i = bisect.bisect_right(starts, launch[0]) - 1
         if i < 0:
             counts["before_first_step"] += 1
             continue
@@ -196,9 +222,95 @@ def step_table(steps: list[Step]) -> list[dict]:
     return rows
 
 
-def summarize(steps: list[Step], top: int = 10) -> dict:
-    """Mean per step of each kind (span, busy, idle, categories) and the ``top`` kernels by time;
-    ``steps`` counts the steps that ran kernels, ``annotated_steps`` all (CPU engines run none)."""
+class HostIndex:
+    """The host ops (aten ops, ``record_function`` annotations, Python frames) of each thread, to
+    name what a launch or a sync ran under."""
+
+    def __init__(self, events: list[dict]) -> None:
+        by_tid: dict[object, list[tuple[float, float, str]]] = defaultdict(list)
+        for e in events:
+            if e.get("ph") == "X" and e.get("cat") in _HOST_CATS and not _STEP.match(str(e.get("name", ""))):
+                start = float(e["ts"])
+                by_tid[e.get("tid")].append((start, start + float(e.get("dur", 0.0)), str(e.get("name", ""))))
+        self._ops = {tid: sorted(ops) for tid, ops in by_tid.items()}
+        self._starts = {tid: [op[0] for op in ops] for tid, ops in self._ops.items()}
+
+    def under(self, ts: float, tid: object, depth: int = 3, lookback: int = 400) -> str:
+        """The ``depth`` innermost host ops of thread ``tid`` running at ``ts``, innermost first."""
+        ops, starts = self._ops.get(tid), self._starts.get(tid)
+        if not ops:
+            return ""
+        names: list[str] = []
+        i = bisect.bisect_right(starts, ts) - 1
+        stop = max(-1, i - lookback)
+        while i > stop and len(names) < depth:
+            start, end, name = ops[i]
+            if end >= ts:
+                names.append(name)
+            i -= 1
+        return " < ".join(names)
+
+
+def _gaps(step: Step, next_first: float | None) -> list[tuple[float, Kernel, Kernel | None]]:
+    """The step's idle GPU intervals: (length, kernel before, kernel after; None: the next step's)."""
+    kernels = sorted(step.kernels, key=lambda k: k.start)
+    out = []
+    end, last = kernels[0].start + kernels[0].dur, kernels[0]
+    for k in kernels[1:]:
+        if k.start > end:
+            out.append((k.start - end, last, k))
+        if k.start + k.dur >= end:
+            end, last = k.start + k.dur, k
+    if next_first is not None and next_first > end:
+        out.append((next_first - end, last, None))
+    return out
+
+
+def idle_breakdown(steps: list[Step], host: HostIndex | None = None, top: int = 8, min_us: float = 2.0) -> dict:
+    """Per step kind: the ``top`` (kernel before, kernel after, launched under) gap groups by total
+    idle time, each with its count and mean per step, and the host syncs by call and host op."""
+    groups: dict[str, dict[tuple[str, str, str], list[float]]] = defaultdict(dict)
+    syncs: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(dict)
+    nsteps: dict[str, int] = defaultdict(int)
+    firsts = [min((k.start for k in s.kernels), default=None) for s in steps]
+    for i, step in enumerate(steps):
+        if firsts[i] is None:
+            continue
+        nsteps[step.kind] += 1
+        nxt = next((f for f in firsts[i + 1 :] if f is not None), None)
+        for gap, before, after in _gaps(step, nxt):
+            if gap < min_us:
+                continue
+            launched = ""
+            if after is not None and after.launch is not None and host is not None:
+                launched = host.under(*after.launch)
+            key = (short_name(before.name, 60), "(next step)" if after is None else short_name(after.name, 60), launched)
+            entry = groups[step.kind].setdefault(key, [0.0, 0])
+            entry[0] += gap
+            entry[1] += 1
+        for call in step.syncs:
+            key = (call.name, host.under(call.start, call.tid) if host is not None else "")
+            entry = syncs[step.kind].setdefault(key, [0.0, 0])
+            entry[0] += call.dur
+            entry[1] += 1
+    out = {}
+    for kind, n in nsteps.items():
+        ranked = sorted(groups[kind].items(), key=lambda kv: -kv[1][0])[:top]
+        sync_ranked = sorted(syncs[kind].items(), key=lambda kv: -kv[1][1])[:top]
+        out[kind] = {
+            "idle_gaps": [{"before": b, "after": a, "launched_under": u, "count": c, "total_us": round(t, 1),
+                           "mean_us_per_step": round(t / n, 1)} for (b, a, u), (t, c) in ranked],
+            "host_syncs_per_step": round(sum(v[1] for v in syncs[kind].values()) / n, 2),
+            "host_syncs": [{"call": name, "under": u, "count": c, "total_us": round(t, 1)}
+                           for (name, u), (t, c) in sync_ranked],
+        }  # fmt: skip
+    return out
+
+
+def summarize(steps: list[Step], top: int = 10, host: HostIndex | None = None) -> dict:
+    """Mean per step of each kind (span, busy, idle, categories), the ``top`` kernels by time and
+    where the idle time goes (:func:`idle_breakdown`); ``steps`` counts the steps that ran
+    kernels, ``annotated_steps`` all (CPU engines run none)."""
     table = step_table(steps)
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for row in table:
@@ -221,10 +333,11 @@ def summarize(steps: list[Step], top: int = 10) -> dict:
     top_kernels = [{"name": n, "category": c, "total_us": round(t, 1), "count": cnt, "share": round(t / grand, 4)}
                    for (n, c), (t, cnt) in ranked]  # fmt: skip
     return {"annotated_steps": len(steps), "steps": len(table), "per_kind": per_kind, "top_kernels": top_kernels,
-            "kernel_time_us": round(grand, 1)}  # fmt: skip
+            "kernel_time_us": round(grand, 1), "idle": idle_breakdown(steps, host)}  # fmt: skip
 
 
 def analyze(path: Path, top: int = 10) -> dict:
     """:func:`summarize` of one trace file, with what could not be attributed to a step."""
-    steps, attribution = find_steps(load_trace(path))
-    return {**summarize(steps, top), "kernel_attribution": attribution, "trace": path.name}
+    events = load_trace(path)
+    steps, attribution = find_steps(events)
+    return {**summarize(steps, top, HostIndex(events)), "kernel_attribution": attribution, "trace": path.name}
