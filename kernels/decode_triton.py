@@ -169,6 +169,10 @@ if HAVE_TRITON:
         seq_len, start, lo, hi, num_active = _split_tile_range(
             seq_lens_ptr + seq, split, num_splits, fill_splits, window, BLOCK_N, MIN_TILES, LONG_TILES, USE_WINDOW
         )
+        if SPLIT:
+            # A split with no tiles of this sequence: the reduce reads only the active splits.
+            if split >= tl.maximum(num_active, 1):
+                return
 
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_PAD)
@@ -257,9 +261,14 @@ if HAVE_TRITON:
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None] * v_scale
         out_mask = g_mask[:, None] & d_mask[None, :]
+        # One active split (a short sequence in a batch planned for long ones): this program saw
+        # the whole sequence and writes the output itself; the reduce skips the sequence.
+        direct = True
         if SPLIT:
-            po = part_o_ptr + seq64 * stride_pos + heads[:, None] * stride_poh + split * stride_pok + offs_d[None, :]
-            tl.store(po, o, mask=out_mask)
+            direct = num_active <= 1
+        if not direct:
+            part = part_o_ptr + seq64 * stride_pos + heads[:, None] * stride_poh + split * stride_pok + offs_d[None, :]
+            tl.store(part, o, mask=out_mask)
             lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
             tl.store(part_lse_ptr + seq64 * stride_pls + heads * stride_plh + split, lse, mask=g_mask)
         else:
@@ -292,6 +301,8 @@ if HAVE_TRITON:
         _seq_len, _start, _lo, _hi, num_active = _split_tile_range(
             seq_lens_ptr + seq, 0, num_splits, fill_splits, window, BLOCK_N, MIN_TILES, LONG_TILES, USE_WINDOW
         )
+        if num_active <= 1:  # the split kernel wrote this sequence's output (one program saw it all)
+            return
         seq64 = seq.to(tl.int64)
         offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_PAD)
