@@ -117,6 +117,33 @@ def test_merge_and_summary() -> None:
     assert "warning" in merged and merged["summary"]["all_failed_zero"] is False
 
 
+def test_merge_of_repeated_runs_keeps_each_and_compares_medians() -> None:
+    """The same two configs in three calls: every row and record kept (later ones as name#run),
+    medians per config and grid point, and kvquant's median over vLLM fp8's."""
+
+    def part(tag, kvq, vllm, order=("kvquant-fp8", "vllm-fp8")):
+        tput = {"kvquant-fp8": kvq, "vllm-fp8": vllm}
+        rows = [{"name": n, "max_concurrency": 64, "request_rate": "inf", "completed": 1000, "failed": 0,
+                 "output_throughput": tput[n], "p50_tpot_ms": 1e6 / 64 / tput[n], "p50_ttft_ms": 850.0} for n in order]
+        return {"device": {"name": "H100"}, "command": tag, "copy_gbps": 3000.0, "rows": rows,
+                "no_leak": {n: {"ok": True} for n in order}, "servers": {n: {"start_s": 60, "tag": tag} for n in order}}
+
+    merged = serve_load_results.merge_results(
+        [part("a", 3139.0, 3569.0), part("b", 3705.0, 3898.0), part("c", 3894.0, 3913.0, ("vllm-fp8", "kvquant-fp8"))]
+    )  # fmt: skip
+    assert [(r["name"], r["part"], r["run"]) for r in merged["rows"]] == [
+        ("kvquant-fp8", 0, 1), ("vllm-fp8", 0, 1), ("kvquant-fp8", 1, 2), ("vllm-fp8", 1, 2),
+        ("vllm-fp8", 2, 3), ("kvquant-fp8", 2, 3)]  # fmt: skip
+    assert set(merged["servers"]) == {"kvquant-fp8", "vllm-fp8", "kvquant-fp8#2", "vllm-fp8#2", "kvquant-fp8#3", "vllm-fp8#3"}
+    assert merged["servers"]["vllm-fp8#3"]["tag"] == "c" and len(merged["summary"]["no_leak_ok"]) == 6
+    med = {m["name"]: m for m in merged["summary"]["medians"]}
+    assert med["kvquant-fp8"]["runs"] == 3 and med["kvquant-fp8"]["median_output_tokens_per_s"] == 3705.0
+    assert (med["kvquant-fp8"]["min_output_tokens_per_s"], med["kvquant-fp8"]["max_output_tokens_per_s"]) == (3139.0, 3894.0)
+    assert med["vllm-fp8"]["median_output_tokens_per_s"] == 3898.0 and med["vllm-fp8"]["vs_vllm_fp8"] == 1.0
+    assert med["kvquant-fp8"]["vs_vllm_fp8"] == round(3705 / 3898, 3) and med["kvquant-fp8"]["median_p50_ttft_ms"] == 850.0
+    assert serve_load_results.medians([{"name": "x", "error": "skipped"}]) == []
+
+
 def test_smoke_arguments_and_configs() -> None:
     args = serve_load.parse_args(["--smoke"])
     assert args.configs == ["kvquant-fp8"] and args.num_prompts == 12 and args.grid == serve_load.SMOKE_GRID
@@ -137,7 +164,8 @@ def test_merge_command_names_the_measured_card(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(serve_load, "REPO", tmp_path)
     assert serve_load.main(["--merge", str(tmp_path / "a.json")]) == 0
     merged = json.loads((tmp_path / "benchmarks" / "results" / "serve-load-nvidia-h200.json").read_text())
-    assert merged["rows"] == part["rows"] and merged["summary"]["no_leak_ok"] == {"vllm-fp8": True}
+    assert merged["rows"] == [{**part["rows"][0], "part": 0, "run": 1}]
+    assert merged["summary"]["no_leak_ok"] == {"vllm-fp8": True}
 
 
 def test_phase_arguments(capsys) -> None:
@@ -190,5 +218,5 @@ def test_merge_of_load_and_trained_parts() -> None:
     trained = {"device": {"name": "H200"}, "command": "c", "rows": [],
                "consistency": {"kvquant-fp8": {"ok": True}, "vllm-fp8": {"ok": True}}}  # fmt: skip
     merged = serve_load_results.merge_results([load, trained])
-    assert merged["servers"] == load["servers"] and merged["rows"] == load["rows"]
+    assert merged["servers"] == load["servers"] and merged["rows"] == [{**load["rows"][0], "part": 0, "run": 1}]
     assert merged["summary"]["consistency_ok"] == {"kvquant-fp8": True, "vllm-fp8": True}

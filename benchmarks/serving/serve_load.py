@@ -44,6 +44,10 @@ checks ~10 s, the trained-model phase ~150 s. So a whole config does not fit one
 ``--configs kvquant-fp8 --no-trained-check --out A.json``, ``--configs vllm-fp8
 --no-trained-check --out B.json``, ``--configs kvquant-fp8,vllm-fp8 --trained-only --out C.json``,
 then ``--merge A.json B.json C.json --out serve-load-nvidia-h200.json`` (anywhere).
+End-to-end runs vary by several percent, so compare medians: both servers at one grid point fit a
+call (``--configs kvquant-fp8,vllm-fp8 --grid 64:inf --no-trained-check``, ~420 s cold, ~310 s on
+a warm machine); repeat with the order swapped and merge the calls: the merged ``summary.medians``
+gives each config's median per grid point and its ratio to vLLM fp8's.
 
 Each server's log is scanned when it stops (``servers.<config>.log_scan``, and
 ``consistency.<config>.log_scan``): Triton JIT compilations during inference (vLLM's monitor

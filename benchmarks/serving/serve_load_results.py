@@ -15,17 +15,31 @@ def write_result(path: Path, result: dict) -> None:
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """Several runs' results (e.g. one config per device call) as one: rows in order, the
-    per-config records united; device, versions, copy_gbps from the first, each command kept."""
+    """Several runs' results (e.g. one config per device call, a trained-model phase, or the same
+    configs again) as one: rows in order, each with its ``part`` (index into ``command``) and
+    ``run`` (1 for the first row of its config and grid point, 2 for a repeat, ...); the
+    per-config records united, a record that a config already has kept as ``<config>#2``, ...;
+    device, versions, copy_gbps from the first, each command kept."""
     records = ("consistency", "consistency_dummy", "no_leak", "bad_input", "servers")
     merged = {k: v for k, v in parts[0].items() if k not in ("rows", *records)}
     merged["command"] = [p.get("command") for p in parts]
     merged["copy_gbps_per_part"] = [p.get("copy_gbps") for p in parts]
-    merged["rows"] = [row for p in parts for row in p.get("rows", [])]
+    merged["rows"] = []
+    seen: dict[tuple, int] = {}
+    for i, part in enumerate(parts):
+        for r in part.get("rows", []):
+            point = (r.get("name"), r.get("max_concurrency"), str(r.get("request_rate")))
+            seen[point] = seen.get(point, 0) + 1
+            merged["rows"].append({**r, "part": i, "run": seen[point]})
     for key in records:
         merged[key] = {}
-        for p in parts:
-            merged[key].update(p.get(key) or {})
+        for part in parts:
+            for name, record in (part.get(key) or {}).items():
+                label, n = name, 1
+                while label in merged[key]:
+                    n += 1
+                    label = f"{name}#{n}"
+                merged[key][label] = record
     devices = {json.dumps(p.get("device"), sort_keys=True) for p in parts}
     if len(devices) > 1:
         merged["warning"] = f"parts measured on different devices: {sorted(devices)}"
@@ -33,8 +47,39 @@ def merge_results(parts: list[dict]) -> dict:
     return merged
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def medians(rows: list[dict]) -> list[dict]:
+    """Per config and grid point, over its completed runs: how many, the median (and range) of the
+    output tok/s, the median TPOT and TTFT p50; ``vs_vllm_fp8``: the output tok/s median over
+    ``vllm-fp8``'s at the same grid point (end-to-end runs vary by several percent: compare medians)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not r.get("error") and r.get("output_throughput") is not None:
+            groups.setdefault((r["name"], r.get("max_concurrency"), str(r.get("request_rate"))), []).append(r)
+    out = []
+    for (name, conc, rate), rs in groups.items():
+        tput = [float(r["output_throughput"]) for r in rs]
+        entry = {"name": name, "max_concurrency": conc, "request_rate": rate, "runs": len(rs),
+                 "median_output_tokens_per_s": round(_median(tput), 1), "min_output_tokens_per_s": min(tput),
+                 "max_output_tokens_per_s": max(tput)}  # fmt: skip
+        for key in ("p50_tpot_ms", "p50_ttft_ms"):
+            vals = [float(r[key]) for r in rs if r.get(key) is not None]
+            entry[f"median_{key}"] = round(_median(vals), 2) if vals else None
+        out.append(entry)
+    base = {(e["max_concurrency"], e["request_rate"]): e["median_output_tokens_per_s"] for e in out if e["name"] == "vllm-fp8"}
+    for e in out:
+        ref = base.get((e["max_concurrency"], e["request_rate"]))
+        e["vs_vllm_fp8"] = round(e["median_output_tokens_per_s"] / ref, 3) if ref else None
+    return out
+
+
 def summarize(result: dict) -> dict:
-    """What the issue asks to show: every row failed == 0, and the checks' verdicts."""
+    """What the issue asks to show: every row failed == 0, the checks' verdicts, and the medians."""
     rows = result.get("rows", [])
     return {
         "rows": len(rows),
@@ -44,6 +89,7 @@ def summarize(result: dict) -> dict:
         "consistency_dummy_ok": {k: v.get("ok") for k, v in (result.get("consistency_dummy") or {}).items()},
         "no_leak_ok": {k: v.get("ok") for k, v in (result.get("no_leak") or {}).items()},
         "bad_input_ok": {k: v.get("ok") for k, v in (result.get("bad_input") or {}).items()},
+        "medians": medians(rows),
     }
 
 
