@@ -167,9 +167,10 @@ def find_steps(events: list[dict]) -> tuple[list[Step], dict]:
             corr = (e.get("args") or {}).get("correlation")
             if corr is not None:
                 launches[corr] = (ts, e.get("tid"))
-            i = bisect.bisect_right(starts, ts) - 1
-            if i >= 0 and _SYNC.search(str(e.get("name", ""))):
-                steps[i].syncs.append(HostCall(str(e["name"]), ts, float(e.get("dur", 0.0)), e.get("tid")))
+            if _SYNC.search(str(e.get("name", ""))):
+                i = bisect.bisect_right(starts, ts) - 1
+                if i >= 0:
+                    steps[i].syncs.append(HostCall(str(e["name"]), ts, float(e.get("dur", 0.0)), e.get("tid")))
     counts = {"by_gpu_order": 0, "no_launch": 0, "before_first_step": 0}
     placed: list[tuple[float, int]] = []  # (GPU start, step) of the kernels placed by their launch
     orphans: list[Kernel] = []
