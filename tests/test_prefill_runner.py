@@ -315,8 +315,10 @@ def test_prefill_benchmark_smoke(tmp_path):
         for name in ("kvquant-prefill-triton", "kvquant-prefill-quantized-triton"):
             r = rows[(name, kind)]
             assert r["status"] == "ok" and r["us"] > 0 and r["max_abs_err_ref"] < 3e-2, r
-        for name in ("kvquant-prefill-fa3", "kvquant-prefill-fa3-merge", "kvquant-prefill-quantized"):
+        for name in ("kvquant-prefill-fa3", "kvquant-prefill-fa3-merge", "kvquant-prefill-quantized",
+                     "kvquant-prefill-fa3-default-ws"):
             assert rows[(name, kind)]["status"] == "skipped"
+        assert rows[("kvquant-prefill-fa3-default-ws", kind)]["workspace_slabs"] == 1  # 256 MiB holds the smoke shape
     assert "not CUDA" in rows[("kvquant-prefill-fa3-allrows", "fp8")]["reason"]
     assert rows[("vllm-fa3-prefill", "bf16")]["reason"] == "needs a CUDA GPU"
-    assert len(rows) == 13
+    assert len(rows) == 15

@@ -197,9 +197,9 @@ def _fa3_runner(case, monkeypatch, window=None, cap=None, mode="bf16"):
     return runner, fake
 
 
-def _plan(case, workspace, all_rows=False, mode="bf16"):
+def _plan(case, workspace, all_rows=False, mode="bf16", query_start_loc_cpu=None):
     return runner_plan(case, all_rows, workspace=workspace, seq_lens_cpu=case["seq_lens"].cpu(),
-                       from_cache_only=mode == "quantized")  # fmt: skip
+                       from_cache_only=mode == "quantized", query_start_loc_cpu=query_start_loc_cpu)  # fmt: skip
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
@@ -212,7 +212,7 @@ def test_fa3_path_over_workspace_matches_reference(kv_dtype, act_dtype, window, 
     hkv, d = case["key"].shape[1:]
     ws = ContextWorkspace.allocate(512, 16, hkv, d, act_dtype, "cpu")
     plan = _plan(case, ws, mode=mode)
-    assert plan.context_fill is not None and plan.context_fill.max_seq_len == int(case["seq_lens"][NUM_DECODES:].max())
+    assert plan.context_fill is not None and plan.context_fill[0].max_seq_len == int(case["seq_lens"][NUM_DECODES:].max())
     _check(case, runner, plan, window=window, cap=cap)
     assert (fake.paged_calls, fake.calls) == (1, 0), "one paged FA3 call, no merge pass"
     # quantized: one split, so that a row's bits do not depend on the batch or the chunking
@@ -238,6 +238,37 @@ def test_workspace_too_small_or_graph_plan_falls_back_to_merge(monkeypatch):
                                  max_query_len=10, has_context=False, workspace=big, seq_lens_cpu=case["seq_lens"],
                                  from_cache_only=True)  # fmt: skip
     assert no_ctx_q.context_fill is not None
+
+
+@pytest.mark.parametrize("mode", ["bf16", "quantized"])
+def test_workspace_slabs_when_the_sequences_exceed_it(mode, monkeypatch):
+    """A step whose sequences do not fit the workspace at once runs it in slabs of consecutive
+    requests (each filled from the workspace's start, one paged FA3 call each), not the merge
+    path; the answer is the reference's. Slabs need the host's row offsets, a workspace that holds
+    the longest request, and at most ``max_slabs`` slabs."""
+    case = _batch(act_dtype=torch.bfloat16, kv_dtype="fp8_e4m3", group=2)
+    runner, fake = _fa3_runner(case, monkeypatch, mode=mode)
+    hkv, d = case["key"].shape[1:]
+    qsl_cpu = case["query_start_loc"].cpu()
+    # The prefills need 3, 2, 3 and 1 pages of 16 tokens (two padding requests none).
+    four = ContextWorkspace.allocate(64, 16, hkv, d, torch.bfloat16, "cpu")
+    plan = _plan(case, four, mode=mode, query_start_loc_cpu=qsl_cpu)
+    slabs = plan.context_fill
+    assert [(c.req_lo, c.req_hi) for c in slabs] == [(0, 1), (1, 2), (2, 6)]
+    rows = (qsl_cpu[NUM_DECODES:] - qsl_cpu[NUM_DECODES]).tolist()
+    assert [(c.row_lo, c.row_hi) for c in slabs] == [(rows[0], rows[1]), (rows[1], rows[2]), (rows[2], rows[6])]
+    assert [c.query_start_loc.tolist()[0] for c in slabs] == [0, 0, 0] and slabs[2].max_query_len == 20
+    assert [c.max_pages for c in slabs] == [3, 2, 3] and all(int(c.offsets[0]) == 0 for c in slabs)
+    _check(case, runner, plan)
+    assert (fake.paged_calls, fake.calls) == (3, 0), "three paged FA3 calls, no merge pass"
+    # Without the host's rows, with a workspace smaller than one request, or beyond max_slabs: merge.
+    assert _plan(case, four, mode=mode).context_fill is None
+    two = ContextWorkspace.allocate(32, 16, hkv, d, torch.bfloat16, "cpu")
+    assert _plan(case, two, mode=mode, query_start_loc_cpu=qsl_cpu).context_fill is None
+    n = plan.num_reqs
+    args = (four, plan.query_start_loc, plan.seq_lens[:n], case["seq_lens"][NUM_DECODES:].cpu(), torch.tensor(rows))
+    assert prefill_mod.ContextFillPlan.slabs(*args, max_slabs=3) is not None
+    assert prefill_mod.ContextFillPlan.slabs(*args, max_slabs=2) is None
 
 
 def test_workspace_option_and_size():
@@ -285,6 +316,14 @@ def test_gpu_fa3_over_workspace_matches_reference(kv_dtype, window, cap):
     s = int(case["query_start_loc"][NUM_DECODES])
     e = int(case["query_start_loc"][-1])
     torch.testing.assert_close(a[s:e].float(), b[s:e].float(), atol=3e-2, rtol=3e-2)
+    # A workspace of 4 pages: the step runs in 3 slabs on the real FA3, with the same answer.
+    small = ContextWorkspace.allocate(64, 16, case["key"].shape[1], d, torch.bfloat16, "cuda")
+    slabs = _plan(case, small, query_start_loc_cpu=case["query_start_loc"].cpu())
+    assert slabs.context_fill is not None and len(slabs.context_fill) == 3
+    _check(case, runner, slabs, window=window, cap=cap)
+    c = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+    runner.run(q, case["key"], case["value"], paged(case), slabs, c)
+    torch.testing.assert_close(c[s:e].float(), a[s:e].float(), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.gpu

@@ -36,16 +36,11 @@ from .config import KVQuantConfig
 from .kernels.decode_attention import DEFAULT_CONFIG, DecodePlan, alloc_decode_workspace
 from .kernels.decode_config import device_num_sms
 from .layer_scales import attach_layer_scales, layer_state
-from .prefill import ContextWorkspace, PrefillPlan, fa3_unavailable_reason
+from .prefill import ContextWorkspace, PrefillPlan, fa3_unavailable_reason, prefill_workspace_tokens
 
 __all__ = ["KVQuantMetadata", "KVQuantMetadataBuilder", "decode_kernel", "prefill_workspace_tokens", "step_counts"]
 
 logger = logging.getLogger("vllm.kvquant")
-
-
-def prefill_workspace_tokens(budget_mib: int, num_kv_heads: int, head_size: int, elem_bytes: int) -> int:
-    """Tokens of K and V at ``elem_bytes`` that fit the prefill context workspace's MiB budget."""
-    return max(0, budget_mib * 2**20 // (2 * num_kv_heads * head_size * elem_bytes))
 
 
 def decode_kernel(vllm_config: Any) -> str:
@@ -267,7 +262,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
                 num_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
                 num_decodes=nd, num_decode_tokens=num_decode_tokens, has_context=_may_have_context(m, nd),
                 workspace=self.prefill_workspace, seq_lens_cpu=getattr(m, "seq_lens_cpu_upper_bound", None),
-                from_cache_only=self.prefill_from_cache_only,
+                from_cache_only=self.prefill_from_cache_only, query_start_loc_cpu=getattr(m, "query_start_loc_cpu", None),
             )  # fmt: skip
         return metadata
 

@@ -84,29 +84,88 @@ class ContextWorkspace:
         return 2 * self.key.numel() * self.key.element_size()
 
 
+def prefill_workspace_tokens(budget_mib: int, num_kv_heads: int, head_size: int, elem_bytes: int) -> int:
+    """Tokens of K and V at ``elem_bytes`` that fit the prefill context workspace's MiB budget."""
+    return max(0, budget_mib * 2**20 // (2 * num_kv_heads * head_size * elem_bytes))
+
+
+#: Most workspace slabs of one step; a step that needs more keeps the merge path.
+MAX_SLABS = 32
+
+
 @dataclass
 class ContextFillPlan:
-    """Where one batch's prefill sequences go in the workspace (built once per batch)."""
+    """One slab of a batch's prefill sequences in the workspace (built once per batch): requests
+    ``req_lo .. req_hi`` of the plan, whose new tokens are the plan's rows ``row_lo .. row_hi``.
+    A step whose sequences exceed the workspace runs several slabs one after another, each
+    filling the workspace from its start and attending with one FA3 call."""
 
     workspace: ContextWorkspace
-    offsets: torch.Tensor  # [num_reqs] int32: first workspace page of each request
+    offsets: torch.Tensor  # [num_reqs] int32: first workspace page of each request of the slab
     block_table: torch.Tensor  # [num_reqs, max_pages] int32: workspace pages, for FA3
     max_pages: int  # upper bound on any request's pages (host)
     max_seq_len: int  # upper bound on any request's sequence (host)
+    req_lo: int = 0
+    req_hi: int = 0
+    row_lo: int = 0
+    row_hi: int | None = None  # None: every row of the plan from row_lo on
+    query_start_loc: torch.Tensor | None = None  # [num_reqs + 1] rows relative to row_lo (FA3); None: the plan's
+    max_query_len: int | None = None  # host upper bound on the slab's new tokens per request; None: the plan's
 
     @classmethod
     def build(
         cls, workspace: ContextWorkspace, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor
     ) -> "ContextFillPlan | None":
-        """None when the sequences (by their host upper bounds) do not fit the workspace."""
+        """One slab of every request; None when the sequences (by their host upper bounds) do not
+        fit the workspace."""
         bs = workspace.block_size
         pages_cpu = (seq_lens_cpu.to(torch.int64) + bs - 1) // bs
         if pages_cpu.numel() == 0 or int(pages_cpu.sum()) > workspace.num_pages:
             return None
-        max_pages = int(pages_cpu.max())
-        offsets = workspace_offsets(seq_lens, bs)
+        return cls._slab(workspace, seq_lens, seq_lens_cpu, pages_cpu, 0, pages_cpu.numel())
+
+    @classmethod
+    def _slab(cls, workspace, seq_lens, seq_lens_cpu, pages_cpu, lo: int, hi: int) -> "ContextFillPlan":
+        max_pages = int(pages_cpu[lo:hi].max())
+        offsets = workspace_offsets(seq_lens[lo:hi], workspace.block_size)
         table = offsets[:, None] + torch.arange(max_pages, dtype=torch.int32, device=offsets.device)[None, :]
-        return cls(workspace, offsets, table, max_pages, int(seq_lens_cpu.max()))
+        return cls(workspace, offsets, table, max_pages, int(seq_lens_cpu[lo:hi].max()), lo, hi)
+
+    @classmethod
+    def slabs(
+        cls, workspace: ContextWorkspace, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+        seq_lens_cpu: torch.Tensor, query_start_loc_cpu: torch.Tensor | None, max_slabs: int = MAX_SLABS,
+    ) -> "tuple[ContextFillPlan, ...] | None":  # fmt: skip
+        """The plan's requests in consecutive groups that each fit the workspace (by host upper
+        bounds): one slab when all fit. Several need the host's ``query_start_loc_cpu`` (relative
+        to the plan's first row) to cut the rows; None (merge path) without it, when one request
+        alone exceeds the workspace, or beyond ``max_slabs``."""
+        whole = cls.build(workspace, seq_lens, seq_lens_cpu)
+        if whole is not None:
+            return (whole,)
+        bs, cap = workspace.block_size, workspace.num_pages
+        pages = ((seq_lens_cpu.to(torch.int64) + bs - 1) // bs).tolist()
+        if query_start_loc_cpu is None or not pages or max(pages) > cap:
+            return None
+        groups, lo, used = [], 0, 0
+        for i, n in enumerate(pages):
+            if used + n > cap:
+                groups.append((lo, i))
+                lo, used = i, 0
+            used += n
+        groups.append((lo, len(pages)))
+        if len(groups) > max_slabs:
+            return None
+        rows = query_start_loc_cpu.tolist()
+        pages_cpu = torch.tensor(pages)
+        out = []
+        for lo, hi in groups:
+            slab = cls._slab(workspace, seq_lens, seq_lens_cpu, pages_cpu, lo, hi)
+            slab.row_lo, slab.row_hi = rows[lo], rows[hi]
+            slab.query_start_loc = query_start_loc[lo : hi + 1] - rows[lo] if rows[lo] else query_start_loc[lo : hi + 1]
+            slab.max_query_len = max(rows[i + 1] - rows[i] for i in range(lo, hi))
+            out.append(slab)
+        return tuple(out)
 
 
 @dataclass
@@ -125,7 +184,8 @@ class PrefillPlan:
     row_start: int = 0  # first row of query/key/value/out that the plan covers
     all_rows: bool = False  # graph-safe: every request of the batch; q_len <= 1 and empty ones skipped
     has_context: bool = True  # False: no request has cached context (the context pass is skipped)
-    context_fill: ContextFillPlan | None = None  # fa3 path: FA3 over a 16-bit copy of each sequence
+    #: fa3 path: FA3 over a 16-bit copy of each sequence, one slab or several (see ContextFillPlan)
+    context_fill: tuple[ContextFillPlan, ...] | None = None
 
     @classmethod
     def build(
@@ -143,6 +203,7 @@ class PrefillPlan:
         workspace: ContextWorkspace | None = None,
         seq_lens_cpu: torch.Tensor | None = None,
         from_cache_only: bool = False,
+        query_start_loc_cpu: torch.Tensor | None = None,
     ) -> "PrefillPlan":
         """Build once per batch, for all layers (at most one small device op, no host sync).
 
@@ -164,7 +225,10 @@ class PrefillPlan:
                 the host, e.g. from ``seq_lens_cpu_upper_bound``); never under CUDA graphs.
             workspace, seq_lens_cpu: the fa3 path's :class:`ContextWorkspace` and host upper
                 bounds of the whole batch's ``seq_lens``; with both (and context, not
-                ``all_rows``) the plan fills the workspace when the sequences fit it.
+                ``all_rows``) the plan fills the workspace when the sequences fit it, else in
+                slabs of requests that each fit it (:meth:`ContextFillPlan.slabs`).
+            query_start_loc_cpu: the whole batch's ``query_start_loc`` on the host
+                (``CommonAttentionMetadata.query_start_loc_cpu``): needed for slabs.
             from_cache_only: prefill mode ``quantized``: every sequence goes through the
                 workspace, new tokens read back from the cache, also without cached context.
         """
@@ -189,7 +253,11 @@ class PrefillPlan:
         if workspace is not None and seq_lens_cpu is not None and (has_context or from_cache_only) and not all_rows:
             n = plan.num_reqs
             host = seq_lens_cpu[num_decodes : num_decodes + n]
-            plan.context_fill = ContextFillPlan.build(workspace, plan.seq_lens[:n], host)
+            rows = None
+            if query_start_loc_cpu is not None:
+                rows = query_start_loc_cpu[num_decodes : num_decodes + n + 1]
+                rows = rows - rows[0]
+            plan.context_fill = ContextFillPlan.slabs(workspace, plan.query_start_loc, plan.seq_lens[:n], host, rows)
         return plan
 
     @property
@@ -354,27 +422,32 @@ class PrefillRunner:
         return None
 
     def _run_fa3_over_workspace(self, query, key, value, cache: PagedKVCache, plan: PrefillPlan, out) -> None:
-        """Each request's whole sequence into the 16-bit workspace, then one paged FA3 call.
+        """Each request's whole sequence into the 16-bit workspace, then one paged FA3 call; slab
+        after slab when the step's sequences exceed the workspace (same stream: a slab's fill
+        starts after the previous slab's FA3 has read the workspace).
 
         Mode ``quantized`` reads the new tokens back from the cache too, and asks FA3 for one
         split: a row's arithmetic (key blocks from position 0, one reduction order) then does not
         depend on how the sequence was chunked or what else is in the batch."""
-        cf = plan.context_fill
-        ws = cf.workspace
-        n = plan.num_reqs
         quantized = self.mode == "quantized"
-        fill_context(
-            key, value, cache, ws.key, ws.value, plan.block_table, plan.query_start_loc, plan.seq_lens, cf.offsets, n,
-            cf.max_pages, from_cache_only=quantized,
-        )  # fmt: skip
         extra = {"num_splits": 1} if quantized else {}
-        self._fa(
-            q=query, k=ws.key, v=ws.value, out=out,
-            cu_seqlens_q=plan.query_start_loc, max_seqlen_q=plan.max_query_len,
-            seqused_k=plan.seq_lens[:n], max_seqlen_k=cf.max_seq_len, block_table=cf.block_table,
-            softmax_scale=self.scale, causal=True, window_size=self._fa_window, softcap=self._fa_softcap,
-            fa_version=3, **extra,
-        )  # fmt: skip
+        for cf in plan.context_fill:
+            ws = cf.workspace
+            lo, hi = cf.req_lo, cf.req_hi
+            seq_lens = plan.seq_lens[lo:hi]
+            fill_context(
+                key, value, cache, ws.key, ws.value, plan.block_table[lo:hi], plan.query_start_loc[lo : hi + 1],
+                seq_lens, cf.offsets, hi - lo, cf.max_pages, from_cache_only=quantized,
+            )  # fmt: skip
+            rows = slice(cf.row_lo, cf.row_hi)
+            self._fa(
+                q=query[rows], k=ws.key, v=ws.value, out=out[rows],
+                cu_seqlens_q=plan.query_start_loc if cf.query_start_loc is None else cf.query_start_loc,
+                max_seqlen_q=plan.max_query_len if cf.max_query_len is None else cf.max_query_len,
+                seqused_k=seq_lens, max_seqlen_k=cf.max_seq_len, block_table=cf.block_table,
+                softmax_scale=self.scale, causal=True, window_size=self._fa_window, softcap=self._fa_softcap,
+                fa_version=3, **extra,
+            )  # fmt: skip
         return None
 
     def _run_reference(self, query, key, value, cache: PagedKVCache, plan, out) -> None:

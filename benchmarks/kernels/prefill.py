@@ -24,6 +24,9 @@ Rows (``name``, ``kv_dtype``):
   replays, batches beyond the workspace, ``prefill_workspace_mib: 0``).
 - ``kvquant-prefill-fa3-allrows`` (fp8): the fa3 path with the CUDA-graph-safe plan (``all_rows``:
   FA3's ``max_seqlen`` and the grid from the token count, the context pass always launched).
+- ``kvquant-prefill-fa3-default-ws`` (fp8, int8): what a user gets, the fa3 path with the
+  backend's default workspace (``prefill_workspace_mib``, 256 MiB): a shape whose sequences
+  exceed it runs in slabs of requests (``workspace_slabs``), each filled and attended in turn.
 - ``vllm-fa3-prefill`` (bf16, fp8): ``flash_attn_varlen_func`` as vLLM's FLASH_ATTN backend calls
   it: the whole sequence from the paged cache (``block_table``, ``seqused_k``, causal,
   ``scheduler_metadata`` built once per batch as its metadata builder does); fp8: fp8 cache,
@@ -55,7 +58,9 @@ import torch  # noqa: E402
 from benchmarks.common import device_info, host_us_per_call, measure_copy_gbps, time_rotating, versions  # noqa: E402
 from benchmarks.harness import REPO, command, device_slug, write_result  # noqa: E402
 from vllm_kvquant.kernels.paged_cache import PagedKVCache  # noqa: E402
+from vllm_kvquant.config import KVQuantConfig  # noqa: E402
 from vllm_kvquant.prefill import ContextWorkspace, PrefillPlan, PrefillRunner, fa3_unavailable_reason  # noqa: E402
+from vllm_kvquant.prefill import prefill_workspace_tokens  # noqa: E402
 
 #: (name, requests, new tokens per request, cached tokens per request)
 SHAPES = (("1x8k", 1, 8192, 0), ("16x2k", 16, 2048, 0), ("chunk2k-ctx16k", 1, 2048, 16384),
@@ -69,7 +74,8 @@ OURS = (("kvquant-prefill-fa3", "bf16", "fa3", False, True), ("kvquant-prefill-f
         ("kvquant-prefill-triton", "bf16", "triton", False, False),
         ("kvquant-prefill-quantized", "quantized", "fa3", False, True),
         ("kvquant-prefill-quantized-triton", "quantized", "triton", False, False),
-        ("kvquant-prefill-fa3-allrows", "bf16", "fa3", True, False))  # fmt: skip
+        ("kvquant-prefill-fa3-allrows", "bf16", "fa3", True, False),
+        ("kvquant-prefill-fa3-default-ws", "bf16", "fa3", False, "default"))  # fmt: skip
 K_SCALE, V_SCALE = 0.02, 0.015
 FP8 = torch.float8_e4m3fn
 
@@ -167,6 +173,8 @@ def bench(shapes, *, hq=32, hkv=8, d=128, bs=16, smoke=False) -> list[dict]:
                 traceback.print_exc()
 
         outs: dict[tuple[str, str], torch.Tensor] = {}
+        default_tokens = prefill_workspace_tokens(KVQuantConfig().prefill_workspace_mib, hkv, d, 2)
+        default_ws = ContextWorkspace.allocate(default_tokens, bs, hkv, d, torch.bfloat16, device)
         for kind in ("fp8", "int8"):
             kc, vc = make_cache(kind, num_blocks, hkv, d, bs, device)
             ks = torch.tensor([K_SCALE], device=device)
@@ -186,6 +194,11 @@ def bench(shapes, *, hq=32, hkv=8, d=128, bs=16, smoke=False) -> list[dict]:
                                                          max_query_len=p.q.shape[0], all_rows=True),
             }  # fmt: skip
             plans[(False, False, "quantized")] = plans[(False, False, "bf16")]
+            # What a user gets: the backend's default workspace, in slabs where the step exceeds it.
+            plans[(False, "default", "bf16")] = PrefillPlan.build(
+                p.qsl, p.seq_lens, p.block_table, num_tokens=p.q.shape[0], max_query_len=new, has_context=ctx > 0,
+                workspace=default_ws, seq_lens_cpu=p.seq_lens.cpu(), query_start_loc_cpu=p.qsl.cpu(),
+            )  # fmt: skip
             ours: dict[str, dict] = {}
             for row_name, mode, path, all_rows, with_ws in OURS:
                 if all_rows and kind != "fp8":
@@ -193,7 +206,9 @@ def bench(shapes, *, hq=32, hkv=8, d=128, bs=16, smoke=False) -> list[dict]:
                 plan = plans[(all_rows, with_ws, mode)]
                 row = ours[row_name] = dict(name=row_name, kv_dtype=kind, **base)
                 if with_ws:
-                    row.update(workspace_mib=round(ws.nbytes / 2**20, 1), workspace_used=plan.context_fill is not None)
+                    used = default_ws if with_ws == "default" else ws
+                    row.update(workspace_mib=round(used.nbytes / 2**20, 1), workspace_used=plan.context_fill is not None,
+                               workspace_slabs=len(plan.context_fill or ()))  # fmt: skip
                 rows.append(row)
                 if path == "fa3" and no_fa3:
                     row.update(status="skipped", reason=no_fa3)
