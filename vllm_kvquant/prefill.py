@@ -205,7 +205,7 @@ class PrefillPlan:
         from_cache_only: bool = False,
         query_start_loc_cpu: torch.Tensor | None = None,
     ) -> "PrefillPlan":
-        """Build once per batch, for all layers (at most one small device op, no host sync).
+        """Build once per batch, for all layers (a few small device ops, more with workspace slabs; no host sync).
 
         Args:
             query_start_loc: ``[num_reqs + 1]`` int32 device, the whole batch's
