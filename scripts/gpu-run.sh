@@ -26,6 +26,9 @@
 #               benchmarks/results/serve-load-<device>-<configs>[-trained].json; the server logs come
 #               back under logs/tmp/serve-load. Merge the parts anywhere:
 #               python3 -m benchmarks.serving.serve_load --merge A.json B.json C.json --out benchmarks/results/serve-load-nvidia-h200.json
+#               Repeats, side by side: KVQ_SERVE_CONFIGS=kvquant-fp8,vllm-fp8 KVQ_SERVE_ARGS="--grid 64:inf --reserve 25
+#               --out benchmarks/results/serve-load-pair1.json" (~420 s on a new machine, ~310 s warm), then the order
+#               swapped (vllm-fp8,kvquant-fp8, pair2); the merge's summary.medians compares the medians
 #   throughput  benchmarks/serving/throughput.py --compile --repeats 3, one workload (KVQ_WORKLOAD 1024x512,
 #               256 requests, or 7424x512, 48), one part per call (KVQ_THR_PART, default a; on N GPUs the
 #               first N parts, one per GPU: parts never share a GPU); each part <= 3 engines (~1 min start
@@ -43,7 +46,9 @@
 #               python3 -m benchmarks.serving.merge_throughput benchmarks/results/throughput-part-?-1024x512.json
 #   profile     benchmarks/serving/profile_step.py --compile: kvquant-fp8 and vllm-fp8-flash, 160 engine
 #               steps of the 1024x512 workload each under torch.profiler (KVQ_PROFILE_ARGS extra flags);
-#               writes benchmarks/results/profile-<device>.json; KVQ_PROFILE_BUDGET seconds (default 540);
+#               writes benchmarks/results/profile-<device>.json (per step kind: time by kernel category, and
+#               `idle`: where the GPU waits, by neighbouring kernels, launching host op and host syncs; add
+#               KVQ_PROFILE_ARGS=--with-stack for Python frames); KVQ_PROFILE_BUDGET seconds (default 540);
 #               KVQ_PROFILE_WORKLOAD=serve64: serving's steady state at 64 requests instead (see below)
 #   (throughput and profile engines get 28 GiB of GPU memory, the fraction computed per card; KVQ_GPU_MEM)
 #   ncu         kernel-only (no bundle): Nsight Compute on one launch of our decode split kernel per
