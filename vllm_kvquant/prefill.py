@@ -113,18 +113,6 @@ class ContextFillPlan:
     max_query_len: int | None = None  # host upper bound on the slab's new tokens per request; None: the plan's
 
     @classmethod
-    def build(
-        cls, workspace: ContextWorkspace, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor
-    ) -> "ContextFillPlan | None":
-        """One slab of every request; None when the sequences (by their host upper bounds) do not
-        fit the workspace."""
-        bs = workspace.block_size
-        pages_cpu = (seq_lens_cpu.to(torch.int64) + bs - 1) // bs
-        if pages_cpu.numel() == 0 or int(pages_cpu.sum()) > workspace.num_pages:
-            return None
-        return cls._slab(workspace, seq_lens, seq_lens_cpu, pages_cpu, 0, pages_cpu.numel())
-
-    @classmethod
     def _slab(cls, workspace, seq_lens, seq_lens_cpu, pages_cpu, lo: int, hi: int) -> "ContextFillPlan":
         max_pages = int(pages_cpu[lo:hi].max())
         offsets = workspace_offsets(seq_lens[lo:hi], workspace.block_size)
@@ -137,15 +125,17 @@ class ContextFillPlan:
         seq_lens_cpu: torch.Tensor, query_start_loc_cpu: torch.Tensor | None, max_slabs: int = MAX_SLABS,
     ) -> "tuple[ContextFillPlan, ...] | None":  # fmt: skip
         """The plan's requests in consecutive groups that each fit the workspace (by host upper
-        bounds): one slab when all fit. Several need the host's ``query_start_loc_cpu`` (relative
-        to the plan's first row) to cut the rows; None (merge path) without it, when one request
-        alone exceeds the workspace, or beyond ``max_slabs``."""
-        whole = cls.build(workspace, seq_lens, seq_lens_cpu)
-        if whole is not None:
-            return (whole,)
+        bounds): one slab (the plan's own rows) when all fit. Several need the host's
+        ``query_start_loc_cpu`` (relative to the plan's first row) to cut the rows; None (merge
+        path) without it, when one request alone exceeds the workspace, or beyond ``max_slabs``."""
         bs, cap = workspace.block_size, workspace.num_pages
-        pages = ((seq_lens_cpu.to(torch.int64) + bs - 1) // bs).tolist()
-        if query_start_loc_cpu is None or not pages or max(pages) > cap:
+        pages_cpu = (seq_lens_cpu.to(torch.int64) + bs - 1) // bs
+        if pages_cpu.numel() == 0:
+            return None
+        if int(pages_cpu.sum()) <= cap:
+            return (cls._slab(workspace, seq_lens, seq_lens_cpu, pages_cpu, 0, pages_cpu.numel()),)
+        pages = pages_cpu.tolist()
+        if query_start_loc_cpu is None or max(pages) > cap:
             return None
         groups, lo, used = [], 0, 0
         for i, n in enumerate(pages):
@@ -157,7 +147,6 @@ class ContextFillPlan:
         if len(groups) > max_slabs:
             return None
         rows = query_start_loc_cpu.tolist()
-        pages_cpu = torch.tensor(pages)
         out = []
         for lo, hi in groups:
             slab = cls._slab(workspace, seq_lens, seq_lens_cpu, pages_cpu, lo, hi)

@@ -4,9 +4,11 @@ several device calls merged, the summary and the console table."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from benchmarks import harness
+from benchmarks.serving.run_timing import summarize_runs
 from benchmarks.serving.serve_load_env import log
 
 
@@ -47,15 +49,9 @@ def merge_results(parts: list[dict]) -> dict:
     return merged
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def medians(rows: list[dict]) -> list[dict]:
-    """Per config and grid point, over its completed runs: how many, the median (and range) of the
-    output tok/s, the median TPOT and TTFT p50; ``vs_vllm_fp8``: the output tok/s median over
+    """Per config and grid point, over its completed runs: how many, the median, range and spread of
+    the output tok/s (``run_timing.summarize_runs``), the median TPOT and TTFT p50; ``vs_vllm_fp8``: the output tok/s median over
     ``vllm-fp8``'s at the same grid point (end-to-end runs vary by several percent: compare medians)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -63,13 +59,12 @@ def medians(rows: list[dict]) -> list[dict]:
             groups.setdefault((r["name"], r.get("max_concurrency"), str(r.get("request_rate"))), []).append(r)
     out = []
     for (name, conc, rate), rs in groups.items():
-        tput = [float(r["output_throughput"]) for r in rs]
-        entry = {"name": name, "max_concurrency": conc, "request_rate": rate, "runs": len(rs),
-                 "median_output_tokens_per_s": round(_median(tput), 1), "min_output_tokens_per_s": min(tput),
-                 "max_output_tokens_per_s": max(tput)}  # fmt: skip
+        # throughput.py's summary of repeated runs: median, min, max and spread of the tok/s.
+        tput = summarize_runs([{"output_tokens_per_s": float(r["output_throughput"])} for r in rs])
+        entry = {"name": name, "max_concurrency": conc, "request_rate": rate, "runs": len(rs), **tput}
         for key in ("p50_tpot_ms", "p50_ttft_ms"):
             vals = [float(r[key]) for r in rs if r.get(key) is not None]
-            entry[f"median_{key}"] = round(_median(vals), 2) if vals else None
+            entry[f"median_{key}"] = round(statistics.median(vals), 2) if vals else None
         out.append(entry)
     base = {(e["max_concurrency"], e["request_rate"]): e["median_output_tokens_per_s"] for e in out if e["name"] == "vllm-fp8"}
     for e in out:

@@ -203,21 +203,24 @@ def find_steps(events: list[dict]) -> tuple[list[Step], dict]:
     return steps, counts
 
 
+def _ran(steps: list[Step]) -> list[tuple[Step, float, float | None]]:
+    """The steps that ran kernels, each with its first kernel's start and the next such step's
+    (None for the last): the bounds of its span."""
+    ran = [(s, min(k.start for k in s.kernels)) for s in steps if s.kernels]
+    return [(s, first, ran[i + 1][1] if i + 1 < len(ran) else None) for i, (s, first) in enumerate(ran)]
+
+
 def step_table(steps: list[Step]) -> list[dict]:
     """Per step: kind, span, busy and idle time, kernel time per category (us)."""
     rows = []
-    firsts = [min((k.start for k in s.kernels), default=None) for s in steps]
-    for i, step in enumerate(steps):
-        if firsts[i] is None:
-            continue
-        nxt = next((f for f in firsts[i + 1 :] if f is not None), None)
+    for step, first, nxt in _ran(steps):
         end = nxt if nxt is not None else max(k.start + k.dur for k in step.kernels)
         busy = step.busy_us()
         cats = dict.fromkeys(CATEGORIES, 0.0)
         for k in step.kernels:
             cats[step.category(k)] += k.dur
-        rows.append({"kind": step.kind, "span_us": end - firsts[i], "busy_us": busy,
-                     "idle_us": max(0.0, end - firsts[i] - busy), "kernels": len(step.kernels),
+        rows.append({"kind": step.kind, "span_us": end - first, "busy_us": busy,
+                     "idle_us": max(0.0, end - first - busy), "kernels": len(step.kernels),
                      "context_tokens": step.context_tokens, "generation_requests": step.generation_requests,
                      **{f"{c}_us": v for c, v in cats.items()}})  # fmt: skip
     return rows
@@ -273,12 +276,8 @@ def idle_breakdown(steps: list[Step], host: HostIndex | None = None, top: int = 
     groups: dict[str, dict[tuple[str, str, str], list[float]]] = defaultdict(dict)
     syncs: dict[str, dict[tuple[str, str], list[float]]] = defaultdict(dict)
     nsteps: dict[str, int] = defaultdict(int)
-    firsts = [min((k.start for k in s.kernels), default=None) for s in steps]
-    for i, step in enumerate(steps):
-        if firsts[i] is None:
-            continue
+    for step, _first, nxt in _ran(steps):
         nsteps[step.kind] += 1
-        nxt = next((f for f in firsts[i + 1 :] if f is not None), None)
         for gap, before, after in _gaps(step, nxt):
             if gap < min_us:
                 continue
