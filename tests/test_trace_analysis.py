@@ -118,7 +118,10 @@ def test_summary_and_trace_files(tmp_path) -> None:
         "steps": 1, "mean_span_us": 110.0, "mean_busy_us": 75.0, "mean_idle_us": 35.0, "mean_decode_attention_us": 30.0,
         "mean_prefill_attention_us": 0.0, "mean_attention_mixed_us": 0.0, "mean_cache_write_us": 0.0,
         "mean_gemm_us": 40.0, "mean_other_us": 5.0, "mean_kernels": 4.0, "mean_context_tokens": 0.0,
-        "mean_generation_requests": 64.0,
+        "mean_generation_requests": 64.0, "median_idle_us": 35.0, "max_idle_us": 35.0,
+        "each": [{"span_us": 110.0, "busy_us": 75.0, "idle_us": 35.0, "kernels": 4, "context_tokens": 0,
+                  "generation_requests": 64, "decode_attention_us": 30.0, "prefill_attention_us": 0.0,
+                  "attention_mixed_us": 0.0, "cache_write_us": 0.0, "gemm_us": 40.0, "other_us": 5.0}],
     }  # fmt: skip
     assert summary["kernel_time_us"] == 190.0
     assert [(k["name"], k["category"], k["total_us"], k["count"]) for k in summary["top_kernels"]] == [
@@ -188,3 +191,9 @@ def test_idle_gaps_and_host_syncs_name_their_host_ops() -> None:
     # The step table's idle time is the sum of these gaps.
     assert ta.step_table(steps)[0]["idle_us"] == 170.0
     assert ta.summarize(steps, host=host)["idle"] == idle
+
+
+def test_many_steps_of_a_kind_are_not_listed(monkeypatch) -> None:
+    monkeypatch.setattr(ta, "MAX_LISTED_STEPS", 0)
+    per_kind = ta.summarize(ta.find_steps(_trace())[0], top=3)["per_kind"]
+    assert "each" not in per_kind["decode"] and per_kind["decode"]["max_idle_us"] == 35.0

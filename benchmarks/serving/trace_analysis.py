@@ -38,10 +38,13 @@ import functools
 import gzip
 import json
 import re
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: Step kinds with at most this many steps list each step (``per_kind[kind]["each"]``).
+MAX_LISTED_STEPS = 24
 CATEGORIES = ("decode_attention", "prefill_attention", "attention_mixed", "cache_write", "gemm", "other")
 #: (category, pattern searched in the kernel name, what it matches); "attention" is split by step.
 KERNEL_TABLE: tuple[tuple[str, str, str], ...] = (
@@ -321,7 +324,12 @@ def summarize(steps: list[Step], top: int = 10, host: HostIndex | None = None) -
     for kind in ("decode", "mixed", "prefill"):
         rows = by_kind.get(kind, [])
         if rows:
-            per_kind[kind] = {"steps": len(rows), **{f"mean_{k}": round(sum(r[k] for r in rows) / len(rows), 2) for k in keys}}
+            idle = sorted(r["idle_us"] for r in rows)
+            per_kind[kind] = {"steps": len(rows), **{f"mean_{k}": round(sum(r[k] for r in rows) / len(rows), 2) for k in keys},
+                              "median_idle_us": round(statistics.median(idle), 2), "max_idle_us": round(idle[-1], 2)}  # fmt: skip
+            if len(rows) <= MAX_LISTED_STEPS:  # the few mixed / prefill steps: one outlier can make the mean
+                per_kind[kind]["each"] = [{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items() if k != "kind"}
+                                          for r in rows]  # fmt: skip
     totals: dict[tuple[str, str], list[float]] = {}
     for step in steps:
         for k in step.kernels:
