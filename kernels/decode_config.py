@@ -59,13 +59,19 @@ class DecodeKernelConfig:
     #: Split heuristic: aim for a grid of about this many programs per SM. 8 won the H100
     #: sweep (benchmarks/kernels/tune.py: 4/8/12/16/24/32 x stages 2/5, Llama-3-8B shapes).
     target_ctas_per_sm: int = 8
-    #: Per-sequence split choice in-kernel (None: off, every split with ``min_tokens_per_split``
-    #: runs): a sequence uses only as many splits as give each this many tokens, but at least
-    #: the splits that fill ``fill_programs_per_sm`` programs per SM with the batch. Why: at 64 x
-    #: 1k, 3 splits of ~3 tiles take 73 us and 1 split 60 us (H100); at long contexts or small
-    #: batches the splits are needed (int8 64 x 16k: 775 us with 3, 978 with 1). Not yet
-    #: measured over the shape set: off.
+    #: Per-sequence split choice in-kernel, per format (None: off, every split with
+    #: ``min_tokens_per_split`` runs): a sequence uses only as many of the plan's splits as give
+    #: each this many tokens, but at least the splits that fill ``fill_programs_per_sm`` programs
+    #: per SM with the batch; a sequence left with one split is written by the split kernel (no
+    #: partials, no reduce). ``split_long_tokens`` sets every format (tuning runs); else
+    #: ``split_long_tokens_fp8`` / ``_int8``. H100 (decode_lab, 2026-12-06, 12 shapes x {off,
+    #: 512, 1024, 1536, 2048}, Llama-3-8B shapes): fp8 with 2048 64 x 1k 76.0 -> 67.5 us,
+    #: 128 x 2k 224 -> 215, 8 x 4k 44.5 -> 40.2, 1 x 32k 43.3 -> 41.0, no shape slower but
+    #: 1 x 4k (15.6 -> 16.5); int8 loses where serving runs with 1024-2048 (64 x 1k 71.6 ->
+    #: 76.8, 32 x 2k 69.4 -> 79.3) and gains nothing with 512: off.
     split_long_tokens: int | None = None
+    split_long_tokens_fp8: int | None = 2048
+    split_long_tokens_int8: int | None = None
     fill_programs_per_sm: int = 3
     reduce_num_warps: int = 4
     #: Run the dots in fp16 for bf16 queries too: the 8-bit K/V convert to fp16 exactly and in
@@ -103,8 +109,10 @@ class DecodeKernelConfig:
     int8_maxnreg: int | None = 168
 
     def __post_init__(self) -> None:
-        if self.split_long_tokens is not None and int(self.split_long_tokens) < 1:
-            raise ValueError(f"split_long_tokens must be >= 1 (or None), got {self.split_long_tokens}")
+        for name in ("split_long_tokens", "split_long_tokens_fp8", "split_long_tokens_int8"):
+            tokens = getattr(self, name)
+            if tokens is not None and int(tokens) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {tokens}")
         if int(self.fill_programs_per_sm) < 1:
             raise ValueError(f"fill_programs_per_sm must be >= 1, got {self.fill_programs_per_sm}")
         for name in ("maxnreg", "int8_maxnreg"):
@@ -166,11 +174,18 @@ class DecodeKernelConfig:
     def min_tiles_per_split(self, head_size: int) -> int:
         return max(1, self.min_tokens_per_split // self.tile_tokens(head_size))
 
-    def long_tiles_per_split(self, head_size: int) -> int:
-        """The kernel's ``LONG_TILES`` (0: per-sequence split choice off)."""
-        if self.split_long_tokens is None:
+    def long_tokens(self, kv_dtype: str) -> int | None:
+        """``split_long_tokens`` for ``kv_dtype`` ("fp8_e4m3" | "int8"); None: off."""
+        if self.split_long_tokens is not None:
+            return self.split_long_tokens
+        return self.split_long_tokens_int8 if kv_dtype == "int8" else self.split_long_tokens_fp8
+
+    def long_tiles_per_split(self, head_size: int, kv_dtype: str) -> int:
+        """The kernel's ``LONG_TILES`` for ``kv_dtype`` (0: per-sequence split choice off)."""
+        tokens = self.long_tokens(kv_dtype)
+        if tokens is None:
             return 0
-        return max(1, _cdiv(int(self.split_long_tokens), self.tile_tokens(head_size)))
+        return max(1, _cdiv(int(tokens), self.tile_tokens(head_size)))
 
     def fill_splits(self, num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
         """Splits per sequence that give the batch ``fill_programs_per_sm`` programs per SM."""

@@ -67,7 +67,7 @@ def split_kernel_constants(
     asm_dequant = device_type == "cuda" and dot_dtype == tl.float16 and cfg.uses_asm(kv_dtype)  # not interpreted
     return (
         head_size, max(16, next_pow2(head_size)), group, max(16, next_pow2(group)), block_size, block_n,
-        cfg.min_tiles_per_split(head_size), cfg.long_tiles_per_split(head_size), k_gran, v_gran, use_window,
+        cfg.min_tiles_per_split(head_size), cfg.long_tiles_per_split(head_size, kv_dtype), k_gran, v_gran, use_window,
         use_softcap, dot_dtype, asm_dequant, q_rescale, cfg.page_masks,
     )  # fmt: skip
 
@@ -214,7 +214,8 @@ class DecodeLayer:
             kv_dtype=self.kv_dtype.value, act_dtype=act_dtype, k_gran=k_gran, v_gran=v_gran, use_window=use_window,
             use_softcap=self.cap > 0.0, device_type=device.type,
         )  # fmt: skip
-        self._reduce_const = (head_size, head_pad, block_n, min_tiles, cfg.long_tiles_per_split(head_size), use_window)
+        long_tiles = cfg.long_tiles_per_split(head_size, self.kv_dtype.value)
+        self._reduce_const = (head_size, head_pad, block_n, min_tiles, long_tiles, use_window)
         self._split = FastKernel(decode_split_kernel, device)
         self._reduce = FastKernel(decode_reduce_kernel, device)
         self._plan: DecodePlan | None = None

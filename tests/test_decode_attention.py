@@ -371,7 +371,11 @@ def test_per_sequence_split_choice(kv_dtype, window):
     all of them, and at least the splits that fill the GPU (``fill_splits``); the split and
     reduce kernels agree on each sequence's active splits, so the answer matches the reference."""
     cfg = DecodeKernelConfig(block_n=16, min_tokens_per_split=16, split_long_tokens=48, fill_programs_per_sm=1)
-    assert cfg.long_tiles_per_split(64) == 3 and DecodeKernelConfig().long_tiles_per_split(128) == 0
+    assert cfg.long_tiles_per_split(64, kv_dtype) == 3
+    # Defaults per format (measured, see DecodeKernelConfig): fp8 2048 tokens = 16 tiles of 128, int8 off.
+    assert DecodeKernelConfig().long_tiles_per_split(128, "fp8_e4m3") == 16
+    assert DecodeKernelConfig().long_tiles_per_split(128, "int8") == 0
+    assert DecodeKernelConfig(split_long_tokens_fp8=None).long_tiles_per_split(128, "fp8_e4m3") == 0
     assert cfg.fill_splits(num_seqs=4, num_kv_heads=2, num_sms=16) == 2 and cfg.fill_splits(64, 8, 16) == 1
     case = make_case(kv_dtype=kv_dtype, head_size=64, seq_lens=(5, 40, 130, 300, 17), seed=31)
     for splits in (1, 3, 8):  # 1: no split at all; 8: more than the short sequences use
@@ -395,13 +399,15 @@ def test_per_sequence_split_choice(kv_dtype, window):
         lse = ws[n_o : n_o + ns * hq * num_splits].view(ns, hq, num_splits)[:, 0]
         return torch.isfinite(lse).sum(1).tolist()
 
-    base = DecodeKernelConfig(block_n=16, min_tokens_per_split=16)
+    base = DecodeKernelConfig(block_n=16, min_tokens_per_split=16, split_long_tokens_fp8=None)
     # 130 tokens = 9 tiles: 5 splits of 2 tiles, or 3 of 3 (48 tokens); 300 tokens: 7 of 3 either way.
     # A sequence of one active split (5 and 17 tokens: 1-2 tiles, 40: 3 tiles of 48 tokens) writes
     # its output from the split kernel: no partials, and splits without tiles write nothing.
     assert active_splits(base) == [0, 3, 5, 7, 2] and active_splits(cfg) == [0, 0, 3, 7, 0]
     with pytest.raises(ValueError, match="split_long_tokens must be >= 1"):
         DecodeKernelConfig(split_long_tokens=0)
+    with pytest.raises(ValueError, match="split_long_tokens_int8 must be >= 1"):
+        DecodeKernelConfig.from_spec("split_long_tokens_int8=0")
     with pytest.raises(ValueError, match="fill_programs_per_sm must be >= 1, got 0"):
         DecodeKernelConfig.from_spec("fill_programs_per_sm=0")
 
