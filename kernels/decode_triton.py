@@ -202,7 +202,6 @@ if HAVE_TRITON:
             q = q.to(DOT_DTYPE)
 
         k_scale = k_scale * q_mult
-        v_scale = load_kv_scale(v_scale_ptr, kvh, offs_d, HEAD_SIZE, V_GRAN)  # per channel: [HEAD_PAD]
         if USE_SOFTCAP:
             qk_scale = sm_scale * k_scale / soft_cap  # tanh argument
             cap_log2 = soft_cap * 1.4426950408889634
@@ -259,6 +258,9 @@ if HAVE_TRITON:
             m_i = m_new
 
         has = l_i > 0.0
+        # Loaded after the loop: a per-channel [HEAD_PAD] vector live across it costs registers
+        # (int8 at its 168-register cap spilled 8 bytes with the load before the loop).
+        v_scale = load_kv_scale(v_scale_ptr, kvh, offs_d, HEAD_SIZE, V_GRAN)
         o = acc / tl.where(has, l_i, 1.0)[:, None] * v_scale
         out_mask = g_mask[:, None] & d_mask[None, :]
         # One active split (a short sequence in a batch planned for long ones): this program saw
