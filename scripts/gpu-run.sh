@@ -57,7 +57,8 @@
 #               logs/ncu-decode-<dtype>.ncu-rep, -details.log and -raw.csv come back in results.tgz
 #   decode-lab  kernel-only (no bundle): benchmarks/kernels/decode_lab.py over KVQ_LAB_CONFIGS (space-separated
 #               DecodeKernelConfig overrides, quoted; '' = default) and KVQ_LAB_LAYOUTS (cache layouts, default
-#               backend; e.g. "backend v-channel-major"), writes benchmarks/results/decode-lab.json
+#               backend; e.g. "backend v-channel-major") and KVQ_LAB_SCALES (scale granularities, default
+#               per_tensor; e.g. "per_head per_channel"), writes benchmarks/results/decode-lab.json
 #   tp          benchmarks/tp/check.py (needs 2 GPUs)
 # Every lane's log and every results JSON come back in $OUT/results.tgz (the device returns at most 8 files);
 # $OUT/summary.txt lists each lane's exit code and duration.
@@ -231,7 +232,8 @@ ncu|decode-lab)
     # Our kernel under KVQ_LAB_CONFIGS (space-separated DecodeKernelConfig overrides, '' = default),
     # checked against the reference and timed as CUDA graphs beside a copy in the same run.
     lane decode-lab 570 "python3 -m benchmarks.kernels.decode_lab --shapes ${KVQ_LAB_SHAPES:-1x32768 8x32768 64x1024 64x4096 64x16384 128x8192 256x1024} \
-      --configs ${KVQ_LAB_CONFIGS:-''} --layouts ${KVQ_LAB_LAYOUTS:-backend} --out benchmarks/results/decode-lab.json"
+      --configs ${KVQ_LAB_CONFIGS:-''} --layouts ${KVQ_LAB_LAYOUTS:-backend} --scales ${KVQ_LAB_SCALES:-per_tensor} \
+      --out benchmarks/results/decode-lab.json"
   fi
   ;;
 tp)

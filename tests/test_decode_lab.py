@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks.kernels import decode_lab
-from benchmarks.kernels.decode_lab import LAYOUTS, SCALE, make_case, parse_config
+from benchmarks.kernels.decode_lab import LAYOUTS, SCALE, SCALE_GRANULARITIES, make_case, make_scales, parse_config
 from vllm_kvquant.kernels.decode_attention import DecodeKernelConfig, DecodeLayer, DecodePlan
 from vllm_kvquant.kernels.paged_cache import PagedKVCache
 from vllm_kvquant.kernels.reference import paged_decode_attention_ref
@@ -75,3 +75,27 @@ def test_split_kernel_resources_give_programs_per_sm() -> None:
         regs=168, spills=0, shared_bytes=74752, programs_per_sm=3)  # fmt: skip
     assert decode_lab.split_kernel_resources(layer(128, 107520))["programs_per_sm"] == 2
     assert decode_lab.split_kernel_resources(SimpleNamespace(_split=SimpleNamespace(compiled={}))) == {}
+
+
+@pytest.mark.parametrize("granularity", SCALE_GRANULARITIES)
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "int8"])
+def test_kernel_matches_reference_with_each_scale_granularity(kv_dtype, granularity):
+    """``--scales``: the lab's per-head / per-channel scales (varied, so a wrong scale shows)
+    reach the kernel and the reference alike."""
+    key, value, tables, seq_lens, queries = _case(kv_dtype, "backend")
+    ks, vs = make_scales(kv_dtype, granularity, SHAPE["hkv"], SHAPE["d"], device=DEVICE)
+    assert ks.numel() == {"per_tensor": 1, "per_head": SHAPE["hkv"], "per_channel": SHAPE["hkv"] * SHAPE["d"]}[granularity]
+    assert granularity == "per_tensor" or len(set(ks.flatten().tolist())) > 1
+    cfg = DecodeKernelConfig(block_n=32, min_tokens_per_split=32)
+    cache = PagedKVCache(key, value, ks, vs, kv_dtype)
+    layer = DecodeLayer(cache, num_q_heads=SHAPE["hq"], act_dtype=torch.bfloat16, config=cfg)
+    plan = DecodePlan.build(SHAPE["batch"], tables[0], seq_lens, None, num_q_heads=SHAPE["hq"],
+                            num_kv_heads=SHAPE["hkv"], head_size=SHAPE["d"], max_num_splits=3, config=cfg)  # fmt: skip
+    out = layer.run(queries[0], torch.full_like(queries[0], float("nan")), plan)
+    ref = paged_decode_attention_ref(queries[0], cache.key_cache, cache.value_cache, tables[0], seq_lens, ks, vs, kv_dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_unknown_scale_granularity_is_refused():
+    with pytest.raises(SystemExit, match="unknown scale granularity 'per_row'"):
+        make_scales("int8", "per_row", 2, 32, device="cpu")

@@ -9,6 +9,7 @@ over rotating caches (median), beside a device-to-device copy measured in the sa
     python -m benchmarks.kernels.decode_lab --configs "dot_in_fp16=0,asm_dequant_int8=0" "asm_num_stages=4"
     python -m benchmarks.kernels.decode_lab --ncu-config "" --shapes 64x16384   # one launch, for ncu
     python -m benchmarks.kernels.decode_lab --layouts backend v-channel-major     # V pages transposed
+    python -m benchmarks.kernels.decode_lab --scales per_head per_channel         # scale granularities
 """
 
 from __future__ import annotations
@@ -77,6 +78,22 @@ def make_case(batch: int, context: int, kv_dtype: str, hq: int, hkv: int, d: int
     return key, value, tables, seq_lens, queries
 
 
+#: K/V scale granularities the lab can time (``--scales``): ``per_tensor`` (one scalar, the lab's
+#: default before the option existed), ``per_head`` (the calibrated default) and ``per_channel``.
+SCALE_GRANULARITIES = ("per_tensor", "per_head", "per_channel")
+
+
+def make_scales(kv_dtype: str, granularity: str, hkv: int, d: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V scales of ``granularity`` around :data:`SCALE` (varied per head and channel by up to
+    +-25%, so a kernel that reads the wrong scale fails the reference check)."""
+    if granularity not in SCALE_GRANULARITIES:
+        raise SystemExit(f"unknown scale granularity {granularity!r}; choose from {list(SCALE_GRANULARITIES)}")
+    shape = {"per_tensor": (1,), "per_head": (hkv,), "per_channel": (hkv, d)}[granularity]
+    n = int(torch.tensor(shape).prod())
+    vary = 1.0 + 0.25 * torch.sin(torch.arange(n, dtype=torch.float32) * 0.7).view(shape)
+    return tuple((base * vary).to(device) for base in SCALE[kv_dtype])  # type: ignore[return-value]
+
+
 def split_kernel_resources(layer: DecodeLayer) -> dict:
     """Registers, spills and shared memory of the split kernel the layer compiled, and the
     programs per SM they allow (4 warps: 65536 registers and 227 KB of shared memory per SM)."""
@@ -94,8 +111,8 @@ def run(a: argparse.Namespace) -> dict:
     print(f"copy {copy_gbps:.0f} GB/s", flush=True)
     configs = [(spec, parse_config(spec)) for spec in a.configs]
     rows = []
-    for kv_dtype, layout in ((k, lay) for k in a.kv_dtypes for lay in a.layouts):
-        ks, vs = (torch.tensor([s], device="cuda") for s in SCALE[kv_dtype])
+    for kv_dtype, layout, scales in ((k, lay, g) for k in a.kv_dtypes for lay in a.layouts for g in a.scales):
+        ks, vs = make_scales(kv_dtype, scales, a.num_kv_heads, a.head_size)
         for batch, context in a.shapes:
             kv_bytes = batch * context * a.num_kv_heads * a.head_size * 2
             copies = 1 if a.ncu_config else buffer_sets(kv_bytes, min_total=1 << 30, max_sets=8)
@@ -118,7 +135,7 @@ def run(a: argparse.Namespace) -> dict:
                     ref = paged_decode_attention_ref(queries[0][:n], layer.key_cache, layer.value_cache,
                                                      tables[0][:n], seq_lens[:n], ks, vs, kv_dtype).float()  # fmt: skip
                 err = (outs[0][: ref.shape[0]].float() - ref).abs().max().item()
-                row = dict(config=spec or "default", layout=layout, kv_dtype=kv_dtype, batch=batch, context=context,
+                row = dict(config=spec or "default", layout=layout, scales=scales, kv_dtype=kv_dtype, batch=batch, context=context,
                            splits=plans[0].num_splits, max_abs_err=err, **split_kernel_resources(layer))  # fmt: skip
                 if not a.ncu_config:
                     us, mode = time_rotating(lambda c: layer.run(queries[c], outs[c], plans[c]), copies, True, 25, 200)
@@ -139,6 +156,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["1x32768", "8x32768", "64x1024", "64x4096", "64x16384", "128x8192", "256x1024"])
     p.add_argument("--kv-dtypes", nargs="+", default=["fp8_e4m3", "int8"])
     p.add_argument("--layouts", nargs="+", default=["backend"], choices=LAYOUTS, help="cache layouts to time")
+    p.add_argument("--scales", nargs="+", default=["per_tensor"], choices=SCALE_GRANULARITIES,
+                   help="K/V scale granularities to time (default per_tensor, as before the option)")
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
@@ -152,9 +171,9 @@ def main() -> None:
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
     if not a.ncu_config:
-        print(f"{'config':46s} {'layout':15s} {'kv':8s} {'shape':>10s} {'us':>8s} {'%copy':>6s} {'err':>8s}")
+        print(f"{'config':46s} {'layout':15s} {'scales':11s} {'kv':8s} {'shape':>10s} {'us':>8s} {'%copy':>6s} {'err':>8s}")
         for r in result["rows"]:
-            print(f"{r['config'][:46]:46s} {r['layout']:15s} {r['kv_dtype'][:8]:8s} {r['batch']:>4d}x{r['context']:<6d}"
+            print(f"{r['config'][:46]:46s} {r['layout']:15s} {r['scales']:11s} {r['kv_dtype'][:8]:8s} {r['batch']:>4d}x{r['context']:<6d}"
                   f"{r['us']:8.1f} {r['pct_copy']:6.1f} {r['max_abs_err']:8.4f}")  # fmt: skip
 
 
