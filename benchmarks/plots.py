@@ -18,6 +18,7 @@ Needs matplotlib (not a dependency of the package).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -206,6 +207,16 @@ def plot_accuracy(path: Path, out: Path, plt) -> list[Path]:
     return written
 
 
+#: Line colours: greens for our rows, the rest for everyone else's; they repeat (with a marker
+#: change) when a file has more rows than colours, never run out.
+OUR_COLOURS = ("tab:green", "tab:olive", "darkgreen", "yellowgreen", "seagreen", "limegreen", "darkolivegreen", "mediumseagreen")
+OTHER_COLOURS = ("tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray", "tab:pink", "tab:cyan", "navy", "gold")
+
+
+def _palettes() -> tuple[itertools.cycle, itertools.cycle]:
+    return itertools.cycle(OUR_COLOURS), itertools.cycle(OTHER_COLOURS)
+
+
 def plot_decode(path: Path, out: Path, plt) -> Path | None:
     data = _load(path)
     ok = [r for r in _ok(data.get("rows", [])) if r.get("us") and "config" not in r]
@@ -218,8 +229,7 @@ def plot_decode(path: Path, out: Path, plt) -> Path | None:
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)
     if writes:
         ax = axes[0][-1]
-        others = iter(["tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray"])
-        ours = iter(["tab:green", "tab:olive", "darkgreen", "yellowgreen"])
+        ours, others = _palettes()
         for name in dict.fromkeys(r["name"] for r in writes):
             pts = sorted((r.get("num_tokens", r["batch"]), r["us"]) for r in writes if r["name"] == name)
             mine = name.startswith("kvquant")
@@ -233,8 +243,7 @@ def plot_decode(path: Path, out: Path, plt) -> Path | None:
         ax.grid(True, which="both", lw=0.3)
         ax.legend(fontsize=7)
     for ax, b in zip(axes[0], batches):
-        others = iter(["tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray", "tab:pink", "tab:cyan"])
-        ours = iter(["tab:green", "tab:olive", "darkgreen", "yellowgreen"])
+        ours, others = _palettes()
         for name in dict.fromkeys(r["name"] for r in rows):
             pts = sorted((r["context"], r["us"]) for r in rows if r["name"] == name and r["batch"] == b)
             if pts:
