@@ -207,8 +207,8 @@ def plot_accuracy(path: Path, out: Path, plt) -> list[Path]:
     return written
 
 
-#: Line colours: greens for our rows, the rest for everyone else's; they repeat (with a marker
-#: change) when a file has more rows than colours, never run out.
+#: Line colours: greens for our rows, the rest for everyone else's; they repeat when a file has
+#: more rows than colours (our rows stay solid lines, the others dashed), never run out.
 OUR_COLOURS = ("tab:green", "tab:olive", "darkgreen", "yellowgreen", "seagreen", "limegreen", "darkolivegreen", "mediumseagreen")
 OTHER_COLOURS = ("tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:gray", "tab:pink", "tab:cyan", "navy", "gold")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def make_scales(kv_dtype: str, granularity: str, hkv: int, d: int, device: str =
     if granularity not in SCALE_GRANULARITIES:
         raise SystemExit(f"unknown scale granularity {granularity!r}; choose from {list(SCALE_GRANULARITIES)}")
     shape = {"per_tensor": (1,), "per_head": (hkv,), "per_channel": (hkv, d)}[granularity]
-    n = int(torch.tensor(shape).prod())
+    n = math.prod(shape)
     vary = 1.0 + 0.25 * torch.sin(torch.arange(n, dtype=torch.float32) * 0.7).view(shape)
     return tuple((base * vary).to(device) for base in SCALE[kv_dtype])  # type: ignore[return-value]
 
